@@ -1,0 +1,209 @@
+"""``pipeline``: every stage as a subcommand, plus ``run`` for the whole chain.
+
+Exit status: 0 success; 2 bad input, unreachable source or failed validation (one line on
+stderr naming the file or suite, what was expected and what was found); 1 internal error.
+``--json`` prints the stage's reference as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from pipeline.config import ARCHITECTURES, IDX_FILES, AcquireConfig, Settings, run_config_from_params
+from pipeline.errors import BadInputError, ConfigError
+
+
+def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
+    pairs = {}
+    for item in values or []:
+        name, sep, digest = item.partition("=")
+        if not sep:
+            raise ConfigError("--sha256", "NAME=HEX", repr(item))
+        pairs[name] = digest
+    return pairs
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("source_uri", "epochs", "batch_size", "learning_rate", "sample_cap", "architecture", "seed",
+            "val_fraction", "force")
+    params = {k: getattr(args, k, None) for k in keys}
+    params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
+    return params
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.run import run_pipeline
+
+    return run_pipeline(run_config_from_params(_params(args), settings), settings)
+
+
+def cmd_acquire(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.acquire import acquire
+    from pipeline.storage import storage_for
+
+    config = AcquireConfig(source_uri=args.source_uri or settings.source_uri, expected_sha256=_sha256_pairs(args.sha256))
+    return acquire(config, storage_for(settings)).to_dict()
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.acquire import load_raw_ref
+    from pipeline.storage import storage_for
+    from pipeline.validate import validate_raw
+
+    storage = storage_for(settings)
+    return validate_raw(load_raw_ref(storage, args.dataset), storage).to_dict()
+
+
+def cmd_preprocess(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.acquire import load_raw_ref
+    from pipeline.preprocess import preprocess
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    config = run_config_from_params(_params(args), settings).preprocess
+    return preprocess(load_raw_ref(storage, args.dataset), storage, config).to_dict()
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.preprocess import load_processed_ref
+    from pipeline.storage import storage_for
+    from pipeline.train import train
+
+    storage = storage_for(settings)
+    config = run_config_from_params(_params(args), settings)
+    processed = load_processed_ref(storage, args.processed)
+    return train(processed, storage, config.train, settings, force=config.force).to_dict()
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.evaluate import evaluate
+    from pipeline.preprocess import load_processed_ref
+    from pipeline.storage import storage_for
+    from pipeline.train import load_train_result
+
+    storage = storage_for(settings)
+    trained = load_train_result(settings, args.run_id)
+    return evaluate(trained, load_processed_ref(storage, trained.processed_hash), storage, settings).to_dict()
+
+
+def cmd_register(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.evaluate import evaluate
+    from pipeline.preprocess import load_processed_ref
+    from pipeline.register import register
+    from pipeline.storage import storage_for
+    from pipeline.train import load_train_result
+    from pipeline.validate import load_validation_ref
+
+    storage = storage_for(settings)
+    trained = load_train_result(settings, args.run_id)
+    processed = load_processed_ref(storage, trained.processed_hash)
+    evaluation = evaluate(trained, processed, storage, settings)
+    validation = load_validation_ref(storage, trained.dataset_hash)
+    return register(trained, evaluation, validation, processed, storage, settings).to_dict()
+
+
+def cmd_summary(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.summary import model_summary
+
+    return model_summary(settings, args.alias)
+
+
+def _print_human(command: str, result: dict[str, Any]) -> None:
+    if command == "summary":
+        from pipeline.summary import format_summary
+
+        print(format_summary(result))
+        return
+    if command == "run":
+        from pipeline.summary import format_run
+
+        print(format_run(result))
+        return
+    for key, value in result.items():
+        if not isinstance(value, (dict, list)):
+            print(f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+    def add(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def source_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source", dest="source_uri", help="folder, file://, http(s):// or s3:// prefix holding "
+                       f"{', '.join(IDX_FILES.values())} (default: $PIPELINE_SOURCE_URI or {Settings.source_uri})")
+        p.add_argument("--sha256", action="append", metavar="NAME=HEX",
+                       help="expected sha256 of a file (its bytes, or its decompressed IDX content); repeatable")
+
+    def preprocess_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sample-cap", type=int, help="keep at most this many train and test images (quick runs)")
+        p.add_argument("--val-fraction", type=float, help="share of training images held out for validation (0.1)")
+        p.add_argument("--seed", type=int, help="seed of the split and of training (42)")
+
+    def train_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--architecture", choices=ARCHITECTURES, help="network (simple_cnn)")
+        p.add_argument("--epochs", type=int, help="maximum epochs (8)")
+        p.add_argument("--batch-size", type=int, help="images per step (128)")
+        p.add_argument("--learning-rate", type=float, help="Adam learning rate (0.002)")
+        p.add_argument("--force", action="store_true", help="train and register again even if this data and "
+                       "config were trained before")
+
+    p = add("run", cmd_run, "run the whole chain: acquire, validate, preprocess, train, evaluate, register")
+    source_flags(p)
+    preprocess_flags(p)
+    train_flags(p)
+    p = add("acquire", cmd_acquire, "fetch the four IDX files into content-addressed storage")
+    source_flags(p)
+    p = add("validate", cmd_validate, "check an acquired dataset with the Great Expectations suites")
+    p.add_argument("--dataset", required=True, help="dataset hash printed by 'pipeline acquire'")
+    p = add("preprocess", cmd_preprocess, "deduplicate and split an acquired dataset")
+    p.add_argument("--dataset", required=True, help="dataset hash printed by 'pipeline acquire'")
+    preprocess_flags(p)
+    p = add("train", cmd_train, "train a model on processed data, tracked in MLflow")
+    p.add_argument("--processed", required=True, help="processed hash printed by 'pipeline preprocess'")
+    train_flags(p)
+    p.add_argument("--seed", type=int, help="training seed (42)")
+    p = add("evaluate", cmd_evaluate, "evaluate a training run on the test split")
+    p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
+    p = add("register", cmd_register, "register a run's model and set the alias 'candidate'")
+    p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
+    p = add("summary", cmd_summary, "show a registered version (by alias), its metrics and how to open the UIs")
+    p.add_argument("--alias", default="candidate", help="registry alias to show (candidate)")
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "alembic", "botocore", "urllib3", "mlflow.store", "lightning", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        result = args.func(args, Settings.from_env())
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

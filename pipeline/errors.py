@@ -1,0 +1,63 @@
+"""Typed errors: part of the pipeline's interface.
+
+Every error a user can cause (bad data, bad configuration, an unreachable source, a failed
+validation) is a :class:`BadInputError`. Its message is one line that names the file, field or
+suite, what was expected and what was found; the CLI prints it and exits with status 2.
+Anything else that escapes a stage is a bug or an infrastructure failure (exit status 1).
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+    exit_code = 1
+
+
+class BadInputError(PipelineError):
+    """The input (data, source or configuration) is wrong; the user can fix it.
+
+    ``where`` names the file, URI, field or suite; ``expected`` and ``found`` say what was
+    wanted and what was there instead.
+    """
+
+    exit_code = 2
+
+    def __init__(self, where: str, expected: str, found: str) -> None:
+        self.where = where
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{where}: expected {expected}, found {found}")
+
+
+class ConfigError(BadInputError):
+    """A configuration value (setting, Param or CLI flag) is out of its allowed range."""
+
+
+class SourceUnavailableError(BadInputError):
+    """The dataset source cannot be reached, or a file is missing from it."""
+
+
+class ChecksumMismatchError(BadInputError):
+    """A fetched file's sha256 differs from the checksum given in the configuration."""
+
+
+class CorruptFileError(BadInputError):
+    """A file is truncated or its compression is broken."""
+
+
+class IdxFormatError(BadInputError):
+    """A file does not follow the IDX layout (magic, dimensions, payload size, counts, labels)."""
+
+
+class DataValidationError(BadInputError):
+    """A Great Expectations suite failed: the data must not reach training.
+
+    ``suite`` and ``expectation`` name what failed; ``found`` carries the offending values.
+    """
+
+    def __init__(self, suite: str, expectation: str, expected: str, found: str) -> None:
+        self.suite = suite
+        self.expectation = expectation
+        super().__init__(f"suite {suite}, {expectation}", expected, found)

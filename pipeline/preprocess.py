@@ -1,0 +1,121 @@
+"""Preprocess: deduplicate, split and describe the data for training.
+
+Drops exact duplicate training images and training images that also occur in the test set
+(leakage), optionally caps the sample for quick runs, holds out a stratified validation split,
+and computes the normalisation statistics of the training split. The result is stored under
+``processed/<processed_hash>/`` where the hash covers the raw dataset's hash and the
+preprocessing config, so the same inputs are processed once. Arrays stay uint8 (normalised on
+the fly in training); ``MANIFEST.json`` is written last.
+
+Returns a :class:`~pipeline.refs.ProcessedDatasetRef`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.acquire import load_raw_splits
+from pipeline.config import FASHION_MNIST_CLASSES, PreprocessConfig
+from pipeline.profile import image_hashes
+from pipeline.refs import ProcessedDatasetRef, RawDatasetRef
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "MANIFEST.json"
+
+
+def processed_hash(dataset_hash: str, config: PreprocessConfig) -> str:
+    return hashlib.sha256(f"{dataset_hash}:{config.fingerprint()}".encode()).hexdigest()[:16]
+
+
+def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``size`` items with the class proportions of ``labels``, in sorted order."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    picked = []
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.floor(counts / len(labels) * size).astype(int)
+    for cls, quota in zip(classes, quotas):
+        members = np.flatnonzero(labels == cls)
+        picked.append(rng.choice(members, size=quota, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) indices, holding out ``fraction`` of every class."""
+    held = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        held.append(members[: max(1, round(len(members) * fraction))])
+    held_out = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return rng.permutation(keep), held_out
+
+
+def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -> ProcessedDatasetRef:
+    """Build (or reuse) the train/val/test splits of ``raw``."""
+    digest = processed_hash(raw.dataset_hash, config)
+    prefix = f"processed/{digest}"
+    if storage.exists(f"{prefix}/{MANIFEST}"):
+        log.info("reusing %s", storage.uri(prefix))
+        return ProcessedDatasetRef.from_dict(storage.get_json(f"{prefix}/{MANIFEST}"))
+
+    splits = load_raw_splits(raw, storage)
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    rng = np.random.default_rng(config.seed)
+    removed = {"duplicates": 0, "leaked": 0}
+    if config.drop_duplicates:
+        train_hashes = np.array(image_hashes(x_train))
+        first = np.zeros(len(train_hashes), dtype=bool)
+        first[np.unique(train_hashes, return_index=True)[1]] = True
+        leaked = np.isin(train_hashes, np.array(image_hashes(x_test)))
+        removed = {"duplicates": int((~first).sum()), "leaked": int((first & leaked).sum())}
+        keep = first & ~leaked
+        x_train, y_train = x_train[keep], y_train[keep]
+    if config.sample_cap:
+        idx = stratified_sample(y_train, config.sample_cap, rng)
+        x_train, y_train = x_train[idx], y_train[idx]
+        idx = stratified_sample(y_test, config.sample_cap, rng)
+        x_test, y_test = x_test[idx], y_test[idx]
+    train_idx, val_idx = stratified_split(y_train, config.val_fraction, rng)
+    arrays = {
+        "train": (x_train[train_idx], y_train[train_idx]),
+        "val": (x_train[val_idx], y_train[val_idx]),
+        "test": (x_test, y_test),
+    }
+    pixels = arrays["train"][0].astype(np.float64) / 255.0
+    ref = ProcessedDatasetRef(
+        processed_hash=digest,
+        dataset_hash=raw.dataset_hash,
+        uri=storage.uri(prefix),
+        counts={split: int(len(arrays[split][1])) for split in SPLITS},
+        removed=removed,
+        mean=float(pixels.mean()),
+        std=float(pixels.std()),
+        classes=list(FASHION_MNIST_CLASSES),
+    )
+    with tempfile.TemporaryDirectory(prefix="preprocess-") as tmp:
+        for split, (images, labels) in arrays.items():
+            path = Path(tmp) / f"{split}.npz"
+            np.savez(path, images=images, labels=labels)
+            storage.put_file(path, f"{prefix}/{split}.npz")
+    storage.put_json(ref.to_dict(), f"{prefix}/{MANIFEST}")
+    log.info("processed %s: %s, removed %s", ref.uri, ref.counts, removed)
+    return ref
+
+
+def load_split(ref: ProcessedDatasetRef, storage: Storage, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``(n, 28, 28)`` and labels ``(n,)`` of one processed split."""
+    with np.load(storage.local_path(f"processed/{ref.processed_hash}/{split}.npz")) as data:
+        return data["images"], data["labels"]
+
+
+def load_processed_ref(storage: Storage, digest: str) -> ProcessedDatasetRef:
+    return ProcessedDatasetRef.from_dict(storage.get_json(f"processed/{digest}/{MANIFEST}"))

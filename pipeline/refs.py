@@ -1,0 +1,110 @@
+"""References that travel between stages (and through Airflow XCom): URIs, hashes, run ids,
+model versions and small metric dicts, never arrays.
+
+Each reference is a frozen dataclass with ``to_dict``/``from_dict`` so that an Airflow task can
+return it as plain JSON and the next task, or a CLI subcommand, can rebuild it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="Ref")
+
+
+class Ref:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class RawDatasetRef(Ref):
+    """The four IDX files as stored under ``raw/<dataset_hash>/``."""
+
+    dataset_hash: str
+    """First 16 hex digits of the sha256 over the files' decompressed content hashes."""
+    uri: str
+    """Storage URI of the ``raw/<dataset_hash>/`` folder."""
+    source_uri: str
+    files: dict[str, dict[str, Any]]
+    """``{file name: {"sha256", "content_sha256", "size"}}``."""
+    fetched: list[str] = field(default_factory=list)
+    """Files downloaded by this call; empty when the source was unchanged."""
+
+
+@dataclass(frozen=True)
+class ValidationRef(Ref):
+    """The outcome of a validation gate; only a passing one is ever returned."""
+
+    dataset_hash: str
+    report_uri: str
+    """HTML report a person reads (expectations, observed values)."""
+    results_uri: str
+    """GX's own validation results as JSON."""
+    profile_uri: str
+    """Per-sample profile table (Parquet): the reference for drift monitoring."""
+    suites: dict[str, bool]
+    """``{suite name: success}``."""
+    statistics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ProcessedDatasetRef(Ref):
+    """Deduplicated, split data under ``processed/<processed_hash>/``."""
+
+    processed_hash: str
+    """Hash of (raw dataset hash, preprocessing config)."""
+    dataset_hash: str
+    uri: str
+    counts: dict[str, int]
+    """Images per split: ``train``, ``val``, ``test``."""
+    removed: dict[str, int]
+    """Images dropped: ``duplicates`` inside train, ``leaked`` (train images found in test)."""
+    mean: float
+    """Pixel mean of the training split, in [0, 1]."""
+    std: float
+    """Pixel standard deviation of the training split, in [0, 1]."""
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class TrainResult(Ref):
+    run_id: str
+    checkpoint_uri: str
+    processed_hash: str
+    dataset_hash: str
+    config_hash: str
+    metrics: dict[str, float]
+    """Final validation metrics (``val_accuracy``, ``val_loss``) and ``epochs`` trained."""
+    reused: bool = False
+    """True when an earlier run with the same data and config was reused instead of training."""
+
+
+@dataclass(frozen=True)
+class EvaluationResult(Ref):
+    run_id: str
+    test_accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    """``{class name: {"precision", "recall", "f1", "support"}}``."""
+    artifacts: list[str]
+    """Artifact paths in the MLflow run (confusion matrix, per-class table)."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRef(Ref):
+    model_name: str
+    version: str
+    alias: str
+    run_id: str
+    model_uri: str
+    """``models:/<name>/<version>``."""
+    created: bool
+    """False when the run already had a registered version (idempotent rerun)."""

@@ -1,0 +1,39 @@
+"""The whole chain without Airflow: the same stage functions the DAG calls, in the same order.
+
+``acquire -> validate -> preprocess -> train -> evaluate -> register``; a failing stage raises
+and nothing after it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import RunConfig, Settings
+from pipeline.storage import storage_for
+
+
+def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run every stage; return each stage's reference as a dict, keyed by stage."""
+    from pipeline.acquire import acquire
+    from pipeline.evaluate import evaluate
+    from pipeline.preprocess import preprocess
+    from pipeline.register import register
+    from pipeline.train import train
+    from pipeline.validate import validate_raw
+
+    storage = storage_for(settings)
+    raw = acquire(config.acquire, storage)
+    validation = validate_raw(raw, storage)
+    processed = preprocess(raw, storage, config.preprocess)
+    trained = train(processed, storage, config.train, settings, force=config.force, tags=tags)
+    evaluation = evaluate(trained, processed, storage, settings)
+    version = register(trained, evaluation, validation, processed, storage, settings)
+    return {
+        "acquire": raw.to_dict(),
+        "validate": validation.to_dict(),
+        "preprocess": processed.to_dict(),
+        "train": trained.to_dict(),
+        "evaluate": evaluation.to_dict(),
+        "register": version.to_dict(),
+    }
+

@@ -1,0 +1,159 @@
+"""Dataset sources: a local folder (or ``file://``), an ``http(s)://`` URL prefix, an ``s3://``
+prefix. Each can tell a file's cheap fingerprint (size and mtime, ETag or Last-Modified) without
+downloading it, so that an unchanged source is not fetched again, and can stream a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, Any, Iterator
+from urllib.parse import urlparse
+
+from pipeline.errors import SourceUnavailableError
+
+CHUNK = 1 << 20
+
+
+class Source:
+    uri: str
+
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        """Metadata that changes when the file changes; raises if the file is missing."""
+        raise NotImplementedError
+
+    def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
+        """The file's bytes in chunks, and its size when known."""
+        raise NotImplementedError
+
+    def file_uri(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+class LocalSource(Source):
+    def __init__(self, folder: Path, uri: str) -> None:
+        self.folder = folder
+        self.uri = uri
+
+    def _path(self, name: str) -> Path:
+        path = self.folder / name
+        if not path.is_file():
+            if not self.folder.is_dir():
+                raise SourceUnavailableError(self.uri, "an existing folder", "no such folder")
+            raise SourceUnavailableError(str(path), "a file", "no such file")
+        return path
+
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        st = self._path(name).stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
+        path = self._path(name)
+
+        def chunks(fh: IO[bytes]) -> Iterator[bytes]:
+            with fh:
+                while block := fh.read(CHUNK):
+                    yield block
+
+        return chunks(path.open("rb")), path.stat().st_size
+
+
+class HttpSource(Source):
+    """An ``http(s)://`` URL prefix; retries connection errors and 5xx with backoff."""
+
+    def __init__(self, uri: str) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.uri = uri
+        self.session = requests.Session()
+        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504), allowed_methods=None)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+        self.timeout = (5, 60)
+
+    def _request(self, method: str, name: str, **kwargs: Any) -> Any:
+        import requests
+
+        url = self.file_uri(name)
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, allow_redirects=True, **kwargs)
+        except requests.RequestException as exc:
+            raise SourceUnavailableError(url, "a reachable HTTP server", type(exc).__name__) from exc
+        if response.status_code != 200:
+            response.close()
+            raise SourceUnavailableError(url, "HTTP 200", f"HTTP {response.status_code}")
+        return response
+
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        headers = self._request("HEAD", name).headers
+        return {k: headers.get(k) for k in ("ETag", "Last-Modified", "Content-Length")}
+
+    def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
+        import requests
+
+        response = self._request("GET", name, stream=True)
+        size = response.headers.get("Content-Length")
+        url = self.file_uri(name)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.iter_content(CHUNK)
+            except requests.RequestException as exc:
+                raise SourceUnavailableError(url, "a complete download", type(exc).__name__) from exc
+            finally:
+                response.close()
+
+        return chunks(), int(size) if size else None
+
+
+class S3Source(Source):
+    """``s3://bucket/prefix`` through boto3 (``AWS_ENDPOINT_URL``, standard credential chain)."""
+
+    def __init__(self, uri: str) -> None:
+        from pipeline.s3 import s3_client
+
+        parsed = urlparse(uri)
+        self.uri = uri
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client = s3_client()
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, name: str, method: str) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise SourceUnavailableError(self.file_uri(name), "an existing S3 object", f"S3 {code}") from exc
+        except BotoCoreError as exc:
+            raise SourceUnavailableError(self.file_uri(name), "a reachable S3 endpoint", str(exc)) from exc
+
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        head = self._call(name, "head_object")
+        return {"ETag": head.get("ETag"), "size": head.get("ContentLength")}
+
+    def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
+        obj = self._call(name, "get_object")
+        return obj["Body"].iter_chunks(CHUNK), obj.get("ContentLength")
+
+
+def open_source(uri: str) -> Source:
+    """The :class:`Source` for a folder path, ``file://``, ``http(s)://`` or ``s3://`` URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        return HttpSource(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise SourceUnavailableError("source_uri", "s3://bucket/prefix", uri)
+        return S3Source(uri)
+    if parsed.scheme == "file":
+        return LocalSource(Path(parsed.path), uri)
+    if parsed.scheme == "":
+        return LocalSource(Path(uri).expanduser(), uri)
+    raise SourceUnavailableError("source_uri", "a folder, file://, http(s):// or s3:// URI", uri)
+
