@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.config import ARCHITECTURES, IDX_FILES, AcquireConfig, Settings, run_config_from_params
 from pipeline.errors import BadInputError, ConfigError
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    common.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-v) or everything (-vv) on stderr; default: errors only")
 
     def add(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -183,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "alembic", "botocore", "urllib3", "mlflow.store", "lightning", "pytorch_lightning"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def configure_logging(verbosity: int) -> None:
+    """Quiet by default so that a failure is one line on stderr; ``-v`` shows the stages' progress."""
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity < 2:
+        warnings.filterwarnings("ignore")
+        for noisy in ("great_expectations", "alembic", "botocore", "urllib3", "mlflow", "lightning", "pytorch_lightning"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # an internal error: the traceback is for whoever fixes it
+        logging.getLogger("pipeline").exception("internal error")
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     else:

@@ -36,7 +36,13 @@ class ConfigError(BadInputError):
 
 
 class SourceUnavailableError(BadInputError):
-    """The dataset source cannot be reached, or a file is missing from it."""
+    """The dataset source cannot be reached (connection refused, timeout, HTTP 5xx): it may
+    come back, so Airflow retries this one with backoff."""
+
+
+class SourceNotFoundError(BadInputError):
+    """The source answers but the folder, file or object is not there (HTTP 404, NoSuchKey):
+    retrying cannot fix it."""
 
 
 class ChecksumMismatchError(BadInputError):

@@ -97,7 +97,7 @@ def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Stor
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=ids, zero_division=0)
     per_class = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
     accuracy = float((predicted == labels).mean())
     macro_f1 = float(np.mean(f1))

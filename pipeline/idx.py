@@ -37,7 +37,9 @@ def read_bytes(path: Path) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+    except EOFError as exc:
+        raise CorruptFileError(str(path), "a complete gzip stream", f"one truncated after {len(raw)} bytes") from exc
+    except (OSError, zlib.error) as exc:
         raise CorruptFileError(str(path), "a complete gzip stream", f"a broken one ({exc})") from exc
 
 

@@ -41,8 +41,11 @@ def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -
         return np.arange(len(labels))
     picked = []
     classes, counts = np.unique(labels, return_counts=True)
-    quotas = np.floor(counts / len(labels) * size).astype(int)
-    for cls, quota in zip(classes, quotas):
+    exact = counts / len(labels) * size
+    quotas = np.floor(exact).astype(int)
+    # Largest remainders get the leftover places, so the sample has exactly `size` items.
+    quotas[np.argsort(quotas - exact)[: size - quotas.sum()]] += 1
+    for cls, quota in zip(classes, quotas, strict=True):
         members = np.flatnonzero(labels == cls)
         picked.append(rng.choice(members, size=quota, replace=False))
     return np.sort(np.concatenate(picked))

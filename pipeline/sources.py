@@ -5,11 +5,12 @@ downloading it, so that an unchanged source is not fetched again, and can stream
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 from urllib.parse import urlparse
 
-from pipeline.errors import SourceUnavailableError
+from pipeline.errors import SourceNotFoundError, SourceUnavailableError
 
 CHUNK = 1 << 20
 
@@ -38,8 +39,8 @@ class LocalSource(Source):
         path = self.folder / name
         if not path.is_file():
             if not self.folder.is_dir():
-                raise SourceUnavailableError(self.uri, "an existing folder", "no such folder")
-            raise SourceUnavailableError(str(path), "a file", "no such file")
+                raise SourceNotFoundError(self.uri, "an existing folder", "no such folder")
+            raise SourceNotFoundError(str(path), "a file", "no such file")
         return path
 
     def fingerprint(self, name: str) -> dict[str, Any]:
@@ -82,7 +83,8 @@ class HttpSource(Source):
             raise SourceUnavailableError(url, "a reachable HTTP server", type(exc).__name__) from exc
         if response.status_code != 200:
             response.close()
-            raise SourceUnavailableError(url, "HTTP 200", f"HTTP {response.status_code}")
+            error = SourceUnavailableError if response.status_code >= 500 else SourceNotFoundError
+            raise error(url, "HTTP 200", f"HTTP {response.status_code}")
         return response
 
     def fingerprint(self, name: str) -> dict[str, Any]:
@@ -128,8 +130,10 @@ class S3Source(Source):
         try:
             return getattr(self.client, method)(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "error")
-            raise SourceUnavailableError(self.file_uri(name), "an existing S3 object", f"S3 {code}") from exc
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            kind = SourceUnavailableError if status >= 500 else SourceNotFoundError
+            raise kind(self.file_uri(name), "an existing S3 object", f"S3 {error.get('Code', status)}") from exc
         except BotoCoreError as exc:
             raise SourceUnavailableError(self.file_uri(name), "a reachable S3 endpoint", str(exc)) from exc
 
@@ -149,11 +153,11 @@ def open_source(uri: str) -> Source:
         return HttpSource(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise SourceUnavailableError("source_uri", "s3://bucket/prefix", uri)
+            raise SourceNotFoundError("source_uri", "s3://bucket/prefix", uri)
         return S3Source(uri)
     if parsed.scheme == "file":
         return LocalSource(Path(parsed.path), uri)
     if parsed.scheme == "":
         return LocalSource(Path(uri).expanduser(), uri)
-    raise SourceUnavailableError("source_uri", "a folder, file://, http(s):// or s3:// URI", uri)
+    raise SourceNotFoundError("source_uri", "a folder, file://, http(s):// or s3:// URI", uri)
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Settings
-from pipeline.errors import SourceUnavailableError
+from pipeline.errors import ConfigError
 
 
 class Storage:
@@ -147,11 +147,11 @@ def open_storage(uri: str, cache_dir: Path | None = None) -> Storage:
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise SourceUnavailableError("PIPELINE_STORAGE_URI", "s3://bucket/prefix", uri)
+            raise ConfigError("PIPELINE_STORAGE_URI", "s3://bucket/prefix", uri)
         return S3Storage(uri, cache_dir or Path(tempfile.gettempdir()) / "pipeline-s3-cache")
     if parsed.scheme in ("", "file"):
         return LocalStorage(Path(parsed.path if parsed.scheme == "file" else uri))
-    raise SourceUnavailableError("PIPELINE_STORAGE_URI", "a folder, file:// or s3:// URI", uri)
+    raise ConfigError("PIPELINE_STORAGE_URI", "a folder, file:// or s3:// URI", uri)
 
 
 def storage_for(settings: Settings) -> Storage:

@@ -45,6 +45,21 @@ def _precision(accelerator: str) -> str:
     return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def _epoch_logger() -> object:
+    """A callback that logs one line per epoch (the progress bar is off in Airflow task logs)."""
+    import pytorch_lightning as pl
+
+    class EpochLog(pl.Callback):
+        def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if trainer.sanity_checking:
+                return
+            shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("loss", "accuracy"))}
+            log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+
+    return EpochLog()
+
+
 def _result_from_run(run: object, reused: bool) -> TrainResult:
     tags, metrics = run.data.tags, run.data.metrics  # type: ignore[attr-defined]
     return TrainResult(
@@ -119,7 +134,11 @@ def train(
                 devices="auto",
                 precision=_precision(config.accelerator),
                 logger=logger,
-                callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience)],
+                callbacks=[
+                    checkpoint,
+                    EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience),
+                    _epoch_logger(),
+                ],
                 deterministic="warn",
                 enable_progress_bar=sys.stderr.isatty(),
                 enable_model_summary=False,

@@ -49,7 +49,11 @@ def load_suite(name: str, directory: Path | None = None) -> Any:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(str(path), "a readable JSON expectation suite", str(exc)) from exc
-    suite = gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
+    try:
+        suite = gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
+    except Exception as exc:  # GX raises pydantic and its own errors alike; all mean a bad file
+        first = str(exc).strip().splitlines()
+        raise ConfigError(str(path), "a valid expectation suite", f"{type(exc).__name__}: {' '.join(first[:3])}") from exc
     # GX logs and drops an invalid expectation instead of raising: a typo would silently weaken
     # the gate, so count what was loaded.
     if len(suite.expectations) != len(spec["expectations"]):
@@ -81,7 +85,7 @@ def _expected_text(kwargs: dict[str, Any]) -> str:
         return f"{column} in {kwargs['value_set']}"
     if "min_value" in kwargs or "max_value" in kwargs:
         low, high = kwargs.get("min_value"), kwargs.get("max_value")
-        return f"{column} in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        return f"{column} in [{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
     shown = {k: v for k, v in kwargs.items() if k not in ("batch_id", "column")}
     return f"{column or 'table'} {shown}"
 
@@ -106,7 +110,10 @@ def failure_error(suite_name: str, validation: Any, table: pd.DataFrame) -> Data
             kind = "labels" if column == "label" else "images"
             found += " in " + ", ".join(IDX_FILES[f"{s}_{kind}"] for s in sorted(set(bad["split"])))
         else:  # one row per split: show each offending split's value
-            found = ", ".join(f"split {s}: {column}={float(v):.4g}" for s, v in zip(bad["split"], bad[column]))
+            found = ", ".join(f"split {s}: {column}={float(v):.4g}" for s, v in zip(bad["split"], bad[column], strict=True))
+    others = sum(1 for r in validation.results if not r.success) - 1
+    if others:
+        found += f" (and {others} more failed expectation{'s' if others > 1 else ''} in the report)"
     return DataValidationError(
         suite_name, f"{failed.expectation_config.type}({column or ''})", _expected_text(kwargs), found
     )

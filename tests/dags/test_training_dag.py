@@ -1,0 +1,84 @@
+"""`dag.test()` of training_pipeline on a small real subset (2,000 training, 500 test images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from defects import DEFECTS, broken_copy
+from services import RecordingServer
+
+from pipeline.config import Settings
+from pipeline.tracking import tracking_client
+
+pytestmark = pytest.mark.slow
+QUICK = {"epochs": 1, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def training_dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).get_dag("training_pipeline")
+
+
+def task_states(dag_run) -> dict[str, str]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(
+            TaskInstance.dag_id == dag_run.dag_id, TaskInstance.run_id == dag_run.run_id
+        )
+        return {ti.task_id: str(ti.state.value if ti.state else None) for ti in tis}
+
+
+def registered_versions(settings: Settings) -> list:
+    client = tracking_client(settings)
+    return client.search_model_versions(f"name = '{settings.model_name}'")
+
+
+def test_two_runs_register_one_candidate_and_download_once(training_dag, small_dataset, settings):
+    with RecordingServer(small_dataset) as server:
+        first = training_dag.test(run_conf={"source_uri": server.url, **QUICK})
+        assert first.state == "success", task_states(first)
+        assert sum(method == "GET" for method, _ in server.requests) == 4
+
+        server.requests.clear()
+        second = training_dag.test(run_conf={"source_uri": server.url, **QUICK})
+        assert second.state == "success", task_states(second)
+        assert [method for method, _ in server.requests] == ["HEAD"] * 4
+
+    versions = registered_versions(settings)
+    assert len(versions) == 1
+    client = tracking_client(settings)
+    candidate = client.get_model_version_by_alias(settings.model_name, "candidate")
+    assert candidate.run_id == versions[0].run_id
+    run = client.get_run(candidate.run_id)
+    assert run.data.tags["airflow.dag_id"] == "training_pipeline"
+    assert run.data.tags["airflow.run_id"] == first.run_id
+    assert 0 < run.data.metrics["test_accuracy"] <= 1
+
+
+def test_force_param_retrains_on_purpose(training_dag, small_dataset, settings):
+    conf = {"source_uri": str(small_dataset), **QUICK}
+    assert training_dag.test(run_conf=conf).state == "success"
+    assert training_dag.test(run_conf={**conf, "force": True}).state == "success"
+    assert len(registered_versions(settings)) == 2
+
+
+@pytest.mark.parametrize(
+    "defect", [d for d in DEFECTS if d.name in ("truncated_gzip", "wrong_magic", "count_mismatch", "blank_images")],
+    ids=lambda d: d.name,
+)
+def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset, settings, tmp_path, defect):
+    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    dag_run = training_dag.test(run_conf={"source_uri": str(folder), **QUICK})
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    order = ["acquire", "validate", "preprocess", "train", "evaluate", "register"]
+    stop = order.index(defect.stage)
+    assert all(states[t] == "success" for t in order[:stop]), states
+    assert states[defect.stage] == "failed", states
+    assert all(states[t] == "upstream_failed" for t in order[stop + 1 :]), states
+    assert registered_versions(settings) == []

@@ -1,0 +1,105 @@
+"""Broken copies of real IDX files, made at test time (nothing broken is committed).
+
+Each defect names the stage that must stop the run and the words its one-line error carries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+
+
+def write_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write ``{"train": (x, y), "t10k": (x, y)}`` as the four gzip IDX files."""
+    from pipeline.idx import write_idx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, (images, labels) in splits.items():
+        write_idx(images, folder / f"{prefix}-images-idx3-ubyte.gz")
+        write_idx(labels, folder / f"{prefix}-labels-idx1-ubyte.gz")
+    return folder
+
+
+def _rewrite(path: Path, change: Callable[[bytes], bytes]) -> None:
+    path.write_bytes(gzip.compress(change(gzip.decompress(path.read_bytes())), mtime=0))
+
+
+def truncated_gzip(folder: Path) -> None:
+    data = (folder / TRAIN_IMAGES).read_bytes()
+    (folder / TRAIN_IMAGES).write_bytes(data[: len(data) // 2])
+
+
+def wrong_magic(folder: Path) -> None:
+    _rewrite(folder / TRAIN_IMAGES, lambda b: b"\x08\x08\x08\x03" + b[4:])
+
+
+def wrong_dimensions(folder: Path) -> None:
+    # The same payload declared as a 2-D (n, 784) array.
+    def flatten(b: bytes) -> bytes:
+        n, rows, cols = struct.unpack(">III", b[4:16])
+        return struct.pack(">HBB", 0, 8, 2) + struct.pack(">II", n, rows * cols) + b[16:]
+
+    _rewrite(folder / TRAIN_IMAGES, flatten)
+
+
+def truncated_payload(folder: Path) -> None:
+    _rewrite(folder / TRAIN_IMAGES, lambda b: b[:-784 * 3 - 17])
+
+
+def count_mismatch(folder: Path) -> None:
+    # Ten labels fewer than images; the header says so honestly.
+    def drop(b: bytes) -> bytes:
+        (n,) = struct.unpack(">I", b[4:8])
+        return b[:4] + struct.pack(">I", n - 10) + b[8:-10]
+
+    _rewrite(folder / TRAIN_LABELS, drop)
+
+
+def label_out_of_range(folder: Path) -> None:
+    _rewrite(folder / TRAIN_LABELS, lambda b: b[:8] + bytes([12]) + b[9:20] + bytes([200]) + b[21:])
+
+
+def blank_images(folder: Path) -> None:
+    # 5% of the training images all black: a broken export, not a distribution shift.
+    def blank(b: bytes) -> bytes:
+        pixels = np.frombuffer(b, dtype=np.uint8, offset=16).reshape(-1, 784).copy()
+        pixels[:: 20] = 0
+        return b[:16] + pixels.tobytes()
+
+    _rewrite(folder / TRAIN_IMAGES, blank)
+
+
+@dataclass(frozen=True)
+class Defect:
+    name: str
+    apply: Callable[[Path], None]
+    stage: str
+    """The stage (and Airflow task) that must stop the run."""
+    words: tuple[str, ...]
+    """Words the one-line error must contain."""
+
+
+DEFECTS = [
+    Defect("truncated_gzip", truncated_gzip, "acquire", (TRAIN_IMAGES, "complete gzip stream", "truncated")),
+    Defect("wrong_magic", wrong_magic, "validate", (TRAIN_IMAGES, "magic", "0x08080803")),
+    Defect("wrong_dimensions", wrong_dimensions, "validate", (TRAIN_IMAGES, "3 dimension(s)", "found 2")),
+    Defect("truncated_payload", truncated_payload, "validate", (TRAIN_IMAGES, "payload bytes")),
+    Defect("count_mismatch", count_mismatch, "validate", (TRAIN_LABELS, "labels", "one per image")),
+    Defect("label_out_of_range", label_out_of_range, "validate", (TRAIN_LABELS, "labels in 0..9", "[12, 200]")),
+    Defect("blank_images", blank_images, "validate", ("raw_profile", "pixel_max", TRAIN_IMAGES)),
+]
+
+
+def broken_copy(source: Path, dest: Path, defect: Defect) -> Path:
+    shutil.copytree(source, dest)
+    defect.apply(dest)
+    return dest

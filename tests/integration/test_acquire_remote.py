@@ -1,0 +1,110 @@
+"""Acquisition over the network: an HTTP server and an S3 API on loopback."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from services import free_port
+
+from pipeline.acquire import acquire
+from pipeline.config import IDX_FILES, AcquireConfig
+from pipeline.errors import ChecksumMismatchError, SourceNotFoundError, SourceUnavailableError
+from pipeline.storage import open_storage
+
+pytestmark = pytest.mark.integration
+TRAIN_IMAGES = IDX_FILES["train_images"]
+
+
+def test_http_fetches_once_then_only_asks_for_headers(http_server, small_dataset, storage):
+    first = acquire(AcquireConfig(source_uri=http_server.url + "/"), storage)
+    gets = [path for method, path in http_server.requests if method == "GET"]
+    assert sorted(gets) == sorted(f"/{name}" for name in IDX_FILES.values())
+    assert (Path(storage.uri(f"raw/{first.dataset_hash}/{TRAIN_IMAGES}"))).read_bytes() == (
+        small_dataset / TRAIN_IMAGES
+    ).read_bytes()
+
+    http_server.requests.clear()
+    second = acquire(AcquireConfig(source_uri=http_server.url + "/"), storage)
+    assert second.fetched == [] and second.dataset_hash == first.dataset_hash
+    assert {method for method, _ in http_server.requests} == {"HEAD"}
+
+
+def test_http_checksum_mismatch(http_server, storage):
+    config = AcquireConfig(source_uri=http_server.url, expected_sha256={TRAIN_IMAGES: "ab" * 32})
+    with pytest.raises(ChecksumMismatchError, match=f"{http_server.url}/{TRAIN_IMAGES}: expected sha256 {'ab' * 32}"):
+        acquire(config, storage)
+    assert not storage.exists("raw")
+
+
+def test_http_unreachable_and_missing(http_server, storage):
+    dead = f"http://127.0.0.1:{free_port()}/fashion"
+    with pytest.raises(SourceUnavailableError, match=f"{dead}/.*: expected a reachable HTTP server, found ConnectionError"):
+        acquire(AcquireConfig(source_uri=dead), storage)
+    with pytest.raises(SourceNotFoundError, match="expected HTTP 200, found HTTP 404"):
+        acquire(AcquireConfig(source_uri=http_server.url + "/missing"), storage)
+    assert not storage.exists("raw")
+
+
+@pytest.fixture
+def s3_dataset(s3_env, small_dataset) -> str:
+    import boto3
+
+    bucket = f"data-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    for name in IDX_FILES.values():
+        client.upload_file(str(small_dataset / name), bucket, f"fashion/{name}")
+    return f"s3://{bucket}/fashion"
+
+
+def test_s3_fetches_once(s3_dataset, small_dataset, storage, monkeypatch):
+    first = acquire(AcquireConfig(source_uri=s3_dataset), storage)
+    assert sorted(first.fetched) == sorted(IDX_FILES.values())
+    assert Path(storage.uri(f"raw/{first.dataset_hash}/{TRAIN_IMAGES}")).read_bytes() == (
+        small_dataset / TRAIN_IMAGES
+    ).read_bytes()
+
+    from botocore.client import BaseClient
+
+    calls: list[str] = []
+    original = BaseClient._make_api_call
+
+    def spy(self, operation, params):
+        calls.append(operation)
+        return original(self, operation, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
+    second = acquire(AcquireConfig(source_uri=s3_dataset), storage)
+    assert second.fetched == [] and set(calls) == {"HeadObject"}
+
+
+def test_s3_checksum_mismatch_and_missing_object(s3_dataset, storage):
+    with pytest.raises(ChecksumMismatchError, match=f"{s3_dataset}/{TRAIN_IMAGES}: expected sha256"):
+        acquire(AcquireConfig(source_uri=s3_dataset, expected_sha256={TRAIN_IMAGES: "cd" * 32}), storage)
+    with pytest.raises(SourceNotFoundError, match="expected an existing S3 object, found S3 404"):
+        acquire(AcquireConfig(source_uri=s3_dataset + "-missing"), storage)
+    assert not storage.exists("raw")
+
+
+def test_s3_unreachable_endpoint_fails_with_its_name(s3_env, storage, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    with pytest.raises(SourceUnavailableError, match=f"expected a reachable S3 endpoint, found .*{dead}"):
+        acquire(AcquireConfig(source_uri="s3://bucket/fashion"), storage)
+
+
+def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path):
+    import boto3
+
+    bucket = f"store-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage = open_storage(f"s3://{bucket}/pipeline", cache_dir=tmp_path / "cache")
+    ref = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {f"pipeline/raw/{ref.dataset_hash}/{name}" for name in IDX_FILES.values()} <= keys
+    assert f"pipeline/raw/{ref.dataset_hash}/MANIFEST.json" in keys
+    assert ref.uri == f"s3://{bucket}/pipeline/raw/{ref.dataset_hash}"
+    again = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    assert again.fetched == []

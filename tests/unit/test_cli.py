@@ -1,0 +1,74 @@
+"""The ``pipeline`` command: help everywhere, exit statuses, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from defects import DEFECTS, broken_copy
+from services import run_cli
+
+from pipeline.cli import build_parser, main
+
+SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "summary"]
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]], ids=lambda c: " ".join(c) or "pipeline")
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: pipeline" in capsys.readouterr().out
+
+
+def test_every_stage_has_a_subcommand():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(choices) == set(SUBCOMMANDS)
+
+
+def test_acquire_json_output(small_dataset, pipeline_home, capsys):
+    assert main(["acquire", "--source", str(small_dataset), "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert len(ref["dataset_hash"]) == 16 and len(ref["files"]) == 4
+
+
+def test_validate_subcommand_after_acquire(small_dataset, pipeline_home, capsys):
+    main(["acquire", "--source", str(small_dataset), "--json"])
+    digest = json.loads(capsys.readouterr().out)["dataset_hash"]
+    assert main(["validate", "--dataset", digest, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["suites"] == {"raw_profile": True, "raw_dataset": True}
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=lambda d: d.name)
+def test_bad_input_exits_2_with_one_line_naming_the_problem(defect, small_dataset, tmp_path, pipeline_home, capsys):
+    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    assert main(["run", "--source", str(folder), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    for word in defect.words:
+        assert word in err
+    assert not (pipeline_home / "storage" / "processed").exists()  # nothing after the failing stage ran
+
+
+def test_unreachable_source_exits_2(pipeline_home, capsys):
+    assert main(["acquire", "--source", "http://127.0.0.1:9/fashion"]) == 2
+    assert "expected a reachable HTTP server" in capsys.readouterr().err
+
+
+def test_internal_error_exits_1(pipeline_home, capsys, monkeypatch):
+    import pipeline.acquire
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pipeline.acquire, "acquire", broken)
+    assert main(["acquire", "--source", "/tmp"]) == 1
+    assert "internal error: RuntimeError: disk on fire" in capsys.readouterr().err
+
+
+def test_console_script_reports_bad_input_in_one_line(small_dataset, tmp_path, pipeline_home):
+    defect = next(d for d in DEFECTS if d.name == "label_out_of_range")
+    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    out = run_cli("run", "--source", str(folder))
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [out.stderr.strip()] and "labels in 0..9" in out.stderr

@@ -1,0 +1,67 @@
+"""Preprocessing: duplicates and leakage removed, stratified splits, stored once per config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from defects import write_dataset
+
+from pipeline.acquire import acquire
+from pipeline.config import AcquireConfig, PreprocessConfig
+from pipeline.errors import ConfigError
+from pipeline.preprocess import load_split, preprocess
+from pipeline.profile import image_hashes
+
+
+@pytest.fixture
+def raw(small_dataset, storage):
+    return acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+
+
+def test_splits_are_stratified_disjoint_and_complete(raw, storage):
+    ref = preprocess(raw, storage, PreprocessConfig(val_fraction=0.2))
+    assert ref.counts == {"train": 1600, "val": 400, "test": 500}
+    train, val = load_split(ref, storage, "train"), load_split(ref, storage, "val")
+    assert not set(image_hashes(train[0])) & set(image_hashes(val[0]))
+    train_share = np.bincount(train[1], minlength=10) / len(train[1])
+    val_share = np.bincount(val[1], minlength=10) / len(val[1])
+    assert np.abs(train_share - val_share).max() < 0.01
+    assert 0.2 < ref.mean < 0.4 and 0.25 < ref.std < 0.45  # Fashion-MNIST: 0.286, 0.353
+    assert train[0].dtype == np.uint8
+
+
+def test_duplicates_and_test_images_in_train_are_dropped(tmp_path, small_splits, storage):
+    (x, y), (xt, yt) = small_splits["train"], small_splits["t10k"]
+    x2 = np.concatenate([x, x[:30], xt[:20]])
+    y2 = np.concatenate([y, y[:30], yt[:20]])
+    folder = write_dataset(tmp_path / "dups", {"train": (x2, y2), "t10k": (xt, yt)})
+    raw = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    ref = preprocess(raw, storage, PreprocessConfig())
+    assert ref.removed == {"duplicates": 30, "leaked": 20}
+    assert ref.counts["train"] + ref.counts["val"] == 2000
+    kept = set(image_hashes(load_split(ref, storage, "train")[0])) | set(image_hashes(load_split(ref, storage, "val")[0]))
+    assert not kept & set(image_hashes(xt))
+
+
+def test_same_inputs_are_processed_once(raw, storage):
+    first = preprocess(raw, storage, PreprocessConfig())
+    path = storage.local_path(f"processed/{first.processed_hash}/train.npz")
+    mtime = path.stat().st_mtime_ns
+    assert preprocess(raw, storage, PreprocessConfig()) == first
+    assert path.stat().st_mtime_ns == mtime
+    other = preprocess(raw, storage, PreprocessConfig(seed=7))
+    assert other.processed_hash != first.processed_hash
+
+
+def test_sample_cap_keeps_class_balance(raw, storage):
+    ref = preprocess(raw, storage, PreprocessConfig(sample_cap=500))
+    assert ref.counts["train"] + ref.counts["val"] == 500 and ref.counts["test"] <= 500
+    labels = load_split(ref, storage, "train")[1]
+    assert set(np.unique(labels)) == set(range(10))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"val_fraction: expected a value in \[0.01, 0.5\], found 0.9"):
+        PreprocessConfig(val_fraction=0.9)
+    with pytest.raises(ConfigError, match="sample_cap: expected an integer >= 100 or None, found 5"):
+        PreprocessConfig(sample_cap=5)

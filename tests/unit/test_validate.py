@@ -1,0 +1,86 @@
+"""The data gate: real data passes, injected defects stop with a message naming them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from defects import write_dataset
+
+from pipeline.acquire import acquire
+from pipeline.config import AcquireConfig
+from pipeline.errors import ConfigError, DataValidationError
+from pipeline.validate import load_suite, load_validation_ref, suites_dir, validate_raw
+
+
+def acquired(folder, storage):
+    return acquire(AcquireConfig(source_uri=str(folder)), storage)
+
+
+def test_real_subset_passes_and_leaves_a_report(small_dataset, storage):
+    ref = validate_raw(acquired(small_dataset, storage), storage)
+    assert ref.suites == {"raw_profile": True, "raw_dataset": True}
+    assert ref.statistics["train_n_samples"] == 2000 and ref.statistics["test_n_samples"] == 500
+    report = storage.local_path(f"reports/{ref.dataset_hash}/raw_profile.html").read_text()
+    assert "expect_column_values_to_be_between" in report or "pixel_max" in report
+    results = json.loads(storage.local_path(f"reports/{ref.dataset_hash}/validation.json").read_text())
+    assert results["raw_profile"]["success"] is True
+    import pandas as pd
+
+    profile = pd.read_parquet(ref.profile_uri)
+    assert len(profile) == 2500 and profile["content_hash"].nunique() == 2500
+    assert load_validation_ref(storage, ref.dataset_hash) == ref
+
+
+def test_blank_images_stop_the_gate_naming_suite_expectation_and_file(tmp_path, small_splits, storage):
+    (x, y), test = small_splits["train"], small_splits["t10k"]
+    x = x.copy()
+    x[:7] = 0
+    folder = write_dataset(tmp_path / "blank", {"train": (x, y), "t10k": test})
+    with pytest.raises(DataValidationError) as info:
+        validate_raw(acquired(folder, storage), storage)
+    message = str(info.value)
+    assert message.startswith("suite raw_profile, expect_column_values_to_be_between(pixel_max): expected pixel_max in [32, 255]")
+    assert "found 7 of 2500 rows outside, e.g. [0, 0, 0, 0, 0] in train-images-idx3-ubyte.gz" in message
+    assert info.value.suite == "raw_profile"
+
+
+def test_one_class_taking_over_stops_the_gate(tmp_path, small_splits, storage):
+    (x, y), test = small_splits["train"], small_splits["t10k"]
+    y = y.copy()
+    y[: len(y) // 2] = 3
+    folder = write_dataset(tmp_path / "skewed", {"train": (x, y), "t10k": test})
+    with pytest.raises(DataValidationError, match=r"suite raw_dataset, .*\(min_class_fraction\): .*found split train: min_class_fraction=0\.04.*\(and 1 more failed expectation in the report\)"):
+        validate_raw(acquired(folder, storage), storage)
+
+
+def test_test_images_copied_into_train_are_leakage(tmp_path, small_splits, storage):
+    (x, y), (xt, yt) = small_splits["train"], small_splits["t10k"]
+    x, y = np.concatenate([x, xt[:100]]), np.concatenate([y, yt[:100]])
+    folder = write_dataset(tmp_path / "leak", {"train": (x, y), "t10k": (xt, yt)})
+    with pytest.raises(DataValidationError, match=r"\(overlap_fraction\): expected overlap_fraction in \[-inf, 0.01\], found .*split test: overlap_fraction=0.2"):
+        validate_raw(acquired(folder, storage), storage)
+
+
+def test_suites_are_the_reviewed_json_files():
+    for name in ("raw_profile", "raw_dataset"):
+        spec = json.loads((suites_dir() / f"{name}.json").read_text())
+        assert len(load_suite(name).expectations) == len(spec["expectations"]) > 0
+
+
+def test_a_suite_with_an_invalid_expectation_is_refused(tmp_path):
+    spec = json.loads((suites_dir() / "raw_profile.json").read_text())
+    spec["expectations"].append({"type": "expect_column_values_to_be_between", "kwargs": {"min_value": 1}})
+    (tmp_path / "raw_profile.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="raw_profile.json: expected a valid expectation suite, found ValidationError.*column"):
+        load_suite("raw_profile", tmp_path)
+
+
+def test_a_suite_with_an_unknown_expectation_type_is_refused(tmp_path):
+    # GX logs and drops an unknown expectation instead of raising; the gate must not weaken.
+    spec = json.loads((suites_dir() / "raw_profile.json").read_text())
+    spec["expectations"].append({"type": "expect_pixels_to_be_pretty", "kwargs": {"column": "label"}})
+    (tmp_path / "raw_profile.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="raw_profile.json: expected"):
+        load_suite("raw_profile", tmp_path)
