@@ -30,7 +30,7 @@ def task_states(dag_run) -> dict[str, str]:
         tis = session.query(TaskInstance).filter(
             TaskInstance.dag_id == dag_run.dag_id, TaskInstance.run_id == dag_run.run_id
         )
-        return {ti.task_id: str(ti.state.value if ti.state else None) for ti in tis}
+        return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
 
 
 def registered_versions(settings: Settings) -> list:

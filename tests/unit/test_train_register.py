@@ -99,7 +99,7 @@ def test_registered_version_has_alias_tags_and_predicts_like_the_checkpoint(trai
         expected = torch.softmax(checkpoint(torch.from_numpy(images[:16])), 1)
         assert torch.allclose(served(pixels), expected, atol=1e-5)
     model_info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{version.version}")
-    assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
+    assert tuple(model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
 
 
 def test_same_data_and_config_reuse_the_run_and_the_version(trained):
