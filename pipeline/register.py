@@ -23,6 +23,7 @@ from pipeline.tracking import TAG_CODE, tracking_client
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
+DATA_REPORT = "data_report"
 MODEL_DESCRIPTION = (
     "Fashion-MNIST image classifier trained by the training_pipeline DAG. Input: float32 pixels in "
     "[0, 1], shape (n, 1, 28, 28). Output: probabilities of the 10 classes (T-shirt/top, Trouser, "
@@ -58,6 +59,19 @@ def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: St
     return str(info.registered_model_version)
 
 
+def _log_data_report(client: object, run_id: str, validation: ValidationRef, storage: Storage) -> None:
+    """Keep the data report (GX Data Docs pages and results) with the run, under ``data_report/``."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    prefix = f"reports/{validation.dataset_hash}"
+    with tempfile.TemporaryDirectory(prefix="data-report-") as tmp:
+        for name in ("index.html", *(f"{suite}.html" for suite in validation.suites), "validation.json"):
+            shutil.copyfile(storage.local_path(f"{prefix}/{name}"), Path(tmp) / name)
+        client.log_artifacts(run_id, tmp, DATA_REPORT)  # type: ignore[attr-defined]
+
+
 def register(
     trained: TrainResult,
     evaluation: EvaluationResult,
@@ -71,7 +85,11 @@ def register(
     name = settings.model_name
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{trained.run_id}'")
     created = not existing
-    version = _log_model(trained, processed, storage, name) if created else str(existing[0].version)
+    if created:
+        _log_data_report(client, trained.run_id, validation, storage)
+        version = _log_model(trained, processed, storage, name)
+    else:
+        version = str(existing[0].version)
 
     registered = client.get_registered_model(name)
     if not registered.description:

@@ -67,10 +67,7 @@ def test_force_param_retrains_on_purpose(training_dag, small_dataset, settings):
     assert len(registered_versions(settings)) == 2
 
 
-@pytest.mark.parametrize(
-    "defect", [d for d in DEFECTS if d.name in ("truncated_gzip", "wrong_magic", "count_mismatch", "blank_images")],
-    ids=lambda d: d.name,
-)
+@pytest.mark.parametrize("defect", DEFECTS, ids=lambda d: d.name)
 def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset, settings, tmp_path, defect):
     folder = broken_copy(small_dataset, tmp_path / "broken", defect)
     dag_run = training_dag.test(run_conf={"source_uri": str(folder), **QUICK})
