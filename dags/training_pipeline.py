@@ -74,6 +74,13 @@ RETRY_POLICY = ExceptionRetryPolicy(
             title="Sample cap",
             description="Keep at most this many training and test images, for quick runs. Empty: all.",
         ),
+        "expected_sha256": Param(
+            {},
+            type="object",
+            title="Expected checksums",
+            description='Optional {"file name": "sha256"}; each digest is of the decompressed IDX content or '
+            "of the file's bytes. A mismatch fails the run before anything is stored.",
+        ),
         "seed": Param(42, type="integer", minimum=0, title="Seed"),
         "force": Param(False, type="boolean", title="Retrain even if this data and config were trained before"),
     },

@@ -61,14 +61,13 @@ def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: St
 
 def _log_data_report(client: object, run_id: str, validation: ValidationRef, storage: Storage) -> None:
     """Keep the data report (GX Data Docs pages and results) with the run, under ``data_report/``."""
-    import shutil
     import tempfile
     from pathlib import Path
 
     prefix = f"reports/{validation.dataset_hash}"
     with tempfile.TemporaryDirectory(prefix="data-report-") as tmp:
         for name in ("index.html", *(f"{suite}.html" for suite in validation.suites), "validation.json"):
-            shutil.copyfile(storage.local_path(f"{prefix}/{name}"), Path(tmp) / name)
+            (Path(tmp) / name).write_bytes(storage.get_bytes(f"{prefix}/{name}"))
         client.log_artifacts(run_id, tmp, DATA_REPORT)  # type: ignore[attr-defined]
 
 

@@ -36,7 +36,13 @@ class Storage:
         raise NotImplementedError
 
     def local_path(self, key: str) -> Path:
-        """A local file with the object's bytes (the object itself, or a cached download)."""
+        """A local file with the object's bytes (the object itself, or a cached download).
+
+        Meant for content-addressed objects, which never change once written."""
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        """The object's current bytes, never from a cache (for records that are rewritten)."""
         raise NotImplementedError
 
     def put_bytes(self, data: bytes, key: str) -> str:
@@ -51,7 +57,7 @@ class Storage:
         return self.put_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), key)
 
     def get_json(self, key: str) -> Any:
-        return json.loads(self.local_path(key).read_bytes())
+        return json.loads(self.get_bytes(key))
 
 
 class LocalStorage(Storage):
@@ -86,6 +92,9 @@ class LocalStorage(Storage):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not in storage")
         return path
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.local_path(key).read_bytes()
 
 
 class S3Storage(Storage):
@@ -125,6 +134,9 @@ class S3Storage(Storage):
         # the whole upload completed, which is the atomicity we need.
         self.client.upload_file(str(local_path), self.bucket, self._key(key))
         return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def local_path(self, key: str) -> Path:
         dest = self.cache_dir / self.bucket / self._key(key)

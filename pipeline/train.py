@@ -50,9 +50,8 @@ def _epoch_logger() -> object:
     import pytorch_lightning as pl
 
     class EpochLog(pl.Callback):
-        def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            if trainer.sanity_checking:
-                return
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            # Runs after the epoch's validation, so both train and val metrics are this epoch's.
             shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("loss", "accuracy"))}
             log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))

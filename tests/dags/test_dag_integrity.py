@@ -80,7 +80,16 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert dag.catchup is False
     params = dag.params.dump()
     assert {"source_uri", "epochs", "batch_size", "learning_rate", "sample_cap", "force"} <= set(params)
-    assert params["sample_cap"] is None and params["force"] is False
+    assert params["sample_cap"] is None and params["force"] is False and params["expected_sha256"] == {}
+
+
+def test_param_defaults_are_the_config_defaults(dagbag):
+    """The trigger form shows the same defaults a CLI run or a scheduled run uses."""
+    from pipeline.config import PreprocessConfig, TrainConfig, run_config_from_params
+
+    params = dagbag.get_dag("training_pipeline").params.dump()
+    config = run_config_from_params(params)
+    assert config.train == TrainConfig() and config.preprocess == PreprocessConfig() and not config.force
 
 
 def test_retry_policy_fails_bad_input_at_once_and_retries_an_unreachable_source(dagbag):

@@ -1,0 +1,40 @@
+"""The whole chain with S3 as both the source and the pipeline's storage (moto server)."""
+
+from __future__ import annotations
+
+import uuid
+
+import boto3
+import pytest
+
+from pipeline.config import IDX_FILES, Settings, run_config_from_params
+from pipeline.run import run_pipeline
+from pipeline.tracking import tracking_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_run_with_s3_source_and_s3_storage(s3_env, small_dataset, pipeline_home, monkeypatch):
+    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for name in IDX_FILES.values():
+        s3.upload_file(str(small_dataset / name), bucket, f"incoming/{name}")
+    monkeypatch.setenv("PIPELINE_STORAGE_URI", f"s3://{bucket}/store")
+    settings = Settings.from_env()
+    config = run_config_from_params({"source_uri": f"s3://{bucket}/incoming", "epochs": 1}, settings)
+
+    result = run_pipeline(config, settings)
+
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="store/")["Contents"]}
+    digest, processed = result["acquire"]["dataset_hash"], result["preprocess"]["processed_hash"]
+    run_id = result["train"]["run_id"]
+    assert f"store/raw/{digest}/MANIFEST.json" in keys
+    assert f"store/reports/{digest}/index.html" in keys and f"store/reports/{digest}/profile.parquet" in keys
+    assert f"store/processed/{processed}/train.npz" in keys
+    assert f"store/checkpoints/{run_id}/best.ckpt" in keys
+    version = tracking_client(settings).get_model_version_by_alias(settings.model_name, "candidate")
+    assert version.run_id == run_id and version.tags["data_report"] == f"s3://{bucket}/store/reports/{digest}/index.html"
+
+    again = run_pipeline(config, settings)
+    assert again["acquire"]["fetched"] == [] and again["train"]["reused"] and not again["register"]["created"]
