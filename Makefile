@@ -55,7 +55,7 @@ lint: venv ## ruff on everything, with Airflow's AIR rules on dags/
 	$(BIN)/ruff check .
 
 airflow-ui: venv airflow-init ## Airflow UI on this checkout's stores at http://127.0.0.1:8080 (no login)
-	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True $(BIN)/airflow standalone
+	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True airflow standalone
 
 mlflow-ui: venv ## MLflow UI on this checkout's store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
