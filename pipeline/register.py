@@ -106,6 +106,15 @@ def register(
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(
+        name,
+        version,
+        description=(
+            f"Trained by run {trained.run_id} on dataset {trained.dataset_hash} (processed {trained.processed_hash}); "
+            f"test accuracy {evaluation.test_accuracy:.4f}, macro F1 {evaluation.macro_f1:.4f}. "
+            f"Data report: {validation.report_uri}"
+        ),
+    )
     client.set_registered_model_alias(name, CANDIDATE, version)
     log.info("%s version %s (%s) has alias %s", name, version, "new" if created else "existing", CANDIDATE)
     return ModelVersionRef(

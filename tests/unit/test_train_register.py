@@ -90,6 +90,7 @@ def test_registered_version_has_alias_tags_and_predicts_like_the_checkpoint(trai
     assert by_alias.tags["validation"] == "passed: raw_dataset, raw_profile"
     assert float(by_alias.tags["test_accuracy"]) == pytest.approx(trained["evaluation"].test_accuracy, abs=1e-4)
     assert client.get_registered_model(settings.model_name).description
+    assert f"Trained by run {version.run_id}" in by_alias.description
     report = {a.path for a in client.list_artifacts(version.run_id, "data_report")}
     assert {"data_report/index.html", "data_report/raw_profile.html", "data_report/validation.json"} <= report
 
