@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def timed(fn):
+def timed(fn, *args):
     start = time.perf_counter()
-    value = fn()
+    value = fn(*args)
     return time.perf_counter() - start, value
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "validate_bench.json"))
     args = parser.parse_args()
 
-    import_seconds, _ = timed(lambda: __import__("great_expectations"))
+    import_seconds, _ = timed(__import__, "great_expectations")
     from pipeline.acquire import acquire, load_raw_splits
     from pipeline.config import IDX_FILES, AcquireConfig
     from pipeline.profile import dataset_facts, profile_table
@@ -53,23 +53,22 @@ def main() -> None:
 
     for _ in range(args.repeat):
         compressed = [f.read_bytes() for f in files]
-        seconds, raw = timed(lambda: [gzip.decompress(b) for b in compressed])
+        seconds, raw = timed(lambda blobs: [gzip.decompress(b) for b in blobs], compressed)
         record("floor: gunzip the 4 files (in memory)", seconds)
-        joined = b"".join(raw)
-        record("floor: read 55 MB of raw pixels (in memory)",
-               timed(lambda: np.frombuffer(joined, dtype=np.uint8).sum(dtype=np.uint64))[0])
+        pixels = np.frombuffer(b"".join(raw), dtype=np.uint8)
+        record("floor: read 55 MB of raw pixels (in memory)", timed(pixels.sum, None, np.uint64)[0])
+        config = AcquireConfig(source_uri=args.source)
         with tempfile.TemporaryDirectory() as tmp:
             storage = open_storage(tmp)
-            seconds, ref = timed(lambda: acquire(AcquireConfig(source_uri=args.source), storage))
+            seconds, ref = timed(acquire, config, storage)
             record("acquire (stream, 2 x sha256, store)", seconds)
-            record("acquire again (unchanged source)",
-                   timed(lambda: acquire(AcquireConfig(source_uri=args.source), storage))[0])
-            seconds, splits = timed(lambda: load_raw_splits(ref, storage))
+            record("acquire again (unchanged source)", timed(acquire, config, storage)[0])
+            seconds, splits = timed(load_raw_splits, ref, storage)
             record("read + strict IDX parse", seconds)
-            seconds, profile = timed(lambda: profile_table(splits))
+            seconds, profile = timed(profile_table, splits)
             record("profile table (70,000 rows)", seconds)
-            record("dataset facts", timed(lambda: dataset_facts(profile))[0])
-            record("validate_raw total (parse, profile, GX, reports)", timed(lambda: validate_raw(ref, storage))[0])
+            record("dataset facts", timed(dataset_facts, profile)[0])
+            record("validate_raw total (parse, profile, GX, reports)", timed(validate_raw, ref, storage)[0])
             total = rows["acquire (stream, 2 x sha256, store)"][-1] + rows["validate_raw total (parse, profile, GX, reports)"][-1]
             record("acquire + validate_raw", total)
 

@@ -1,7 +1,8 @@
 """Profile tables: what Great Expectations checks instead of raw pixels.
 
 * :func:`profile_table`: one row per image (split, index, label, shape, pixel min/max/mean/std,
-  fraction of non-zero pixels, content hash). It is also the reference for drift monitoring.
+  fraction of non-zero pixels, height and width of the object's bounding box, content hash).
+  It is also the reference for drift monitoring.
 * :func:`dataset_facts`: one row per split with the dataset-level facts (class balance, exact
   duplicates, overlap between train and test).
 """
@@ -20,12 +21,31 @@ def image_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
 
 
+#: A pixel brighter than this belongs to the object (Fashion-MNIST backgrounds are 0).
+OBJECT_THRESHOLD = 16
+
+
+def bounding_box(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Height and width (pixels) of the box around each image's object; 0 for an empty image.
+
+    Orientation-sensitive where pixel statistics are not: a 90-degree rotation swaps them."""
+    mask = images > OBJECT_THRESHOLD
+    sizes = []
+    for axis in (2, 1):  # rows that hold object pixels, then columns
+        present = mask.any(axis=axis)
+        first = present.argmax(axis=1)
+        last = present.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
+        sizes.append(np.where(present.any(axis=1), last - first + 1, 0))
+    return sizes[0], sizes[1]
+
+
 def profile_table(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
     """One row per image of every split."""
     frames = []
     for split, (images, labels) in splits.items():
         flat = images.reshape(len(images), -1)
         pixels = flat.astype(np.float32)
+        bbox_height, bbox_width = bounding_box(images)
         frames.append(
             pd.DataFrame(
                 {
@@ -39,6 +59,8 @@ def profile_table(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFr
                     "pixel_mean": pixels.mean(axis=1),
                     "pixel_std": pixels.std(axis=1),
                     "nonzero_fraction": (flat > 0).mean(axis=1),
+                    "bbox_height": bbox_height,
+                    "bbox_width": bbox_width,
                     "content_hash": image_hashes(images),
                 }
             )

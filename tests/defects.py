@@ -78,6 +78,73 @@ def blank_images(folder: Path) -> None:
     _rewrite(folder / TRAIN_IMAGES, blank)
 
 
+def _rewrite_images(folder: Path, change: Callable[[np.ndarray], np.ndarray], name: str = TRAIN_IMAGES) -> None:
+    """Apply ``change`` to the uint8 images ``(n, 28, 28)`` of one file and write it back."""
+    from pipeline.idx import read_idx, write_idx
+
+    write_idx(change(read_idx(folder / name).copy()), folder / name)
+
+
+def _rewrite_split(folder: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    from pipeline.idx import read_split
+
+    images, labels = read_split(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
+    write_dataset(folder, {"train": change(images.copy(), labels.copy())})
+
+
+def float_payload(folder: Path) -> None:
+    _rewrite_images(folder, lambda x: x.astype(np.float32) / 255.0)
+
+
+def wrong_image_size(folder: Path) -> None:
+    _rewrite_images(folder, lambda x: np.pad(x, ((0, 0), (2, 2), (2, 2))))  # 32x32, like CIFAR or padded MNIST
+
+
+def saturated_images(folder: Path) -> None:
+    def saturate(x: np.ndarray) -> np.ndarray:
+        x[::20] = 255
+        return x
+
+    _rewrite_images(folder, saturate)
+
+
+def inverted_images(folder: Path) -> None:
+    _rewrite_images(folder, lambda x: 255 - x)
+
+
+def constant_images(folder: Path) -> None:
+    def flat(x: np.ndarray) -> np.ndarray:
+        x[::20] = 128
+        return x
+
+    _rewrite_images(folder, flat)
+
+
+def class_removed(folder: Path) -> None:
+    _rewrite_split(folder, lambda x, y: (x[y != 7], y[y != 7]))
+
+
+def one_class_dominates(folder: Path) -> None:
+    # Class 0 becomes 95% of the training split.
+    def skew(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        zeros, others = np.flatnonzero(y == 0), np.flatnonzero(y != 0)
+        keep = np.concatenate([np.resize(zeros, 19 * len(zeros)), others[: len(zeros)]])
+        return x[keep], y[keep]
+
+    _rewrite_split(folder, skew)
+
+
+def duplicated_rows(folder: Path) -> None:
+    _rewrite_split(folder, lambda x, y: (np.concatenate([x, x[:200]]), np.concatenate([y, y[:200]])))
+
+
+def leak_test_into_train(folder: Path) -> None:
+    from pipeline.idx import read_split
+
+    test_x, test_y = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
+    _rewrite_split(folder, lambda x, y: (np.concatenate([x, test_x[:100]]), np.concatenate([y, test_y[:100]])))
+
+
 @dataclass(frozen=True)
 class Defect:
     name: str
@@ -86,6 +153,11 @@ class Defect:
     """The stage (and Airflow task) that must stop the run."""
     words: tuple[str, ...]
     """Words the one-line error must contain."""
+
+    @property
+    def breaks_the_file(self) -> bool:
+        """Caught by reading the file (gzip, IDX layout), before any suite runs."""
+        return not any(w.startswith("raw_") for w in self.words)
 
 
 DEFECTS = [
@@ -96,6 +168,15 @@ DEFECTS = [
     Defect("count_mismatch", count_mismatch, "validate", (TRAIN_LABELS, "labels", "one per image")),
     Defect("label_out_of_range", label_out_of_range, "validate", (TRAIN_LABELS, "labels in 0..9", "[12, 200]")),
     Defect("blank_images", blank_images, "validate", ("raw_profile", "pixel_max", TRAIN_IMAGES)),
+    Defect("float_payload", float_payload, "validate", (TRAIN_IMAGES, "uint8 payload", "float32")),
+    Defect("wrong_image_size", wrong_image_size, "validate", ("raw_profile", "height in [28, 28]", TRAIN_IMAGES)),
+    Defect("saturated_images", saturated_images, "validate", ("raw_profile", "pixel_std", TRAIN_IMAGES)),
+    Defect("inverted_images", inverted_images, "validate", ("raw_profile", "nonzero_fraction", TRAIN_IMAGES)),
+    Defect("constant_images", constant_images, "validate", ("raw_profile", "pixel_std", TRAIN_IMAGES)),
+    Defect("class_removed", class_removed, "validate", ("raw_dataset", "n_classes", "split train")),
+    Defect("one_class_dominates", one_class_dominates, "validate", ("raw_dataset", "class_fraction", "split train")),
+    Defect("duplicated_rows", duplicated_rows, "validate", ("raw_dataset", "duplicate_fraction", "split train")),
+    Defect("test_copied_into_train", leak_test_into_train, "validate", ("raw_dataset", "overlap_fraction")),
 ]
 
 
