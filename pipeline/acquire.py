@@ -8,7 +8,9 @@ does). The files are then stored under ``raw/<dataset_hash>/`` with a ``MANIFEST
 last, so a folder without a manifest is never taken for a complete dataset.
 
 A per-source record (``sources/<hash of URI>.json``) remembers each file's cheap fingerprint
-(size and mtime, ETag, Last-Modified): a rerun on an unchanged source fetches and writes nothing.
+(size and mtime, ETag, Last-Modified) and digests: a rerun on an unchanged source fetches and
+writes nothing. A source that cannot tell (an HTTP server without ETag or Last-Modified, or
+one that refuses HEAD) is fetched every time.
 
 Returns a :class:`~pipeline.refs.RawDatasetRef`.
 """
@@ -45,34 +47,56 @@ def _source_key(source_uri: str) -> str:
     return f"sources/{hashlib.sha256(source_uri.encode()).hexdigest()[:16]}.json"
 
 
+class _Gunzip:
+    """Incremental gunzip that follows every gzip member (as ``gzip.decompress`` does); bytes
+    that do not start with the gzip magic pass through as raw IDX."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.inflater: Any = None
+        self.compressed: bool | None = None
+
+    def feed(self, block: bytes) -> bytes:
+        if self.compressed is None:
+            self.compressed = block.startswith(GZIP_MAGIC)
+        if not self.compressed:
+            return block
+        out = []
+        while block:
+            if self.inflater is None:
+                self.inflater = zlib.decompressobj(31)
+            try:
+                out.append(self.inflater.decompress(block))
+            except zlib.error as exc:
+                raise CorruptFileError(self.where, "a valid gzip stream", str(exc)) from exc
+            if not self.inflater.eof:
+                break
+            block, self.inflater = self.inflater.unused_data, None  # the next member, if any
+        return b"".join(out)
+
+    def finish(self, size: int) -> None:
+        if self.inflater is not None and not self.inflater.eof:
+            raise CorruptFileError(self.where, "a complete gzip stream", f"truncated after {size} bytes")
+
+
 def _fetch(source: Source, name: str, dest: Path) -> dict[str, Any]:
     """Stream one file to ``dest``; return its size and both digests."""
     from tqdm import tqdm
 
     chunks, total = source.stream(name)
     file_digest, content_digest = hashlib.sha256(), hashlib.sha256()
-    inflater: Any = None
+    gunzip = _Gunzip(source.file_uri(name))
     size = 0
     with dest.open("wb") as out, tqdm(
         total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty(), leave=False
     ) as bar:
         for block in chunks:
-            if inflater is None:
-                # wbits=31: a gzip stream; anything else is taken as raw IDX bytes.
-                inflater = zlib.decompressobj(31) if block.startswith(GZIP_MAGIC) else False
             out.write(block)
             file_digest.update(block)
+            content_digest.update(gunzip.feed(block))
             size += len(block)
             bar.update(len(block))
-            if inflater:
-                try:
-                    content_digest.update(inflater.decompress(block))
-                except zlib.error as exc:
-                    raise CorruptFileError(source.file_uri(name), "a valid gzip stream", str(exc)) from exc
-            else:
-                content_digest.update(block)
-    if inflater and not inflater.eof:
-        raise CorruptFileError(source.file_uri(name), "a complete gzip stream", f"truncated after {size} bytes")
+    gunzip.finish(size)
     if total is not None and size != total:
         raise CorruptFileError(source.file_uri(name), f"{total} bytes", f"{size} bytes")
     return {"size": size, "sha256": file_digest.hexdigest(), "content_sha256": content_digest.hexdigest()}
@@ -82,7 +106,9 @@ def _verify(config: AcquireConfig, source: Source, name: str, info: dict[str, An
     expected = config.expected_sha256.get(name)
     if expected and expected.lower() not in (info["sha256"], info["content_sha256"]):
         raise ChecksumMismatchError(
-            source.file_uri(name), f"sha256 {expected.lower()}", f"{info['content_sha256']} (content)"
+            source.file_uri(name),
+            f"sha256 {expected.lower()}",
+            f"{info['sha256']} (bytes) and {info['content_sha256']} (content)",
         )
 
 
@@ -96,16 +122,19 @@ def acquire(config: AcquireConfig, storage: Storage) -> RawDatasetRef:
     if storage.exists(record_key):
         record = storage.get_json(record_key)
         raw_manifest = f"raw/{record['dataset_hash']}/{MANIFEST}"
-        if record["fingerprints"] == fingerprints and storage.exists(raw_manifest):
-            manifest = storage.get_json(raw_manifest)
+        unknown = any(fp is None for fp in fingerprints.values())
+        if not unknown and record["fingerprints"] == fingerprints and "files" in record and storage.exists(raw_manifest):
+            # This source's own digests: another source may have stored the same content
+            # under different bytes (recompressed), and checksums refer to what is served here.
+            files = record["files"]
             for name in names:
-                _verify(config, source, name, manifest["files"][name])
+                _verify(config, source, name, files[name])
             log.info("source %s unchanged: reusing raw/%s", config.source_uri, record["dataset_hash"])
             return RawDatasetRef(
                 dataset_hash=record["dataset_hash"],
                 uri=storage.uri(f"raw/{record['dataset_hash']}"),
                 source_uri=config.source_uri,
-                files=manifest["files"],
+                files=files,
             )
 
     with tempfile.TemporaryDirectory(prefix="acquire-") as staging:
@@ -121,7 +150,8 @@ def acquire(config: AcquireConfig, storage: Storage) -> RawDatasetRef:
                 storage.put_file(Path(staging) / name, f"{prefix}/{name}")
             storage.put_json({"dataset_hash": digest, "files": files}, f"{prefix}/{MANIFEST}")
     storage.put_json(
-        {"source_uri": config.source_uri, "fingerprints": fingerprints, "dataset_hash": digest}, record_key
+        {"source_uri": config.source_uri, "fingerprints": fingerprints, "dataset_hash": digest, "files": files},
+        record_key
     )
     return RawDatasetRef(
         dataset_hash=digest, uri=storage.uri(prefix), source_uri=config.source_uri, files=files, fetched=names

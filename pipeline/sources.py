@@ -18,8 +18,9 @@ CHUNK = 1 << 20
 class Source:
     uri: str
 
-    def fingerprint(self, name: str) -> dict[str, Any]:
-        """Metadata that changes when the file changes; raises if the file is missing."""
+    def fingerprint(self, name: str) -> dict[str, Any] | None:
+        """Metadata that changes when the file changes, or None when the source cannot tell;
+        raises if the file is missing."""
         raise NotImplementedError
 
     def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
@@ -87,9 +88,21 @@ class HttpSource(Source):
             raise error(url, "HTTP 200", f"HTTP {response.status_code}")
         return response
 
-    def fingerprint(self, name: str) -> dict[str, Any]:
-        headers = self._request("HEAD", name).headers
-        return {k: headers.get(k) for k in ("ETag", "Last-Modified", "Content-Length")}
+    def fingerprint(self, name: str) -> dict[str, Any] | None:
+        import requests
+
+        url = self.file_uri(name)
+        try:
+            response = self.session.head(url, timeout=self.timeout, allow_redirects=True)
+        except requests.RequestException as exc:
+            raise SourceUnavailableError(url, "a reachable HTTP server", type(exc).__name__) from exc
+        if response.status_code == 404:
+            raise SourceNotFoundError(url, "HTTP 200", "HTTP 404")
+        if response.status_code != 200:  # HEAD refused (405, 403 on presigned URLs): just fetch
+            return None
+        found = {k: response.headers.get(k) for k in ("ETag", "Last-Modified", "Content-Length")}
+        # Without a validator a same-size change would go unnoticed: fetch every time instead.
+        return found if found["ETag"] or found["Last-Modified"] else None
 
     def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
         import requests
@@ -100,8 +113,9 @@ class HttpSource(Source):
 
         def chunks() -> Iterator[bytes]:
             try:
-                yield from response.iter_content(CHUNK)
-            except requests.RequestException as exc:
+                # The bytes as stored: a .gz served with Content-Encoding: gzip stays compressed.
+                yield from response.raw.stream(CHUNK, decode_content=False)
+            except (requests.RequestException, OSError) as exc:
                 raise SourceUnavailableError(url, "a complete download", type(exc).__name__) from exc
             finally:
                 response.close()
@@ -125,7 +139,7 @@ class S3Source(Source):
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _call(self, name: str, method: str) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return getattr(self.client, method)(Bucket=self.bucket, Key=self._key(name))
@@ -134,6 +148,8 @@ class S3Source(Source):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             kind = SourceUnavailableError if status >= 500 else SourceNotFoundError
             raise kind(self.file_uri(name), "an existing S3 object", f"S3 {error.get('Code', status)}") from exc
+        except NoCredentialsError as exc:
+            raise SourceNotFoundError(self.file_uri(name), "AWS credentials (environment, profile or role)", "none") from exc
         except BotoCoreError as exc:
             raise SourceUnavailableError(self.file_uri(name), "a reachable S3 endpoint", str(exc)) from exc
 
@@ -142,8 +158,18 @@ class S3Source(Source):
         return {"ETag": head.get("ETag"), "size": head.get("ContentLength")}
 
     def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
+        from botocore.exceptions import BotoCoreError
+
         obj = self._call(name, "get_object")
-        return obj["Body"].iter_chunks(CHUNK), obj.get("ContentLength")
+        where = self.file_uri(name)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from obj["Body"].iter_chunks(CHUNK)
+            except (BotoCoreError, OSError) as exc:
+                raise SourceUnavailableError(where, "a complete download", str(exc)) from exc
+
+        return chunks(), obj.get("ContentLength")
 
 
 def open_source(uri: str) -> Source:

@@ -31,7 +31,8 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 class RecordingServer:
     """A static HTTP server over a folder that records each request's method and path."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, validators: bool = True) -> None:
+        """``validators=False`` drops Last-Modified, as some servers and CDNs do."""
         self.requests: list[tuple[str, str]] = []
         requests = self.requests
 
@@ -42,6 +43,10 @@ class RecordingServer:
             def send_head(self):
                 requests.append((self.command, self.path))
                 return super().send_head()
+
+            def send_header(self, keyword, value):
+                if validators or keyword not in ("Last-Modified", "ETag"):
+                    super().send_header(keyword, value)
 
             def log_message(self, *args):
                 pass

@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from services import free_port
+from services import RecordingServer, free_port
 
 from pipeline.acquire import acquire
 from pipeline.config import IDX_FILES, AcquireConfig
@@ -29,6 +29,16 @@ def test_http_fetches_once_then_only_asks_for_headers(http_server, small_dataset
     second = acquire(AcquireConfig(source_uri=http_server.url + "/"), storage)
     assert second.fetched == [] and second.dataset_hash == first.dataset_hash
     assert {method for method, _ in http_server.requests} == {"HEAD"}
+
+
+def test_http_server_without_validators_is_fetched_every_time(small_dataset, storage):
+    # Without ETag or Last-Modified a same-size change could not be seen: never trust the record.
+    with RecordingServer(small_dataset, validators=False) as server:
+        acquire(AcquireConfig(source_uri=server.url), storage)
+        server.requests.clear()
+        again = acquire(AcquireConfig(source_uri=server.url), storage)
+    assert sorted(again.fetched) == sorted(IDX_FILES.values())
+    assert sum(method == "GET" for method, _ in server.requests) == 4
 
 
 def test_http_checksum_mismatch(http_server, storage):

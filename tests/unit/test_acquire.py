@@ -59,6 +59,31 @@ def test_expected_checksum_of_content_or_bytes_is_accepted(small_dataset, storag
         assert ref.files[TRAIN_IMAGES]["sha256"] == hashlib.sha256(raw).hexdigest()
 
 
+def test_a_second_source_keeps_its_own_byte_checksums_on_rerun(tmp_path, small_dataset, storage):
+    other = tmp_path / "recompressed"
+    other.mkdir()
+    for name in IDX_FILES.values():
+        (other / name).write_bytes(gzip.compress(gzip.decompress((small_dataset / name).read_bytes()), compresslevel=1))
+    acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    pinned = {TRAIN_IMAGES: hashlib.sha256((other / TRAIN_IMAGES).read_bytes()).hexdigest()}
+    first = acquire(AcquireConfig(source_uri=str(other), expected_sha256=pinned), storage)
+    again = acquire(AcquireConfig(source_uri=str(other), expected_sha256=pinned), storage)
+    assert again.fetched == [] and again.files == first.files
+
+
+def test_multi_member_gzip_is_hashed_whole(tmp_path, small_dataset, storage):
+    # gzip.decompress (and so the IDX reader) reads every member; the content hash must too.
+    folder = tmp_path / "members"
+    folder.mkdir()
+    for name in IDX_FILES.values():
+        payload = gzip.decompress((small_dataset / name).read_bytes())
+        half = len(payload) // 2
+        (folder / name).write_bytes(gzip.compress(payload[:half]) + gzip.compress(payload[half:]))
+    ref = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    single = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    assert ref.dataset_hash == single.dataset_hash
+
+
 def test_checksum_mismatch_names_the_file_and_writes_nothing(small_dataset, storage):
     config = AcquireConfig(source_uri=str(small_dataset), expected_sha256={TRAIN_IMAGES: "0" * 64})
     with pytest.raises(ChecksumMismatchError) as info:
