@@ -5,17 +5,20 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-RUNTIME := $(CURDIR)/.runtime
+# The embedded stores: PIPELINE_HOME when set (the pipeline reads it too), else .runtime/.
+RUNTIME := $(or $(PIPELINE_HOME),$(CURDIR)/.runtime)
+MLFLOW_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(RUNTIME)/mlflow.db)
 
-# The embedded mode: Airflow on SQLite under .runtime/airflow, this checkout's DAGs and plugins.
-export AIRFLOW_HOME ?= $(RUNTIME)/airflow
+# The embedded mode: Airflow on SQLite under $(RUNTIME)/airflow, this checkout's DAGs and plugins.
+export AIRFLOW_HOME := $(RUNTIME)/airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export GX_ANALYTICS_ENABLED := False
-export MLFLOW_TRACKING_URI ?= sqlite:///$(RUNTIME)/mlflow.db
 
 .DEFAULT_GOAL := help
+# A recipe that fails leaves no target behind (a half-migrated airflow.db is migrated again).
+.DELETE_ON_ERROR:
 .PHONY: help run test test-fast lint venv dataset airflow-init airflow-ui mlflow-ui lock clean
 
 help: ## list the targets
@@ -34,12 +37,13 @@ dataset: ## make sure the Fashion-MNIST files are on disk (Debian package, else 
 
 $(AIRFLOW_HOME)/airflow.db: | $(BIN)/.installed
 	@mkdir -p $(AIRFLOW_HOME)
-	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; exit 1; }
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
+	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
 
 airflow-init: $(AIRFLOW_HOME)/airflow.db ## create the Airflow metadata DB (SQLite)
 
 run: venv airflow-init ## train on the full dataset through Airflow, then print the model version
-	@source_uri=$$(scripts/get_dataset.sh) && \
+	@mkdir -p $(RUNTIME) && source_uri=$${PIPELINE_SOURCE_URI:-$$(scripts/get_dataset.sh)} && \
 	  echo "running DAG training_pipeline on $$source_uri (log: $(RUNTIME)/last-run.log)" && \
 	  PIPELINE_SOURCE_URI=$$source_uri $(BIN)/airflow dags test training_pipeline > $(RUNTIME)/last-run.log 2>&1 \
 	  || { grep -E "error|Error" $(RUNTIME)/last-run.log | tail -5; echo "DAG run failed; see $(RUNTIME)/last-run.log"; exit 1; }
@@ -58,7 +62,7 @@ airflow-ui: venv airflow-init ## Airflow UI on this checkout's stores at http://
 	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True airflow standalone
 
 mlflow-ui: venv ## MLflow UI on this checkout's store at http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
 
 lock: ## re-pin requirements.lock from the current .venv
 	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import IDX_FILES, AcquireConfig
-from pipeline.errors import ChecksumMismatchError, CorruptFileError
+from pipeline.errors import ChecksumMismatchError, CorruptFileError, ReferenceNotFoundError
 from pipeline.idx import GZIP_MAGIC
 from pipeline.refs import RawDatasetRef
 from pipeline.sources import Source, open_source
@@ -160,6 +160,8 @@ def acquire(config: AcquireConfig, storage: Storage) -> RawDatasetRef:
 
 def load_raw_ref(storage: Storage, digest: str) -> RawDatasetRef:
     """Rebuild the reference of a dataset already in storage (for CLI subcommands)."""
+    if not storage.exists(f"raw/{digest}/{MANIFEST}"):
+        raise ReferenceNotFoundError("--dataset", f"a dataset hash under {storage.uri('raw')}", repr(digest))
     manifest = storage.get_json(f"raw/{digest}/{MANIFEST}")
     return RawDatasetRef(dataset_hash=digest, uri=storage.uri(f"raw/{digest}"), source_uri="", files=manifest["files"])
 

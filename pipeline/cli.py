@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -192,6 +193,8 @@ def configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbosity < 2:
         warnings.filterwarnings("ignore")
+        # MLflow configures its own handler when imported; this is the way to quiet it.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING" if verbosity else "ERROR")
         for noisy in ("great_expectations", "alembic", "botocore", "urllib3", "mlflow", "lightning", "pytorch_lightning"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -179,9 +179,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError("architecture", f"one of {list(ARCHITECTURES)}", repr(self.architecture))
-        _check_range("epochs", self.epochs, 1, 500)
-        _check_range("batch_size", self.batch_size, 1, 65536)
-        _check_range("learning_rate", self.learning_rate, 1e-7, 10.0)
+        # The same bounds as the DAG's Params, so the CLI accepts what the trigger form accepts.
+        _check_range("epochs", self.epochs, 1, 200)
+        _check_range("batch_size", self.batch_size, 8, 8192)
+        _check_range("learning_rate", self.learning_rate, 1e-7, 1.0)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("early_stopping_patience", self.early_stopping_patience, 1, 500)
 
@@ -200,31 +201,43 @@ class RunConfig:
     """Retrain and register a new version even if this data and config were trained before."""
 
 
+def _typed(params: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    """``params[name]`` converted to ``kind`` (``default`` when absent); a bad value names the field."""
+    if name not in params:
+        return default
+    value = params[name]
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(name, "true or false", repr(value))
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(name, {int: "an integer", float: "a number", str: "a string"}[kind], repr(value)) from exc
+
+
 def run_config_from_params(params: Mapping[str, Any], settings: Settings | None = None) -> RunConfig:
     """Build a :class:`RunConfig` from Airflow Params or CLI flags (missing keys take defaults)."""
     settings = settings or Settings.from_env()
     p = {k: v for k, v in params.items() if v is not None and v != ""}
-    train_defaults = TrainConfig()
-    try:
-        return RunConfig(
-            acquire=AcquireConfig(
-                source_uri=str(p.get("source_uri", settings.source_uri)),
-                expected_sha256=dict(p.get("expected_sha256") or {}),
-            ),
-            preprocess=PreprocessConfig(
-                val_fraction=float(p.get("val_fraction", PreprocessConfig.val_fraction)),
-                sample_cap=int(p["sample_cap"]) if "sample_cap" in p else None,
-                seed=int(p.get("seed", PreprocessConfig.seed)),
-            ),
-            train=TrainConfig(
-                architecture=str(p.get("architecture", train_defaults.architecture)),
-                epochs=int(p.get("epochs", train_defaults.epochs)),
-                batch_size=int(p.get("batch_size", train_defaults.batch_size)),
-                learning_rate=float(p.get("learning_rate", train_defaults.learning_rate)),
-                weight_decay=float(p.get("weight_decay", train_defaults.weight_decay)),
-                seed=int(p.get("seed", train_defaults.seed)),
-            ),
-            force=bool(p.get("force", False)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("params", "numbers where numbers are due", str(exc)) from exc
+    train, prep = TrainConfig(), PreprocessConfig()
+    checksums = p.get("expected_sha256") or {}
+    if not isinstance(checksums, Mapping):
+        raise ConfigError("expected_sha256", '{"file name": "sha256"}', repr(checksums))
+    return RunConfig(
+        acquire=AcquireConfig(
+            source_uri=_typed(p, "source_uri", str, settings.source_uri), expected_sha256=dict(checksums)
+        ),
+        preprocess=PreprocessConfig(
+            val_fraction=_typed(p, "val_fraction", float, prep.val_fraction),
+            sample_cap=_typed(p, "sample_cap", int, None),
+            seed=_typed(p, "seed", int, prep.seed),
+        ),
+        train=TrainConfig(
+            architecture=_typed(p, "architecture", str, train.architecture),
+            epochs=_typed(p, "epochs", int, train.epochs),
+            batch_size=_typed(p, "batch_size", int, train.batch_size),
+            learning_rate=_typed(p, "learning_rate", float, train.learning_rate),
+            weight_decay=_typed(p, "weight_decay", float, train.weight_decay),
+            seed=_typed(p, "seed", int, train.seed),
+        ),
+        force=_typed(p, "force", bool, False),
+    )

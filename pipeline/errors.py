@@ -35,6 +35,10 @@ class ConfigError(BadInputError):
     """A configuration value (setting, Param or CLI flag) is out of its allowed range."""
 
 
+class ReferenceNotFoundError(BadInputError):
+    """A hash, run id or alias given by the user names nothing in storage or the registry."""
+
+
 class SourceUnavailableError(BadInputError):
     """The dataset source cannot be reached (connection refused, timeout, HTTP 5xx): it may
     come back, so Airflow retries this one with backoff."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.acquire import load_raw_splits
 from pipeline.config import FASHION_MNIST_CLASSES, PreprocessConfig
+from pipeline.errors import ReferenceNotFoundError
 from pipeline.profile import image_hashes
 from pipeline.refs import ProcessedDatasetRef, RawDatasetRef
 from pipeline.storage import Storage
@@ -121,4 +122,6 @@ def load_split(ref: ProcessedDatasetRef, storage: Storage, split: str) -> tuple[
 
 
 def load_processed_ref(storage: Storage, digest: str) -> ProcessedDatasetRef:
+    if not storage.exists(f"processed/{digest}/{MANIFEST}"):
+        raise ReferenceNotFoundError("--processed", f"a processed hash under {storage.uri('processed')}", repr(digest))
     return ProcessedDatasetRef.from_dict(storage.get_json(f"processed/{digest}/{MANIFEST}"))

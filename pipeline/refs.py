@@ -53,6 +53,8 @@ class ValidationRef(Ref):
     suites: dict[str, bool]
     """``{suite name: success}``."""
     statistics: dict[str, Any]
+    report_prefix: str = ""
+    """Storage key of the report folder (``reports/<dataset_hash>/suites-<hash>``)."""
 
 
 @dataclass(frozen=True)

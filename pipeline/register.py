@@ -64,7 +64,7 @@ def _log_data_report(client: object, run_id: str, validation: ValidationRef, sto
     import tempfile
     from pathlib import Path
 
-    prefix = f"reports/{validation.dataset_hash}"
+    prefix = validation.report_prefix
     with tempfile.TemporaryDirectory(prefix="data-report-") as tmp:
         for name in ("index.html", *(f"{suite}.html" for suite in validation.suites), "validation.json"):
             (Path(tmp) / name).write_bytes(storage.get_bytes(f"{prefix}/{name}"))

@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Settings
+from pipeline.errors import ReferenceNotFoundError
 from pipeline.tracking import tracking_client
 
 
@@ -20,8 +21,15 @@ def ui_commands(settings: Settings) -> dict[str, str]:
 
 def model_summary(settings: Settings, alias: str = "candidate") -> dict[str, Any]:
     """The version behind ``alias`` with its run's test accuracy."""
+    from mlflow.exceptions import MlflowException
+
     client = tracking_client(settings)
-    version = client.get_model_version_by_alias(settings.model_name, alias)
+    try:
+        version = client.get_model_version_by_alias(settings.model_name, alias)
+    except MlflowException as exc:
+        raise ReferenceNotFoundError(
+            f"model {settings.model_name}", f"a version with alias {alias!r} in {settings.tracking_uri}", "none"
+        ) from exc
     run = client.get_run(version.run_id)
     return {
         "model_name": settings.model_name,

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import Settings, TrainConfig
+from pipeline.errors import ReferenceNotFoundError
 from pipeline.refs import ProcessedDatasetRef, TrainResult
 from pipeline.storage import Storage
 from pipeline.tracking import (
@@ -67,7 +68,11 @@ def _result_from_run(run: object, reused: bool) -> TrainResult:
         processed_hash=tags[TAG_PROCESSED],
         dataset_hash=tags[TAG_DATASET],
         config_hash=tags[TAG_CONFIG],
-        metrics={k: float(metrics[k]) for k in ("val_accuracy", "val_loss", "epochs") if k in metrics},
+        # The best checkpoint's score, as a fresh training reports it (val_accuracy is the last epoch's).
+        metrics={
+            "val_accuracy": float(metrics.get("best_val_accuracy", metrics.get("val_accuracy", float("nan")))),
+            **{k: float(metrics[k]) for k in ("val_loss", "epochs") if k in metrics},
+        },
         reused=reused,
     )
 
@@ -171,4 +176,12 @@ def train(
 
 def load_train_result(settings: Settings, run_id: str) -> TrainResult:
     """Rebuild a finished training's reference from its MLflow run (for CLI subcommands)."""
-    return _result_from_run(tracking_client(settings).get_run(run_id), reused=True)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracking_client(settings).get_run(run_id)
+    except MlflowException as exc:
+        raise ReferenceNotFoundError("--run-id", f"a run in {settings.tracking_uri}", repr(run_id)) from exc
+    if TAG_CHECKPOINT not in run.data.tags:
+        raise ReferenceNotFoundError("--run-id", "a finished training run with a checkpoint", f"run {run_id} ({run.info.status})")
+    return _result_from_run(run, reused=True)

@@ -13,6 +13,7 @@ Returns a :class:`~pipeline.refs.ValidationRef`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -23,7 +24,7 @@ import pandas as pd
 
 from pipeline.acquire import load_raw_splits
 from pipeline.config import IDX_FILES, project_root
-from pipeline.errors import ConfigError, DataValidationError
+from pipeline.errors import ConfigError, DataValidationError, ReferenceNotFoundError
 from pipeline.profile import dataset_facts, profile_table
 from pipeline.refs import RawDatasetRef, ValidationRef
 from pipeline.storage import Storage
@@ -154,13 +155,34 @@ def _index_html(dataset_hash: str, outcomes: dict[str, bool], statistics: dict[s
     )
 
 
+def suites_fingerprint(names: tuple[str, ...] = RAW_SUITES, directory: Path | None = None) -> str:
+    """Hash of the suite files: a report is only valid for the suites that produced it."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0" + ((directory or suites_dir()) / f"{name}.json").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def report_prefix(dataset_hash: str, directory: Path | None = None) -> str:
+    return f"reports/{dataset_hash}/suites-{suites_fingerprint(directory=directory)}"
+
+
 def validate_raw(raw: RawDatasetRef, storage: Storage, directory: Path | None = None) -> ValidationRef:
-    """Check the raw dataset against the raw suites; raise on the first failed suite."""
+    """Check the raw dataset against the raw suites; raise on the first failed suite.
+
+    Reports live under ``reports/<dataset_hash>/suites-<hash of the suite files>/``, so a report
+    never outlives the suites it was made with, and the same data checked by the same suites is
+    not checked again."""
+    prefix = report_prefix(raw.dataset_hash, directory)
+    if storage.exists(f"{prefix}/{PASSED}"):
+        log.info("data already validated by these suites: %s", storage.uri(f"{prefix}/index.html"))
+        return ValidationRef.from_dict(storage.get_json(f"{prefix}/{PASSED}"))
+
+    suites = {name: load_suite(name, directory) for name in RAW_SUITES}
     splits = load_raw_splits(raw, storage)
     profile = profile_table(splits)
     facts = dataset_facts(profile)
     tables = {"raw_profile": profile, "raw_dataset": facts}
-    suites = {name: load_suite(name, directory) for name in RAW_SUITES}
     context = ephemeral_context()
     validations = {name: run_suite(context, suites[name], tables[name], name) for name in RAW_SUITES}
     outcomes = {name: bool(v.success) for name, v in validations.items()}
@@ -171,11 +193,13 @@ def validate_raw(raw: RawDatasetRef, storage: Storage, directory: Path | None = 
         if key != "split"
     }
 
-    prefix = f"reports/{raw.dataset_hash}"
-    with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
-        profile_path = Path(tmp) / "profile.parquet"
-        profile.to_parquet(profile_path, index=False)
-        profile_uri = storage.put_file(profile_path, f"{prefix}/profile.parquet")
+    profile_key = f"reports/{raw.dataset_hash}/profile.parquet"  # depends on the data only
+    if storage.exists(profile_key):
+        profile_uri = storage.uri(profile_key)
+    else:
+        with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
+            profile.to_parquet(Path(tmp) / "profile.parquet", index=False)
+            profile_uri = storage.put_file(Path(tmp) / "profile.parquet", profile_key)
     for name, validation in validations.items():
         storage.put_bytes(data_docs_html(validation).encode(), f"{prefix}/{name}.html")
     results_uri = storage.put_json({n: v.to_json_dict() for n, v in validations.items()}, f"{prefix}/validation.json")
@@ -192,11 +216,17 @@ def validate_raw(raw: RawDatasetRef, storage: Storage, directory: Path | None = 
         profile_uri=profile_uri,
         suites=outcomes,
         statistics=statistics,
+        report_prefix=prefix,
     )
     storage.put_json(ref.to_dict(), f"{prefix}/{PASSED}")
     return ref
 
 
 def load_validation_ref(storage: Storage, dataset_hash: str) -> ValidationRef:
-    """The passing validation of a dataset (for CLI subcommands); missing if it never passed."""
-    return ValidationRef.from_dict(storage.get_json(f"reports/{dataset_hash}/{PASSED}"))
+    """The passing validation of a dataset by the current suites (for CLI subcommands)."""
+    key = f"{report_prefix(dataset_hash)}/{PASSED}"
+    if not storage.exists(key):
+        raise ReferenceNotFoundError(
+            f"dataset {dataset_hash}", "a validation passed with the current suites", "none; run 'pipeline validate'"
+        )
+    return ValidationRef.from_dict(storage.get_json(key))

@@ -25,6 +25,7 @@ def refuse(*args, **kwargs):
     raise OSError("network and database access is not allowed while parsing a DAG")
 import airflow.sdk  # the SDK itself is allowed to load
 socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 sqlite3.connect = refuse
 before = set(sys.modules)

@@ -57,7 +57,7 @@ def test_two_runs_register_one_candidate_and_download_once(training_dag, small_d
     run = client.get_run(candidate.run_id)
     assert run.data.tags["airflow.dag_id"] == "training_pipeline"
     assert run.data.tags["airflow.run_id"] == first.run_id
-    assert 0 < run.data.metrics["test_accuracy"] <= 1
+    assert run.data.metrics["test_accuracy"] > 0.5  # one epoch on 1,800 images; chance is 0.1
 
 
 def test_force_param_retrains_on_purpose(training_dag, small_dataset, settings):

@@ -105,7 +105,7 @@ def test_s3_unreachable_endpoint_fails_with_its_name(s3_env, storage, monkeypatc
         acquire(AcquireConfig(source_uri="s3://bucket/fashion"), storage)
 
 
-def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path):
+def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path, monkeypatch):
     import boto3
 
     bucket = f"store-{uuid.uuid4().hex[:8]}"
@@ -116,5 +116,17 @@ def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path):
     assert {f"pipeline/raw/{ref.dataset_hash}/{name}" for name in IDX_FILES.values()} <= keys
     assert f"pipeline/raw/{ref.dataset_hash}/MANIFEST.json" in keys
     assert ref.uri == f"s3://{bucket}/pipeline/raw/{ref.dataset_hash}"
+
+    from botocore.client import BaseClient
+
+    calls: list[str] = []
+    original = BaseClient._make_api_call
+
+    def spy(self, operation, params):
+        calls.append(operation)
+        return original(self, operation, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
     again = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-    assert again.fetched == []
+    assert again.fetched == [] and again.dataset_hash == ref.dataset_hash
+    assert not {"PutObject", "CreateMultipartUpload", "UploadPart"} & set(calls), calls

@@ -30,11 +30,12 @@ def test_run_with_s3_source_and_s3_storage(s3_env, small_dataset, pipeline_home,
     digest, processed = result["acquire"]["dataset_hash"], result["preprocess"]["processed_hash"]
     run_id = result["train"]["run_id"]
     assert f"store/raw/{digest}/MANIFEST.json" in keys
-    assert f"store/reports/{digest}/index.html" in keys and f"store/reports/{digest}/profile.parquet" in keys
+    report = result["validate"]["report_prefix"]
+    assert f"store/{report}/index.html" in keys and f"store/reports/{digest}/profile.parquet" in keys
     assert f"store/processed/{processed}/train.npz" in keys
     assert f"store/checkpoints/{run_id}/best.ckpt" in keys
     version = tracking_client(settings).get_model_version_by_alias(settings.model_name, "candidate")
-    assert version.run_id == run_id and version.tags["data_report"] == f"s3://{bucket}/store/reports/{digest}/index.html"
+    assert version.run_id == run_id and version.tags["data_report"] == f"s3://{bucket}/store/{report}/index.html"
 
     again = run_pipeline(config, settings)
     assert again["acquire"]["fetched"] == [] and again["train"]["reused"] and not again["register"]["created"]

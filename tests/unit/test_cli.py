@@ -6,7 +6,7 @@ import json
 
 import pytest
 from defects import DEFECTS, broken_copy
-from services import run_cli
+from services import free_port, run_cli
 
 from pipeline.cli import build_parser, main
 
@@ -51,8 +51,27 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(defect, small_datase
 
 
 def test_unreachable_source_exits_2(pipeline_home, capsys):
-    assert main(["acquire", "--source", "http://127.0.0.1:9/fashion"]) == 2
-    assert "expected a reachable HTTP server" in capsys.readouterr().err
+    dead = f"http://127.0.0.1:{free_port()}/fashion"
+    assert main(["acquire", "--source", dead]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{dead}/train-images-idx3-ubyte.gz: expected a reachable HTTP server" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["validate", "--dataset", "0123456789abcdef"], "--dataset: expected a dataset hash under"),
+        (["preprocess", "--dataset", "0123456789abcdef"], "--dataset: expected a dataset hash under"),
+        (["train", "--processed", "feedfacefeedface"], "--processed: expected a processed hash under"),
+        (["evaluate", "--run-id", "nosuchrun"], "--run-id: expected a run in sqlite:///"),
+        (["summary"], "model fashion-mnist-classifier: expected a version with alias 'candidate'"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_unknown_references_exit_2_naming_the_flag(argv, message, pipeline_home, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}")
 
 
 def test_internal_error_exits_1(pipeline_home, capsys, monkeypatch):

@@ -50,9 +50,11 @@ def test_empty_source_falls_back_to_the_settings():
     ("params", "message"),
     [
         ({"architecture": "resnet999"}, "architecture: expected one of ['simple_cnn', 'seed_cnn'], found 'resnet999'"),
-        ({"epochs": 0}, "epochs: expected a value in [1, 500], found 0"),
-        ({"learning_rate": -1}, "learning_rate: expected a value in [1e-07, 10.0], found -1.0"),
-        ({"batch_size": "many"}, "params: expected numbers where numbers are due"),
+        ({"epochs": 0}, "epochs: expected a value in [1, 200], found 0"),
+        ({"learning_rate": -1}, "learning_rate: expected a value in [1e-07, 1.0], found -1.0"),
+        ({"batch_size": "many"}, "batch_size: expected an integer, found 'many'"),
+        ({"force": "yes"}, "force: expected true or false, found 'yes'"),
+        ({"expected_sha256": "abc"}, 'expected_sha256: expected {"file name": "sha256"}, found \'abc\''),
     ],
 )
 def test_bad_params_name_the_field(params, message):

@@ -22,15 +22,36 @@ def test_real_subset_passes_and_leaves_a_report(small_dataset, storage):
     ref = validate_raw(acquired(small_dataset, storage), storage)
     assert ref.suites == {"raw_profile": True, "raw_dataset": True}
     assert ref.statistics["train_n_samples"] == 2000 and ref.statistics["test_n_samples"] == 500
-    report = storage.local_path(f"reports/{ref.dataset_hash}/raw_profile.html").read_text()
-    assert "expect_column_values_to_be_between" in report or "pixel_max" in report
-    results = json.loads(storage.local_path(f"reports/{ref.dataset_hash}/validation.json").read_text())
+    assert ref.report_prefix.startswith(f"reports/{ref.dataset_hash}/suites-")
+    report = storage.local_path(f"{ref.report_prefix}/raw_profile.html").read_text()
+    assert "pixel_max" in report and "bbox_height" in report  # GX Data Docs lists every expectation
+    results = json.loads(storage.local_path(f"{ref.report_prefix}/validation.json").read_text())
     assert results["raw_profile"]["success"] is True
+    assert len(results["raw_profile"]["results"]) == len(load_suite("raw_profile").expectations)
     import pandas as pd
 
     profile = pd.read_parquet(ref.profile_uri)
     assert len(profile) == 2500 and profile["content_hash"].nunique() == 2500
     assert load_validation_ref(storage, ref.dataset_hash) == ref
+
+
+def test_same_data_and_suites_are_checked_once_and_a_suite_change_checks_again(small_dataset, storage, tmp_path):
+    raw = acquired(small_dataset, storage)
+    first = validate_raw(raw, storage)
+    passed = storage.local_path(f"{first.report_prefix}/passed.json")
+    mtime = passed.stat().st_mtime_ns
+    assert validate_raw(raw, storage) == first and passed.stat().st_mtime_ns == mtime
+
+    changed = tmp_path / "suites"
+    changed.mkdir()
+    for name in ("raw_profile", "raw_dataset"):
+        (changed / f"{name}.json").write_text((suites_dir() / f"{name}.json").read_text())
+    spec = json.loads((changed / "raw_dataset.json").read_text())
+    spec["expectations"][0]["kwargs"]["min_value"] = 100_000  # now the small subset is too small
+    (changed / "raw_dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DataValidationError, match="n_samples"):
+        validate_raw(raw, storage, changed)
+    assert validate_raw(raw, storage) == first  # the old suites' verdict is untouched
 
 
 def test_blank_images_stop_the_gate_naming_suite_expectation_and_file(tmp_path, small_splits, storage):
