@@ -14,7 +14,8 @@ the `pipeline` package (which runs the same chain without Airflow as `pipeline r
 * **evaluate**: test accuracy, per-class precision/recall/F1, confusion matrix in the run.
 * **register**: the model in the MLflow registry with lineage tags and alias `candidate`.
 
-Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
+Runs weekly, and whenever `drift_monitor` reports drift in new data (asset
+`fashion-mnist-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
 retrain on purpose. Bad input fails at once (no retries); an unreachable source is retried with
 exponential backoff.
 """
@@ -24,7 +25,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    ExceptionRetryPolicy,
+    Param,
+    RetryAction,
+    RetryRule,
+    dag,
+    task,
+)
+
+# Updated by the drift_monitor DAG when new data has drifted: retraining starts without a person.
+DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")
 
 # Bad data or config cannot be fixed by retrying; an unreachable source may come back. Rules
 # name exceptions as strings so that nothing from `pipeline` is imported while parsing.
@@ -41,7 +55,9 @@ RETRY_POLICY = ExceptionRetryPolicy(
 
 
 @dag(
-    schedule="@weekly",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("@weekly", timezone="UTC"), assets=[DRIFT_DETECTED]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

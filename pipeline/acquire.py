@@ -79,7 +79,7 @@ class _Gunzip:
             raise CorruptFileError(self.where, "a complete gzip stream", f"truncated after {size} bytes")
 
 
-def _fetch(source: Source, name: str, dest: Path) -> dict[str, Any]:
+def fetch_file(source: Source, name: str, dest: Path) -> dict[str, Any]:
     """Stream one file to ``dest``; return its size and both digests."""
     from tqdm import tqdm
 
@@ -140,7 +140,7 @@ def acquire(config: AcquireConfig, storage: Storage) -> RawDatasetRef:
     with tempfile.TemporaryDirectory(prefix="acquire-") as staging:
         files = {}
         for name in names:
-            files[name] = _fetch(source, name, Path(staging) / name)
+            files[name] = fetch_file(source, name, Path(staging) / name)
             _verify(config, source, name, files[name])
             log.info("fetched %s: %d bytes, sha256 %s", source.file_uri(name), files[name]["size"], files[name]["sha256"])
         digest = dataset_hash({name: info["content_sha256"] for name, info in files.items()})

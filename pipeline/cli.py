@@ -109,6 +109,12 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
     return register(trained, evaluation, validation, processed, storage, settings).to_dict()
 
 
+def cmd_monitor(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.tasks import check_drift
+
+    return check_drift({"batch_uri": args.batch})
+
+
 def cmd_summary(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.summary import model_summary
 
@@ -120,6 +126,11 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         from pipeline.summary import format_summary
 
         print(format_summary(result))
+        return
+    if command == "monitor":
+        verdict = "DRIFT: " + "; ".join(result["reasons"]) if result["drifted"] else "no drift"
+        print(f"{verdict}\nreport: {result['report_uri']}\nagainst {result['model_name']} "
+              f"v{result['model_version']} ({result['model_alias']}); MLflow run {result['run_id']}")
         return
     if command == "run":
         from pipeline.summary import format_run
@@ -182,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
     p = add("register", cmd_register, "register a run's model and set the alias 'candidate'")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
+    p = add("monitor", cmd_monitor, "check a batch of new images for drift against the production (else "
+            "candidate) model's data; writes a drift report")
+    p.add_argument("--batch", help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "
+                   "optionally labels-idx1-ubyte.gz (default: $PIPELINE_INCOMING_URI or <home>/new-data)")
     p = add("summary", cmd_summary, "show a registered version (by alias), its metrics and how to open the UIs")
     p.add_argument("--alias", default="candidate", help="registry alias to show (candidate)")
     return parser

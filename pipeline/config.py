@@ -74,6 +74,10 @@ class Settings:
     """``PIPELINE_SOURCE_URI``: the default dataset source (folder, ``file://``, ``http(s)://``
     prefix or ``s3://`` prefix)."""
 
+    incoming_uri: str = ""
+    """``PIPELINE_INCOMING_URI``: where new images arrive for drift monitoring (default
+    ``<home>/new-data``): ``images-idx3-ubyte.gz`` and, optionally, ``labels-idx1-ubyte.gz``."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -86,6 +90,7 @@ class Settings:
             model_name=env.get("PIPELINE_MODEL_NAME") or cls.model_name,
             experiment_name=env.get("PIPELINE_EXPERIMENT") or cls.experiment_name,
             source_uri=env.get("PIPELINE_SOURCE_URI") or cls.source_uri,
+            incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
         )
 
 

@@ -27,8 +27,8 @@ DATA_REPORT = "data_report"
 MODEL_DESCRIPTION = (
     "Fashion-MNIST image classifier trained by the training_pipeline DAG. Input: float32 pixels in "
     "[0, 1], shape (n, 1, 28, 28). Output: probabilities of the 10 classes (T-shirt/top, Trouser, "
-    "Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot). Loading needs the "
-    "fashion-pipeline package (pipeline.models.ServingModel). Aliases: candidate (newest "
+    "Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot). Saved as a torch.export "
+    "program (pt2): loading needs torch only and runs no pickled code. Aliases: candidate (newest "
     "registered), staging, production."
 )
 
@@ -55,6 +55,8 @@ def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: St
             # Stated rather than inferred: inference loads the model in a subprocess (slow).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
             registered_model_name=name,
+            # A torch.export program: loading runs no pickled code and needs torch, not this package.
+            serialization_format="pt2",
         )
     return str(info.registered_model_version)
 

@@ -87,3 +87,12 @@ def register(
         settings,
     )
     return version.to_dict()
+
+
+def check_drift(params: Params | None) -> dict[str, Any]:
+    """The drift monitor's one stage; ``params["batch_uri"]`` defaults to the incoming folder."""
+    from pipeline.monitor import monitor
+
+    settings, storage, _ = _context({})
+    batch_uri = (params or {}).get("batch_uri") or settings.incoming_uri
+    return monitor(batch_uri, storage, settings).to_dict()

@@ -29,15 +29,16 @@ def tracking_client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=settings.tracking_uri)
 
 
-def experiment_id(client: Any, settings: Settings) -> str:
-    """The experiment of the training DAG, created on first use."""
-    experiment = client.get_experiment_by_name(settings.experiment_name)
+def experiment_id(client: Any, settings: Settings, name: str | None = None) -> str:
+    """An experiment (default: the training DAG's), created on first use."""
+    name = name or settings.experiment_name
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     # A tracking server chooses its own artifact root; a database store needs one from us.
     server = urlparse(settings.tracking_uri).scheme in ("http", "https")
-    location = None if server else f"{settings.artifact_root.rstrip('/')}/{settings.experiment_name}"
-    return client.create_experiment(settings.experiment_name, artifact_location=location)
+    location = None if server else f"{settings.artifact_root.rstrip('/')}/{name}"
+    return client.create_experiment(name, artifact_location=location)
 
 
 def find_finished_run(client: Any, experiment: str, tags: dict[str, str]) -> Any | None:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,11 @@ def _found_text(result: dict[str, Any], table: pd.DataFrame) -> str:
     return f"observed {result.get('observed_value')}"
 
 
-def failure_error(suite_name: str, validation: Any, table: pd.DataFrame) -> DataValidationError:
-    """The typed error for the first failed expectation of a validation result."""
+def failure_error(
+    suite_name: str, validation: Any, table: pd.DataFrame, files: Mapping[str, str] = IDX_FILES
+) -> DataValidationError:
+    """The typed error for the first failed expectation of a validation result; ``files`` maps
+    ``<split>_images`` and ``<split>_labels`` to the file names the message names."""
     failed = next(r for r in validation.results if not r.success)
     kwargs = dict(failed.expectation_config.kwargs)
     column = kwargs.get("column")
@@ -109,7 +113,7 @@ def failure_error(suite_name: str, validation: Any, table: pd.DataFrame) -> Data
         bad = table.loc[~_row_passes(table[column], kwargs)]
         if "index" in table.columns:  # one row per image: name the files that hold them
             kind = "labels" if column == "label" else "images"
-            found += " in " + ", ".join(IDX_FILES[f"{s}_{kind}"] for s in sorted(set(bad["split"])))
+            found += " in " + ", ".join(files[f"{s}_{kind}"] for s in sorted(set(bad["split"])))
         else:  # one row per split: show each offending split's value
             found = ", ".join(f"split {s}: {column}={float(v):.4g}" for s, v in zip(bad["split"], bad[column], strict=True))
     others = sum(1 for r in validation.results if not r.success) - 1

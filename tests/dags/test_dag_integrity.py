@@ -77,7 +77,8 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("register").upstream_task_ids == {"validate", "preprocess", "train", "evaluate"}
-    assert dag.timetable.expression == "0 0 * * 0"  # @weekly
+    assert dag.timetable.timetable.expression == "0 0 * * 0"  # weekly, and on the drift asset:
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["fashion-mnist-drift-detected"]
     assert dag.catchup is False
     params = dag.params.dump()
     assert {"source_uri", "epochs", "batch_size", "learning_rate", "sample_cap", "force"} <= set(params)
@@ -110,3 +111,11 @@ def test_airflow_lint_rules_pass_on_dags():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "AIR", str(ROOT / "dags")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_drift_monitor_updates_the_asset_training_waits_for(dagbag):
+    monitor, training = dagbag.get_dag("drift_monitor"), dagbag.get_dag("training_pipeline")
+    assert [t.task_id for t in monitor.topological_sort()] == ["check_drift", "drift_found", "request_retraining"]
+    outlets = monitor.get_task("request_retraining").outlets
+    assert [a.name for a in outlets] == [a.name for a in training.timetable.asset_condition.objects]
+    assert monitor.timetable.expression == "0 0 * * *"  # daily

@@ -10,7 +10,7 @@ from services import free_port, run_cli
 
 from pipeline.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "summary"]
+SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "monitor", "summary"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]], ids=lambda c: " ".join(c) or "pipeline")
@@ -91,3 +91,24 @@ def test_console_script_reports_bad_input_in_one_line(small_dataset, tmp_path, p
     out = run_cli("run", "--source", str(folder))
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()] and "labels in 0..9" in out.stderr
+
+
+def test_monitor_on_broken_new_data_exits_2_naming_the_file(tmp_path, pipeline_home, capsys):
+    import numpy as np
+
+    from pipeline.idx import write_idx
+
+    (tmp_path / "batch").mkdir()
+    write_idx(np.zeros((200, 28, 28), dtype=np.uint8), tmp_path / "batch" / "images-idx3-ubyte.gz")
+    assert main(["monitor", "--batch", str(tmp_path / "batch")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "suite incoming_profile" in err and "batch/images-idx3-ubyte.gz" in err
+
+
+def test_monitor_without_a_model_exits_2(small_dataset, tmp_path, pipeline_home, capsys, real_splits):
+    from pipeline.idx import write_idx
+
+    (tmp_path / "batch").mkdir()
+    write_idx(real_splits["t10k"][0][:300], tmp_path / "batch" / "images-idx3-ubyte.gz")
+    assert main(["monitor", "--batch", str(tmp_path / "batch")]) == 2
+    assert "expected a version with alias production or candidate, found none" in capsys.readouterr().err

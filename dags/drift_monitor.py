@@ -1,0 +1,78 @@
+"""
+### Drift monitor: does new data still look like what the model learned from?
+
+Daily, and on demand with a batch URI: `check_drift` fetches the batch (`images-idx3-ubyte.gz`,
+optional `labels-idx1-ubyte.gz`), stops on broken data (suite `incoming_profile`), and measures
+drift against the `production` model's training data (the latest `candidate` while nothing is
+in production): profile features (PSI, KS), labels, and the model's own outputs. The drift
+report's path is in the task log and in an MLflow run of experiment `drift_monitor`.
+
+Drift found: `request_retraining` updates the asset `fashion-mnist-drift-detected`, on which
+`training_pipeline` is scheduled, so retraining starts without a person. No drift: the run ends
+green, the log says so, and `request_retraining` is skipped.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+
+DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")  # training_pipeline is scheduled on it
+
+RETRY_POLICY = ExceptionRetryPolicy(
+    rules=[
+        RetryRule(exception="pipeline.errors.SourceUnavailableError", action=RetryAction.RETRY),
+        RetryRule(exception="pipeline.errors.BadInputError", action=RetryAction.FAIL, reason="bad input"),
+    ],
+)
+
+
+@dag(
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["monitoring", "drift", "fashion-mnist"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+        "retry_policy": RETRY_POLICY,
+    },
+    params={
+        "batch_uri": Param(
+            None,
+            type=["null", "string"],
+            title="New data",
+            description="Folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz (and optionally "
+            "labels-idx1-ubyte.gz). Empty: $PIPELINE_INCOMING_URI, else <pipeline home>/new-data.",
+        ),
+    },
+)
+def drift_monitor():
+    @task
+    def check_drift(params=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.check_drift(params)
+
+    @task.short_circuit
+    def drift_found(result: dict) -> bool:
+        return result["drifted"]
+
+    @task(outlets=[DRIFT_DETECTED])
+    def request_retraining(result: dict, outlet_events=None) -> dict:
+        keys = ("batch_hash", "reasons", "report_uri", "model_version")
+        outlet_events[DRIFT_DETECTED].extra = {k: result[k] for k in keys}
+        return result
+
+    result = check_drift()
+    drift_found(result) >> request_retraining(result)
+
+
+drift_monitor()
