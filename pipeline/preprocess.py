@@ -2,7 +2,9 @@
 
 Drops exact duplicate training images and training images that also occur in the test set
 (leakage), optionally caps the sample for quick runs, holds out a stratified validation split,
-and computes the normalisation statistics of the training split. The result is stored under
+and computes the normalisation statistics of the training split. The ``processed_splits`` suite
+checks the splits (every class in each, no duplicates, no image in two splits) before anything
+is written. The result is stored under
 ``processed/<processed_hash>/`` where the hash covers the raw dataset's hash and the
 preprocessing config, so the same inputs are processed once. Arrays stay uint8 (normalised on
 the fly in training); ``MANIFEST.json`` is written last.
@@ -63,6 +65,23 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return rng.permutation(keep), held_out
 
 
+def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The ``processed_splits`` suite on the splits about to be written; raises if it fails."""
+    import pandas as pd
+
+    from pipeline.profile import dataset_facts
+    from pipeline.validate import ephemeral_context, failure_error, load_suite, run_suite
+
+    table = pd.concat(
+        pd.DataFrame({"split": split, "label": labels.astype(np.int64), "content_hash": image_hashes(images)})
+        for split, (images, labels) in arrays.items()
+    )
+    facts = dataset_facts(table)
+    result = run_suite(ephemeral_context(), load_suite("processed_splits"), facts, "processed_splits")
+    if not result.success:
+        raise failure_error("processed_splits", result, facts)
+
+
 def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -> ProcessedDatasetRef:
     """Build (or reuse) the train/val/test splits of ``raw``."""
     digest = processed_hash(raw.dataset_hash, config)
@@ -94,6 +113,7 @@ def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -
         "val": (x_train[val_idx], y_train[val_idx]),
         "test": (x_test, y_test),
     }
+    check_splits(arrays)
     pixels = arrays["train"][0].astype(np.float64) / 255.0
     ref = ProcessedDatasetRef(
         processed_hash=digest,

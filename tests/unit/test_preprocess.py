@@ -65,3 +65,18 @@ def test_config_errors_name_the_field():
         PreprocessConfig(val_fraction=0.9)
     with pytest.raises(ConfigError, match="sample_cap: expected an integer >= 100 or None, found 5"):
         PreprocessConfig(sample_cap=5)
+
+
+def test_split_check_refuses_an_image_in_two_splits_and_a_missing_class(raw, storage):
+    """The guard preprocess runs before writing: what a bug in splitting would produce is refused."""
+    from pipeline.errors import DataValidationError
+    from pipeline.preprocess import check_splits
+
+    ref = preprocess(raw, storage, PreprocessConfig())
+    train, val, test = (load_split(ref, storage, s) for s in ("train", "val", "test"))
+    leaked_val = (np.concatenate([val[0], test[0][:5]]), np.concatenate([val[1], test[1][:5]]))
+    with pytest.raises(DataValidationError, match=r"suite processed_splits, .*\(overlap_fraction\): .*split val"):
+        check_splits({"train": train, "val": leaked_val, "test": test})
+    no_bags = (train[0][train[1] != 8], train[1][train[1] != 8])
+    with pytest.raises(DataValidationError, match=r"\(n_classes\): expected n_classes in \[10, 10\], found split train: n_classes=9"):
+        check_splits({"train": no_bags, "val": val, "test": test})
