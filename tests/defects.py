@@ -145,6 +145,16 @@ def leak_test_into_train(folder: Path) -> None:
     _rewrite_split(folder, lambda x, y: (np.concatenate([x, test_x[:100]]), np.concatenate([y, test_y[:100]])))
 
 
+def near_duplicate_leak(folder: Path) -> None:
+    """Test images copied into train with +-8 grey levels of noise: exact hashes miss them."""
+    from pipeline.idx import read_split
+
+    test_x, test_y = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
+    noise = np.random.default_rng(0).integers(-8, 9, test_x[:100].shape)
+    copies = np.clip(test_x[:100].astype(int) + noise, 0, 255).astype(np.uint8)
+    _rewrite_split(folder, lambda x, y: (np.concatenate([x, copies]), np.concatenate([y, test_y[:100]])))
+
+
 @dataclass(frozen=True)
 class Defect:
     name: str
@@ -177,6 +187,7 @@ DEFECTS = [
     Defect("one_class_dominates", one_class_dominates, "validate", ("raw_dataset", "class_fraction", "split train")),
     Defect("duplicated_rows", duplicated_rows, "validate", ("raw_dataset", "duplicate_fraction", "split train")),
     Defect("test_copied_into_train", leak_test_into_train, "validate", ("raw_dataset", "overlap_fraction")),
+    Defect("near_duplicate_leak", near_duplicate_leak, "validate", ("raw_dataset", "near_overlap_fraction")),
 ]
 
 

@@ -84,8 +84,19 @@ def test_test_images_copied_into_train_are_leakage(tmp_path, small_splits, stora
         validate_raw(acquired(folder, storage), storage)
 
 
+def test_near_duplicates_of_the_real_files_are_few_and_noisy_copies_are_all_found(real_splits):
+    from pipeline.profile import near_duplicates
+
+    (x, _), (xt, _) = real_splits["train"], real_splits["t10k"]
+    _, in_test = near_duplicates(x[:20000], xt)
+    assert in_test.mean() < 0.005  # the real files: 9 of 10,000 against all 60,000
+    copies = np.clip(xt[:300].astype(int) + np.random.default_rng(0).integers(-8, 9, (300, 28, 28)), 0, 255)
+    found, _ = near_duplicates(copies.astype(np.uint8), xt)
+    assert found.all()
+
+
 def test_suites_are_the_reviewed_json_files():
-    for name in ("raw_profile", "raw_dataset"):
+    for name in ("raw_profile", "raw_dataset", "incoming_profile", "processed_splits"):
         spec = json.loads((suites_dir() / f"{name}.json").read_text())
         assert len(load_suite(name).expectations) == len(spec["expectations"]) > 0
 
