@@ -57,6 +57,21 @@ def test_http_unreachable_and_missing(http_server, storage):
     assert not storage.exists("raw")
 
 
+def record_s3_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name of every S3 API call boto3 makes, in order."""
+    from botocore.client import BaseClient
+
+    calls: list[str] = []
+    original = BaseClient._make_api_call
+
+    def spy(self, operation, params):
+        calls.append(operation)
+        return original(self, operation, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
+    return calls
+
+
 @pytest.fixture
 def s3_dataset(s3_env, small_dataset) -> str:
     import boto3
@@ -76,16 +91,7 @@ def test_s3_fetches_once(s3_dataset, small_dataset, storage, monkeypatch):
         small_dataset / TRAIN_IMAGES
     ).read_bytes()
 
-    from botocore.client import BaseClient
-
-    calls: list[str] = []
-    original = BaseClient._make_api_call
-
-    def spy(self, operation, params):
-        calls.append(operation)
-        return original(self, operation, params)
-
-    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
+    calls = record_s3_calls(monkeypatch)
     second = acquire(AcquireConfig(source_uri=s3_dataset), storage)
     assert second.fetched == [] and set(calls) == {"HeadObject"}
 
@@ -117,16 +123,7 @@ def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path, monkeypatch):
     assert f"pipeline/raw/{ref.dataset_hash}/MANIFEST.json" in keys
     assert ref.uri == f"s3://{bucket}/pipeline/raw/{ref.dataset_hash}"
 
-    from botocore.client import BaseClient
-
-    calls: list[str] = []
-    original = BaseClient._make_api_call
-
-    def spy(self, operation, params):
-        calls.append(operation)
-        return original(self, operation, params)
-
-    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
+    calls = record_s3_calls(monkeypatch)
     again = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
     assert again.fetched == [] and again.dataset_hash == ref.dataset_hash
     assert not {"PutObject", "CreateMultipartUpload", "UploadPart"} & set(calls), calls
