@@ -26,7 +26,7 @@ import pandas as pd
 from pipeline.acquire import load_raw_splits
 from pipeline.config import IDX_FILES, project_root
 from pipeline.errors import ConfigError, DataValidationError, ReferenceNotFoundError
-from pipeline.profile import dataset_facts, near_duplicates, profile_table
+from pipeline.profile import dataset_facts, near_duplicate_fraction, near_duplicates, profile_table
 from pipeline.refs import RawDatasetRef, ValidationRef
 from pipeline.storage import Storage
 
@@ -185,8 +185,12 @@ def validate_raw(raw: RawDatasetRef, storage: Storage, directory: Path | None = 
     suites = {name: load_suite(name, directory) for name in RAW_SUITES}
     splits = load_raw_splits(raw, storage)
     profile = profile_table(splits)
-    near_train, near_test = near_duplicates(splits["train"][0], splits["test"][0])
-    facts = dataset_facts(profile, near={"train": near_train, "test": near_test})
+    near = dict(zip(("train", "test"), near_duplicates(splits["train"][0], splits["test"][0]), strict=True))
+    facts = dataset_facts(profile, extra={
+        split: {"near_overlap_fraction": float(near[split].mean()),
+                "near_duplicate_fraction": near_duplicate_fraction(splits[split][0])}
+        for split in ("train", "test")
+    })
     tables = {"raw_profile": profile, "raw_dataset": facts}
     context = ephemeral_context()
     validations = {name: run_suite(context, suites[name], tables[name], name) for name in RAW_SUITES}

@@ -155,6 +155,16 @@ def near_duplicate_leak(folder: Path) -> None:
     _rewrite_split(folder, lambda x, y: (np.concatenate([x, copies]), np.concatenate([y, test_y[:100]])))
 
 
+def near_duplicated_rows(folder: Path) -> None:
+    """200 training images exported again with +-8 grey levels of noise: exact hashes miss them."""
+    def add_copies(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        noise = np.random.default_rng(1).integers(-8, 9, x[:200].shape)
+        copies = np.clip(x[:200].astype(int) + noise, 0, 255).astype(np.uint8)
+        return np.concatenate([x, copies]), np.concatenate([y, y[:200]])
+
+    _rewrite_split(folder, add_copies)
+
+
 @dataclass(frozen=True)
 class Defect:
     name: str
@@ -188,6 +198,7 @@ DEFECTS = [
     Defect("duplicated_rows", duplicated_rows, "validate", ("raw_dataset", "duplicate_fraction", "split train")),
     Defect("test_copied_into_train", leak_test_into_train, "validate", ("raw_dataset", "overlap_fraction")),
     Defect("near_duplicate_leak", near_duplicate_leak, "validate", ("raw_dataset", "near_overlap_fraction")),
+    Defect("near_duplicated_rows", near_duplicated_rows, "validate", ("raw_dataset", "near_duplicate_fraction")),
 ]
 
 
