@@ -49,12 +49,18 @@ def _source_key(source_uri: str) -> str:
 
 class _Gunzip:
     """Incremental gunzip that follows every gzip member (as ``gzip.decompress`` does); bytes
-    that do not start with the gzip magic pass through as raw IDX."""
+    that do not start with the gzip magic pass through as raw IDX.
 
-    def __init__(self, where: str) -> None:
-        self.where = where
+    A stream that is broken as served (bad deflate data, or cut short with a matching length)
+    is not a transport error: ``broken`` says so and the caller stores the bytes as they are,
+    so that ``validate``'s strict IDX reader rejects the dataset with the file named, and the
+    raw zone stays a faithful copy of what the source served.
+    """
+
+    def __init__(self) -> None:
         self.inflater: Any = None
         self.compressed: bool | None = None
+        self.broken = False
 
     def feed(self, block: bytes) -> bytes:
         if self.compressed is None:
@@ -62,30 +68,36 @@ class _Gunzip:
         if not self.compressed:
             return block
         out = []
-        while block:
+        while block and not self.broken:
             if self.inflater is None:
                 self.inflater = zlib.decompressobj(31)
             try:
                 out.append(self.inflater.decompress(block))
-            except zlib.error as exc:
-                raise CorruptFileError(self.where, "a valid gzip stream", str(exc)) from exc
+            except zlib.error:
+                self.broken = True
+                break
             if not self.inflater.eof:
                 break
             block, self.inflater = self.inflater.unused_data, None  # the next member, if any
         return b"".join(out)
 
-    def finish(self, size: int) -> None:
+    def finish(self) -> None:
         if self.inflater is not None and not self.inflater.eof:
-            raise CorruptFileError(self.where, "a complete gzip stream", f"truncated after {size} bytes")
+            self.broken = True
 
 
 def fetch_file(source: Source, name: str, dest: Path) -> dict[str, Any]:
-    """Stream one file to ``dest``; return its size and both digests."""
+    """Stream one file to ``dest``; return its size and both digests.
+
+    A transfer cut short (fewer bytes than the source announced) raises; a file that is itself
+    a broken gzip stream is kept, with the content digest taken over its bytes, for
+    ``validate`` to reject.
+    """
     from tqdm import tqdm
 
     chunks, total = source.stream(name)
     file_digest, content_digest = hashlib.sha256(), hashlib.sha256()
-    gunzip = _Gunzip(source.file_uri(name))
+    gunzip = _Gunzip()
     size = 0
     with dest.open("wb") as out, tqdm(
         total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty(), leave=False
@@ -96,9 +108,12 @@ def fetch_file(source: Source, name: str, dest: Path) -> dict[str, Any]:
             content_digest.update(gunzip.feed(block))
             size += len(block)
             bar.update(len(block))
-    gunzip.finish(size)
     if total is not None and size != total:
         raise CorruptFileError(source.file_uri(name), f"{total} bytes", f"{size} bytes")
+    gunzip.finish()
+    if gunzip.broken:
+        log.warning("%s is not a complete gzip stream; storing it as served for validate to judge", source.file_uri(name))
+        return {"size": size, "sha256": file_digest.hexdigest(), "content_sha256": file_digest.hexdigest()}
     return {"size": size, "sha256": file_digest.hexdigest(), "content_sha256": content_digest.hexdigest()}
 
 

@@ -106,6 +106,7 @@ class HttpSource(Source):
 
     def stream(self, name: str) -> tuple[Iterator[bytes], int | None]:
         import requests
+        import urllib3
 
         response = self._request("GET", name, stream=True)
         size = response.headers.get("Content-Length")
@@ -115,7 +116,8 @@ class HttpSource(Source):
             try:
                 # The bytes as stored: a .gz served with Content-Encoding: gzip stays compressed.
                 yield from response.raw.stream(CHUNK, decode_content=False)
-            except (requests.RequestException, OSError) as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                # A connection dropped mid-body (urllib3's ProtocolError, IncompleteRead): retryable.
                 raise SourceUnavailableError(url, "a complete download", type(exc).__name__) from exc
             finally:
                 response.close()

@@ -181,7 +181,7 @@ class Defect:
 
 
 DEFECTS = [
-    Defect("truncated_gzip", truncated_gzip, "acquire", (TRAIN_IMAGES, "complete gzip stream", "truncated")),
+    Defect("truncated_gzip", truncated_gzip, "validate", (TRAIN_IMAGES, "complete gzip stream", "truncated")),
     Defect("wrong_magic", wrong_magic, "validate", (TRAIN_IMAGES, "magic", "0x08080803")),
     Defect("wrong_dimensions", wrong_dimensions, "validate", (TRAIN_IMAGES, "3 dimension(s)", "found 2")),
     Defect("truncated_payload", truncated_payload, "validate", (TRAIN_IMAGES, "payload bytes")),

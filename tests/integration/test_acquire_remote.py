@@ -57,6 +57,28 @@ def test_http_unreachable_and_missing(http_server, storage):
     assert not storage.exists("raw")
 
 
+def test_http_connection_dropped_mid_file_is_a_transport_error(small_dataset, storage):
+    # The server announces the whole length and hangs up halfway: retryable, nothing stored
+    # (unlike a file that is broken as served, which is stored for validate to reject).
+    class HalfServer(RecordingServer):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            handler = self.httpd.RequestHandlerClass
+
+            def copyfile(self, source, outputfile):
+                data = source.read()
+                outputfile.write(data[: len(data) // 2])
+                self.close_connection = True
+
+            handler.copyfile = copyfile
+
+    with HalfServer(small_dataset) as server, pytest.raises(
+        SourceUnavailableError, match=f"{server.url}/.*: expected a complete download, found "
+    ):
+        acquire(AcquireConfig(source_uri=server.url), storage)
+    assert not storage.exists("raw")
+
+
 def record_s3_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on, the name of every S3 API call boto3 makes, in order."""
     from botocore.client import BaseClient

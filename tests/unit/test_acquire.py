@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from defects import DEFECTS, TRAIN_IMAGES, broken_copy
 
-from pipeline.acquire import acquire, dataset_hash
+from pipeline.acquire import acquire, dataset_hash, load_raw_splits
 from pipeline.config import IDX_FILES, AcquireConfig
 from pipeline.errors import ChecksumMismatchError, CorruptFileError, SourceNotFoundError
 
@@ -98,12 +98,18 @@ def test_checksum_is_checked_on_an_unchanged_source_too(small_dataset, storage):
         acquire(AcquireConfig(source_uri=str(small_dataset), expected_sha256={TRAIN_IMAGES: "1" * 64}), storage)
 
 
-def test_truncated_gzip_is_caught_while_fetching(tmp_path, small_dataset, storage):
+def test_a_file_broken_as_served_is_stored_faithfully_for_validate(tmp_path, small_dataset, storage):
+    # Acquire copies what the source serves (the raw zone is a faithful copy); judging the
+    # content is validate's job, so the run stops there with the file named (tests/defects.py).
     defect = next(d for d in DEFECTS if d.name == "truncated_gzip")
     folder = broken_copy(small_dataset, tmp_path / "broken", defect)
-    with pytest.raises(CorruptFileError, match=f"{TRAIN_IMAGES}: expected a complete gzip stream, found truncated"):
-        acquire(AcquireConfig(source_uri=str(folder)), storage)
-    assert not storage.exists("raw")
+    ref = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    served = (folder / TRAIN_IMAGES).read_bytes()
+    stored = Path(storage.uri(f"raw/{ref.dataset_hash}/{TRAIN_IMAGES}"))
+    assert stored.read_bytes() == served
+    assert ref.files[TRAIN_IMAGES]["content_sha256"] == hashlib.sha256(served).hexdigest()
+    with pytest.raises(CorruptFileError, match=f"{TRAIN_IMAGES}: expected a complete gzip stream, found one truncated"):
+        load_raw_splits(ref, storage)
 
 
 def test_missing_folder_and_missing_file(tmp_path, small_dataset, storage):
