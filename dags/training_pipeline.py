@@ -2,7 +2,9 @@
 ### Training pipeline: Fashion-MNIST from its source to a registered `candidate` model
 
 `acquire >> validate >> preprocess >> train >> evaluate >> register`, each task one call into
-the `pipeline` package (which runs the same chain without Airflow as `pipeline run`).
+the `pipeline` package (which runs the same chain without Airflow as `pipeline run`). With the
+Param `tune`, `tune_setup >> tune_trial (one mapped task per candidate) >> tune_choose` picks
+the training config first.
 
 * **acquire**: the four IDX files from a folder, `http(s)://` or `s3://` prefix, checksummed and
   stored under `raw/<hash>/`; an unchanged source is not fetched again.
@@ -10,7 +12,10 @@ the `pipeline` package (which runs the same chain without Airflow as `pipeline r
   dataset-level facts; a failure stops the run and names the suite, expectation and values.
   The data report's path is in the task log.
 * **preprocess**: duplicates and train/test leakage removed, stratified validation split.
-* **train**: PyTorch Lightning, tracked in MLflow (experiment `training_pipeline`).
+* **train**: PyTorch Lightning, tracked in MLflow (experiment `training_pipeline`). Runs on the
+  Celery queue `$PIPELINE_TRAIN_QUEUE` (default `default`; `gpu` on a GPU fleet). Several devices
+  or nodes (`devices`, `num_nodes`, `strategy`) run DDP. Checkpoints go to storage every epoch;
+  a retry resumes the same MLflow run from the last one.
 * **evaluate**: test accuracy, per-class precision/recall/F1, confusion matrix in the run.
 * **register**: the model in the MLflow registry with lineage tags and alias `candidate`.
 
@@ -22,6 +27,7 @@ exponential backoff.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -36,6 +42,10 @@ from airflow.sdk import (
     dag,
     task,
 )
+
+# The Celery queue of the train task: `gpu` on a fleet with GPU workers. Read from the
+# environment at parse time (no database or network).
+TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
 
 # Updated by the drift_monitor DAG when new data has drifted: retraining starts without a person.
 DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")
@@ -79,10 +89,56 @@ RETRY_POLICY = ExceptionRetryPolicy(
             description="Folder, file://, http(s):// or s3:// prefix with the four IDX files. "
             "Empty: $PIPELINE_SOURCE_URI, else /usr/share/datasets/fashion-mnist.",
         ),
-        "epochs": Param(8, type="integer", minimum=1, maximum=200, title="Maximum epochs"),
-        "batch_size": Param(128, type="integer", minimum=8, maximum=8192, title="Batch size"),
-        "learning_rate": Param(0.002, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate (Adam)"),
-        "architecture": Param("simple_cnn", type="string", enum=["simple_cnn", "seed_cnn"], title="Network"),
+        "architecture": Param(
+            "resnet_small",
+            type="string",
+            enum=["resnet_small", "simple_cnn", "seed_cnn"],
+            title="Network",
+            description="resnet_small: compact residual CNN (default); seed_cnn: the original design's baseline.",
+        ),
+        "epochs": Param(15, type="integer", minimum=1, maximum=200, title="Epochs"),
+        "batch_size": Param(128, type="integer", minimum=8, maximum=8192, title="Batch size per device"),
+        "learning_rate": Param(
+            0.004,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Peak learning rate",
+            description="For a global batch of 128 images; scaled linearly with batch size x devices x nodes.",
+        ),
+        "weight_decay": Param(0.0005, type="number", minimum=0, maximum=1, title="Weight decay"),
+        "optimizer": Param("adamw", type="string", enum=["adamw", "adam"], title="Optimizer"),
+        "lr_schedule": Param("onecycle", type="string", enum=["onecycle", "cosine", "constant"], title="LR schedule"),
+        "augment": Param(True, type="boolean", title="Augment (random crop with padding, horizontal flip)"),
+        "early_stopping_patience": Param(
+            0, type="integer", minimum=0, maximum=500, title="Early stopping patience (epochs; 0: off)"
+        ),
+        "accelerator": Param("auto", type="string", enum=["auto", "cpu", "gpu"], title="Accelerator"),
+        "devices": Param("auto", type="string", title="Devices per node", description="auto, a count, or ids like 0,1"),
+        "num_nodes": Param(1, type="integer", minimum=1, maximum=1024, title="Nodes"),
+        "strategy": Param("auto", type="string", enum=["auto", "ddp", "ddp_spawn"], title="Distributed strategy"),
+        "precision": Param(
+            "auto",
+            type="string",
+            enum=["auto", "32-true", "bf16-mixed", "16-mixed"],
+            title="Precision",
+            description="auto: bf16 mixed precision on a GPU that supports it, else 32-bit.",
+        ),
+        "compile": Param(False, type="boolean", title="torch.compile the network"),
+        "num_threads": Param(0, type="integer", minimum=0, maximum=1024, title="CPU threads (0: the CPUs allowed)"),
+        "tune": Param(False, type="boolean", title="Tune first", description="Try candidate configs on a sample "
+                      "(one mapped task each, MLflow child runs) and train with the best."),
+        "tune_space": Param(
+            {"learning_rate": [0.002, 0.004, 0.008], "weight_decay": [0.0001, 0.0005]},
+            type="object",
+            title="Search space",
+            description="{field: [values]} over architecture, batch_size, learning_rate, weight_decay, "
+            "optimizer, lr_schedule, augment.",
+        ),
+        "tune_method": Param("grid", type="string", enum=["grid", "random"], title="Search method"),
+        "tune_trials": Param(4, type="integer", minimum=1, maximum=256, title="Random search: trials"),
+        "tune_sample_cap": Param(6000, type="integer", minimum=100, title="Images per trial"),
+        "tune_epochs": Param(3, type="integer", minimum=1, maximum=200, title="Epochs per trial"),
         "sample_cap": Param(
             None,
             type=["null", "integer"],
@@ -121,10 +177,30 @@ def training_pipeline():
         return tasks.preprocess(params, raw)
 
     @task
-    def train(processed: dict, params=None, dag_run=None) -> dict:
+    def tune_setup(raw: dict, params=None, dag_run=None) -> list:
         from pipeline import tasks
 
-        return tasks.train(params, processed, {"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id})
+        return tasks.tune_setup(params, raw, study=f"{dag_run.dag_id}/{dag_run.run_id}")
+
+    @task(queue=TRAIN_QUEUE)
+    def tune_trial(spec: dict, params=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.tune_trial(params, spec)
+
+    # Also runs when there were no trials (tuning off: the mapped task has nothing to map).
+    @task(trigger_rule="none_failed")
+    def tune_choose(trials=None, params=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.tune_choose(params, list(trials or []))
+
+    @task(queue=TRAIN_QUEUE)
+    def train(processed: dict, overrides: dict, params=None, dag_run=None) -> dict:
+        from pipeline import tasks
+
+        tags = {"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id}
+        return tasks.train(params, processed, tags, overrides)
 
     @task
     def evaluate(trained: dict, processed: dict, params=None) -> dict:
@@ -142,7 +218,10 @@ def training_pipeline():
     validation = validate(raw)
     processed = preprocess(raw)
     validation >> processed
-    trained = train(processed)
+    specs = tune_setup(raw)
+    validation >> specs
+    chosen = tune_choose(tune_trial.expand(spec=specs))
+    trained = train(processed, chosen)
     evaluation = evaluate(trained, processed)
     register(trained, evaluation, validation, processed)
 

@@ -16,23 +16,44 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import ARCHITECTURES, IDX_FILES, AcquireConfig, Settings, run_config_from_params
-from pipeline.errors import BadInputError, ConfigError
+from pipeline.config import (
+    ACCELERATORS,
+    ARCHITECTURES,
+    IDX_FILES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+    AcquireConfig,
+    Settings,
+    TrainConfig,
+    run_config_from_params,
+)
+from pipeline.errors import ConfigError, PipelineError
 
 
-def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
+def _pairs(flag: str, shape: str, values: list[str] | None) -> dict[str, str]:
     pairs = {}
     for item in values or []:
-        name, sep, digest = item.partition("=")
+        name, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError("--sha256", "NAME=HEX", repr(item))
-        pairs[name] = digest
+            raise ConfigError(flag, shape, repr(item))
+        pairs[name] = value
     return pairs
 
 
+def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
+    return _pairs("--sha256", "NAME=HEX", values)
+
+
+#: TrainConfig fields that are CLI flags (and DAG Params) of the same name.
+TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "lr_schedule",
+               "augment", "early_stopping_patience", "accelerator", "devices", "num_nodes", "strategy", "precision",
+               "compile", "num_threads")
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("source_uri", "epochs", "batch_size", "learning_rate", "sample_cap", "architecture", "seed",
-            "val_fraction", "force")
+    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", *TRAIN_FLAGS)
     params = {k: getattr(args, k, None) for k in keys}
     params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
     return params
@@ -79,7 +100,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     storage = storage_for(settings)
     config = run_config_from_params(_params(args), settings)
     processed = load_processed_ref(storage, args.processed)
-    return train(processed, storage, config.train, settings, force=config.force).to_dict()
+    tags = _pairs("--tag", "KEY=VALUE", args.tag)
+    return train(processed, storage, config.train, settings, force=config.force, tags=tags).to_dict()
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -167,10 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="seed of the split and of training (42)")
 
     def train_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--architecture", choices=ARCHITECTURES, help="network (simple_cnn)")
-        p.add_argument("--epochs", type=int, help="maximum epochs (8)")
-        p.add_argument("--batch-size", type=int, help="images per step (128)")
-        p.add_argument("--learning-rate", type=float, help="Adam learning rate (0.002)")
+        d = TrainConfig()
+        p.add_argument("--architecture", choices=ARCHITECTURES, help=f"network ({d.architecture})")
+        p.add_argument("--epochs", type=int, help=f"epochs ({d.epochs})")
+        p.add_argument("--batch-size", type=int, help=f"images per step on each device ({d.batch_size})")
+        p.add_argument("--learning-rate", type=float, help=f"peak learning rate for a global batch of 128 images, "
+                       f"scaled linearly with the global batch ({d.learning_rate})")
+        p.add_argument("--weight-decay", type=float, help=f"weight decay ({d.weight_decay})")
+        p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer ({d.optimizer})")
+        p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
+        p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                       help="random crop with padding and horizontal flip (on)")
+        p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping (0: off)")
+        p.add_argument("--accelerator", choices=ACCELERATORS, help="Lightning accelerator (auto)")
+        p.add_argument("--devices", help="devices per node: auto, a count, or ids like 0,1 (auto)")
+        p.add_argument("--num-nodes", type=int, help="machines in one training (1)")
+        p.add_argument("--strategy", choices=STRATEGIES, help="distributed strategy (auto)")
+        p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU that has it, else 32-true")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network (off)")
+        p.add_argument("--num-threads", type=int, help="CPU threads for torch (0: the CPUs this process may use)")
         p.add_argument("--force", action="store_true", help="train and register again even if this data and "
                        "config were trained before")
 
@@ -189,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processed", required=True, help="processed hash printed by 'pipeline preprocess'")
     train_flags(p)
     p.add_argument("--seed", type=int, help="training seed (42)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag for the MLflow run; repeatable")
     p = add("evaluate", cmd_evaluate, "evaluate a training run on the test split")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
     p = add("register", cmd_register, "register a run's model and set the alias 'candidate'")
@@ -219,13 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         result = args.func(args, Settings.from_env())
-    except BadInputError as exc:
+    except PipelineError as exc:  # bad input (2), an interrupted training (143): one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # an internal error: the traceback is for whoever fixes it
         logging.getLogger("pipeline").exception("internal error")
         print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    from pipeline.train import is_global_rank_zero
+
+    if not is_global_rank_zero():
+        return 0  # a DDP rank Lightning launched: rank 0 reports the result
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     else:

@@ -13,7 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,15 @@ FASHION_MNIST_CLASSES = (
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-ARCHITECTURES = ("simple_cnn", "seed_cnn")
+ARCHITECTURES = ("resnet_small", "simple_cnn", "seed_cnn")
+OPTIMIZERS = ("adamw", "adam")
+ACCELERATORS = ("auto", "cpu", "gpu")
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+#: The batch size at which ``TrainConfig.learning_rate`` is given (linear scaling rule).
+REFERENCE_BATCH = 128
 
 
 def project_root() -> Path:
@@ -154,45 +163,152 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the model is trained. Part of the idempotence key: same data + same config = same run."""
+    """How the model is trained. Part of the idempotence key: same data + same config = same run.
 
-    architecture: str = "simple_cnn"
-    """``simple_cnn`` (two conv blocks with batch norm, the default) or ``seed_cnn`` (the
-    original design: one 3x3 conv with 32 filters, 2x2 max-pool, 128-unit dense layer)."""
+    The defaults are the project's recipe for all of Fashion-MNIST on 2 CPU cores (see
+    docs/BENCHMARKS.md). The original design's recipe is ``architecture="seed_cnn", epochs=10,
+    optimizer="adam", lr_schedule="constant", augment=False, learning_rate=0.001``.
+    """
 
-    epochs: int = 8
-    """Maximum number of epochs; early stopping may end sooner."""
+    architecture: str = "resnet_small"
+    """``resnet_small`` (a compact residual CNN with batch norm, the default), ``simple_cnn`` (two
+    conv blocks with batch norm) or ``seed_cnn`` (the original design: one 3x3 conv with 32
+    filters, 2x2 max-pool, 128-unit dense layer)."""
+
+    epochs: int = 15
+    """Number of epochs (the learning-rate schedule spans them all)."""
 
     batch_size: int = 128
-    """Images per optimizer step."""
+    """Images per optimizer step on each device."""
 
-    learning_rate: float = 2e-3
-    """Adam's learning rate."""
+    learning_rate: float = 4e-3
+    """Peak learning rate for a global batch of 128 images; scaled linearly with the global
+    batch (``batch_size`` x devices x nodes), so a larger batch on a GPU keeps the recipe."""
 
-    weight_decay: float = 1e-4
-    """L2 penalty, as in the original design (Adam's ``weight_decay``)."""
+    weight_decay: float = 5e-4
+    """Decoupled weight decay for ``adamw``, L2 penalty for ``adam``."""
 
-    early_stopping_patience: int = 3
-    """Epochs without validation-loss improvement before training stops."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``adam`` (the original design's)."""
+
+    lr_schedule: str = "onecycle"
+    """``onecycle`` (warm-up, then cosine decay to ~0 over all epochs), ``cosine`` or ``constant``."""
+
+    augment: bool = True
+    """Random crop (zero padding of 2 pixels) and horizontal flip of training images. Both keep
+    the label of every Fashion-MNIST class; vertical flips and rotations would not."""
+
+    early_stopping_patience: int = 0
+    """Epochs without validation-loss improvement before training stops; 0 turns early
+    stopping off (a one-cycle schedule needs its whole run)."""
 
     seed: int = 42
-    """Seed for weights, shuffling and dropout: same seed and config give the same metrics on CPU."""
+    """Seed for weights, shuffling, augmentation and dropout: same seed and config give the
+    same metrics on CPU."""
 
     accelerator: str = "auto"
-    """Lightning accelerator: ``auto`` takes a GPU when there is one."""
+    """Lightning accelerator: ``auto`` takes a GPU when there is one, ``cpu`` forces the CPU."""
+
+    devices: str = "auto"
+    """Lightning ``devices``: ``auto``, a count (``"2"``) or a list of ids (``"0,1"``)."""
+
+    num_nodes: int = 1
+    """Machines taking part in one training (each runs ``devices`` processes)."""
+
+    strategy: str = "auto"
+    """``auto``, ``ddp`` (one process per device; the default for several devices) or
+    ``ddp_spawn``."""
+
+    precision: str = "auto"
+    """``auto`` is bf16 mixed precision on a GPU that supports it, else 32-bit."""
+
+    compile: bool = False
+    """``torch.compile`` the network for training (pays off on a GPU for long runs)."""
+
+    num_threads: int = 0
+    """CPU threads for torch; 0 means the CPUs this process may use (affinity and cgroup
+    quota, so a container limited to 2 CPUs does not start one thread per host core)."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError("architecture", f"one of {list(ARCHITECTURES)}", repr(self.architecture))
+        for name, allowed in (
+            ("architecture", ARCHITECTURES),
+            ("optimizer", OPTIMIZERS),
+            ("accelerator", ACCELERATORS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("strategy", STRATEGIES),
+            ("precision", PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"one of {list(allowed)}", repr(getattr(self, name)))
+        if not re.fullmatch(r"auto|-1|\d+|\d+(,\d+)+", str(self.devices)):
+            raise ConfigError("devices", "auto, a count or a comma-separated list of device ids", repr(self.devices))
         # The same bounds as the DAG's Params, so the CLI accepts what the trigger form accepts.
         _check_range("epochs", self.epochs, 1, 200)
         _check_range("batch_size", self.batch_size, 8, 8192)
         _check_range("learning_rate", self.learning_rate, 1e-7, 1.0)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_range("early_stopping_patience", self.early_stopping_patience, 1, 500)
+        _check_range("early_stopping_patience", self.early_stopping_patience, 0, 500)
+        _check_range("num_nodes", self.num_nodes, 1, 1024)
+        _check_range("num_threads", self.num_threads, 0, 1024)
 
     def fingerprint(self) -> str:
         return _fingerprint(self)
+
+    def trainer_devices(self) -> int | str | list[int]:
+        """``devices`` as Lightning takes it."""
+        if self.devices == "auto":
+            return "auto"
+        if "," in self.devices:
+            return [int(d) for d in self.devices.split(",")]
+        return int(self.devices)
+
+
+#: TrainConfig fields a search may vary: what changes the model, not where or how fast it runs.
+TUNABLE = ("architecture", "batch_size", "learning_rate", "weight_decay", "optimizer", "lr_schedule", "augment")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A hyperparameter search. Off unless ``enabled``."""
+
+    enabled: bool = False
+    """Run the search before the full training (DAG Param ``tune``)."""
+
+    space: dict[str, list[Any]] = field(
+        default_factory=lambda: {"learning_rate": [0.002, 0.004, 0.008], "weight_decay": [0.0001, 0.0005]}
+    )
+    """``{TrainConfig field: [values to try]}``; fields outside :data:`TUNABLE` are refused."""
+
+    method: str = "grid"
+    """``grid`` (every combination) or ``random`` (``trials`` distinct combinations)."""
+
+    trials: int = 4
+    """How many combinations ``random`` draws (``grid`` tries them all)."""
+
+    sample_cap: int = 6000
+    """Training (and test) images per trial, a stratified sample of the processed data."""
+
+    trial_epochs: int = 3
+    """Epochs per trial (the schedule is compressed into them)."""
+
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.method not in ("grid", "random"):
+            raise ConfigError("tune_method", "grid or random", repr(self.method))
+        if not isinstance(self.space, Mapping) or not self.space:
+            raise ConfigError("tune_space", '{"field": [values, ...]} with at least one field', repr(self.space))
+        for name, values in self.space.items():
+            if name not in TUNABLE:
+                raise ConfigError("tune_space", f"fields among {list(TUNABLE)}", repr(name))
+            if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+                raise ConfigError(f"tune_space.{name}", "a non-empty list of values", repr(values))
+        if not 1 <= self.trials <= 256:
+            raise ConfigError("tune_trials", "an integer in [1, 256]", repr(self.trials))
+        if self.sample_cap < 100:
+            raise ConfigError("tune_sample_cap", "an integer >= 100", repr(self.sample_cap))
+        if not 1 <= self.trial_epochs <= 200:
+            raise ConfigError("tune_epochs", "an integer in [1, 200]", repr(self.trial_epochs))
 
 
 @dataclass(frozen=True)
@@ -202,6 +318,7 @@ class RunConfig:
     acquire: AcquireConfig
     preprocess: PreprocessConfig
     train: TrainConfig
+    tune: TuneConfig = field(default_factory=TuneConfig)
     force: bool = False
     """Retrain and register a new version even if this data and config were trained before."""
 
@@ -223,7 +340,7 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
     """Build a :class:`RunConfig` from Airflow Params or CLI flags (missing keys take defaults)."""
     settings = settings or Settings.from_env()
     p = {k: v for k, v in params.items() if v is not None and v != ""}
-    train, prep = TrainConfig(), PreprocessConfig()
+    train, prep, tune = TrainConfig(), PreprocessConfig(), TuneConfig()
     checksums = p.get("expected_sha256") or {}
     if not isinstance(checksums, Mapping):
         raise ConfigError("expected_sha256", '{"file name": "sha256"}', repr(checksums))
@@ -242,7 +359,27 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
             batch_size=_typed(p, "batch_size", int, train.batch_size),
             learning_rate=_typed(p, "learning_rate", float, train.learning_rate),
             weight_decay=_typed(p, "weight_decay", float, train.weight_decay),
+            optimizer=_typed(p, "optimizer", str, train.optimizer),
+            lr_schedule=_typed(p, "lr_schedule", str, train.lr_schedule),
+            augment=_typed(p, "augment", bool, train.augment),
+            early_stopping_patience=_typed(p, "early_stopping_patience", int, train.early_stopping_patience),
             seed=_typed(p, "seed", int, train.seed),
+            accelerator=_typed(p, "accelerator", str, train.accelerator),
+            devices=_typed(p, "devices", str, train.devices),
+            num_nodes=_typed(p, "num_nodes", int, train.num_nodes),
+            strategy=_typed(p, "strategy", str, train.strategy),
+            precision=_typed(p, "precision", str, train.precision),
+            compile=_typed(p, "compile", bool, train.compile),
+            num_threads=_typed(p, "num_threads", int, train.num_threads),
+        ),
+        tune=TuneConfig(
+            enabled=_typed(p, "tune", bool, tune.enabled),
+            space=p.get("tune_space", tune.space),
+            method=_typed(p, "tune_method", str, tune.method),
+            trials=_typed(p, "tune_trials", int, tune.trials),
+            sample_cap=_typed(p, "tune_sample_cap", int, tune.sample_cap),
+            trial_epochs=_typed(p, "tune_epochs", int, tune.trial_epochs),
+            seed=_typed(p, "seed", int, tune.seed),
         ),
         force=_typed(p, "force", bool, False),
     )

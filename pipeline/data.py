@@ -1,14 +1,21 @@
 """The Lightning data module over a processed dataset.
 
 Whole splits are held in memory as uint8 tensors (Fashion-MNIST is 55 MB) and batches are cut
-by indexing, not by collating one sample at a time; the model normalises on the fly.
+by indexing, not by collating one sample at a time; the model normalises and augments on the
+device. So the loader runs in the training process (``num_workers=0``): cutting a batch is a
+single gather, and worker processes would only add a copy through shared memory per batch.
+
+Under DDP each rank trains on its own shard of every epoch (``DistributedSampler``, reshuffled
+per epoch with the run's seed); validation runs on the whole split on every rank, so that
+validation metrics need no gathering and are the same on all ranks.
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from pipeline.preprocess import load_split
 from pipeline.refs import ProcessedDatasetRef
@@ -34,13 +41,39 @@ def split_tensors(ref: ProcessedDatasetRef, storage: Storage, split: str) -> Ten
     return TensorBatches(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype("int64")))
 
 
-def batch_loader(data: TensorBatches, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+class EpochBatches(BatchSampler):
+    """Index batches that Lightning can reseed per epoch: it calls ``set_epoch`` on the
+    loader's sampler, which here is this BatchSampler, so the call is passed on."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+
+def batch_loader(
+    data: TensorBatches,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    ranks: tuple[int, int] = (0, 1),
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of ``data``; ``ranks`` is (this rank, world size) for a sharded training loader.
+
+    Shuffling is a function of (seed, epoch) only, on one process as under DDP, so a training
+    resumed from a checkpoint sees the same order in its remaining epochs as one that ran through.
+    """
+    sampler: Sampler[int]
     if shuffle:
-        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
+        rank, world = ranks
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     else:
         sampler = SequentialSampler(data)
     # batch_size=None: the BatchSampler already yields index lists and the dataset slices them.
-    return DataLoader(data, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+    return DataLoader(
+        data, sampler=EpochBatches(sampler, batch_size, drop_last=False), batch_size=None, pin_memory=pin_memory
+    )
 
 
 class ProcessedDataModule(pl.LightningDataModule):
@@ -57,8 +90,15 @@ class ProcessedDataModule(pl.LightningDataModule):
             if split not in self.splits:
                 self.splits[split] = split_tensors(self.ref, self.storage, split)
 
+    def _pin(self) -> bool:
+        return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+
     def train_dataloader(self) -> DataLoader:
-        return batch_loader(self.splits["train"], self.batch_size, shuffle=True, seed=self.seed)
+        trainer = self.trainer
+        ranks = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return batch_loader(
+            self.splits["train"], self.batch_size, shuffle=True, seed=self.seed, ranks=ranks, pin_memory=self._pin()
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return batch_loader(self.splits["val"], 1024, shuffle=False)
+        return batch_loader(self.splits["val"], 1024, shuffle=False, pin_memory=self._pin())

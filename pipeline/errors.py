@@ -71,3 +71,17 @@ class DataValidationError(BadInputError):
         self.suite = suite
         self.expectation = expectation
         super().__init__(f"suite {suite}, {expectation}", expected, found)
+
+
+class TrainingInterruptedError(PipelineError):
+    """A training stopped on SIGTERM (an Airflow timeout, a task marked failed, a worker shut
+    down) after saving its state; running it again resumes from there."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
+
+    def __init__(self, run_id: str, checkpoint_uri: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"training run {run_id}: interrupted by SIGTERM; state saved to {checkpoint_uri}; "
+            "run it again (an Airflow retry does) to resume"
+        )

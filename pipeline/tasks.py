@@ -51,14 +51,78 @@ def preprocess(params: Params | None, raw: dict[str, Any]) -> dict[str, Any]:
     return stage(RawDatasetRef.from_dict(raw), storage, config.preprocess).to_dict()
 
 
-def train(params: Params | None, processed: dict[str, Any], run_tags: dict[str, str] | None = None) -> dict[str, Any]:
+def tune_setup(params: Params | None, raw: dict[str, Any], study: str) -> list[dict[str, Any]]:
+    """One spec per trial (candidate overrides, the sample, the study's parent run); an empty
+    list when tuning is off, so that the mapped trial task is skipped."""
+    from pipeline import tune
+
+    settings, storage, config = _context(params)
+    if not config.tune.enabled:
+        return []
+    found = tune.candidates(config.tune, config.train)
+    sample = tune.sample_data(RawDatasetRef.from_dict(raw), storage, config.tune, config.preprocess)
+    parent = tune.start_study(settings, study, config.tune, config.train)
+    return [{"overrides": overrides, "parent_run_id": parent, "sample": sample.to_dict()} for overrides in found]
+
+
+def tune_trial(params: Params | None, spec: dict[str, Any]) -> dict[str, Any]:
+    from pipeline import tune
+
+    settings, storage, config = _context(params)
+    sample = ProcessedDatasetRef.from_dict(spec["sample"])
+    result = tune.run_trial(sample, storage, config.train, spec["overrides"], config.tune, settings, spec["parent_run_id"])
+    return {**result, "parent_run_id": spec["parent_run_id"]}
+
+
+def tune_choose(params: Params | None, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The winning overrides for ``train`` ({} when tuning is off)."""
+    from pipeline import tune
+
+    parent = trials[0]["parent_run_id"] if trials else None
+    return tune.choose(trials, Settings.from_env(), parent)
+
+
+def train(
+    params: Params | None,
+    processed: dict[str, Any],
+    run_tags: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train with the run's config, with ``overrides`` (a tuning study's choice) applied."""
+    import dataclasses
+
+    from pipeline.train import needs_launcher, train_command
     from pipeline.train import train as stage
 
     settings, storage, config = _context(params)
+    if overrides:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+    if needs_launcher(config.train):
+        # Lightning's DDP launcher starts the other ranks by re-running this process's command
+        # line, which inside an Airflow worker is the task runner: run `pipeline train` instead.
+        ref = ProcessedDatasetRef.from_dict(processed)
+        command = train_command(ref.processed_hash, config.train, force=config.force, tags=run_tags)
+        return _run_json(command)
     result = stage(
         ProcessedDatasetRef.from_dict(processed), storage, config.train, settings, force=config.force, tags=run_tags
     )
     return result.to_dict()
+
+
+def _run_json(command: list[str]) -> dict[str, Any]:
+    """Run a ``pipeline ... --json`` command; its log goes to this task's log, its result back."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.errors import PipelineError
+
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    if done.returncode != 0:
+        error = PipelineError(f"{' '.join(command[:3])} ...: exited with status {done.returncode} (see the log above)")
+        error.exit_code = done.returncode
+        raise error
+    return json.loads(done.stdout)
 
 
 def evaluate(params: Params | None, trained: dict[str, Any], processed: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ TAG_PROCESSED = "pipeline.processed_hash"
 TAG_CONFIG = "pipeline.train_config_hash"
 TAG_CHECKPOINT = "pipeline.checkpoint_uri"
 TAG_CODE = "pipeline.code_version"
+TAG_LAST_CHECKPOINT = "pipeline.last_checkpoint_uri"  # written every epoch, for resuming
 
 
 def tracking_client(settings: Settings) -> Any:
@@ -48,6 +49,14 @@ def find_finished_run(client: Any, experiment: str, tags: dict[str, str]) -> Any
         [experiment], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
     )
     return runs[0] if runs else None
+
+
+def find_unfinished_runs(client: Any, experiment: str, tags: dict[str, str]) -> list[Any]:
+    """Runs carrying all ``tags`` that did not finish (running, failed or killed), newest first."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status != 'FINISHED'"]
+    return client.search_runs(
+        [experiment], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=10
+    )
 
 
 @lru_cache(maxsize=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,14 @@ def test_house_rules(dagbag):
 def test_training_pipeline_graph_schedule_and_params(dagbag):
     dag = dagbag.get_dag("training_pipeline")
     order = ["acquire", "validate", "preprocess", "train", "evaluate", "register"]
-    assert [t.task_id for t in dag.topological_sort()] == order
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids
+    # The optional search: after the data gate, one mapped trial per candidate, before train.
+    assert dag.get_task("tune_setup").upstream_task_ids == {"acquire", "validate"}
+    assert dag.get_task("tune_trial").upstream_task_ids == {"tune_setup"}
+    assert dag.get_task("tune_choose").upstream_task_ids == {"tune_trial"}
+    assert dag.get_task("train").upstream_task_ids == {"preprocess", "tune_choose"}
+    assert dag.get_task("tune_choose").trigger_rule == "none_failed"
     assert dag.get_task("register").upstream_task_ids == {"validate", "preprocess", "train", "evaluate"}
     assert dag.timetable.timetable.expression == "0 0 * * 0"  # weekly, and on the drift asset:
     assert [a.name for a in dag.timetable.asset_condition.objects] == ["fashion-mnist-drift-detected"]
@@ -87,11 +93,27 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
 
 def test_param_defaults_are_the_config_defaults(dagbag):
     """The trigger form shows the same defaults a CLI run or a scheduled run uses."""
-    from pipeline.config import PreprocessConfig, TrainConfig, run_config_from_params
+    from pipeline.config import PreprocessConfig, TrainConfig, TuneConfig, run_config_from_params
 
     params = dagbag.get_dag("training_pipeline").params.dump()
     config = run_config_from_params(params)
     assert config.train == TrainConfig() and config.preprocess == PreprocessConfig() and not config.force
+    assert config.tune == TuneConfig()
+
+
+def test_train_task_queue_follows_the_environment(dagbag):
+    """On a fleet with GPU workers, PIPELINE_TRAIN_QUEUE=gpu sends training and trials (only) there."""
+    assert dagbag.get_dag("training_pipeline").get_task("train").queue == "default"
+    probe = (
+        "import json, runpy, sys; ns = runpy.run_path(sys.argv[1]); dag = ns['training_pipeline'](); "
+        "print(json.dumps({t.task_id: t.queue for t in dag.tasks}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(ROOT / "dags" / "training_pipeline.py")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PIPELINE_TRAIN_QUEUE": "gpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    queues = json.loads(out.stdout.strip().splitlines()[-1])
+    assert queues.pop("train") == "gpu" and queues.pop("tune_trial") == "gpu"
+    assert set(queues.values()) == {"default"}
 
 
 def test_retry_policy_fails_bad_input_at_once_and_retries_an_unreachable_source(dagbag):

@@ -79,3 +79,25 @@ def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset,
     assert states[defect.stage] == "failed", states
     assert all(states[t] == "upstream_failed" for t in order[stop + 1 :]), states
     assert registered_versions(settings) == []
+
+
+def test_tuning_maps_one_trial_per_candidate_and_trains_with_the_best(training_dag, small_dataset, settings):
+    conf = {"source_uri": str(small_dataset), **QUICK, "tune": True, "tune_epochs": 1, "tune_sample_cap": 1000,
+            "tune_space": {"learning_rate": [0.0001, 0.004]}}
+    dag_run = training_dag.test(run_conf=conf)
+    assert dag_run.state == "success", task_states(dag_run)
+
+    client = tracking_client(settings)
+    runs = client.search_runs([client.get_experiment_by_name(settings.experiment_name).experiment_id])
+    [study] = [r for r in runs if "pipeline.tune_study" in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    assert sorted(float(t.data.params["learning_rate"]) for t in trials) == [0.0001, 0.004]
+    assert all(int(t.data.params["data_train"]) < 1000 for t in trials)  # the capped sample
+    best = max(trials, key=lambda t: t.data.metrics["best_val_accuracy"])
+    assert study.data.tags["pipeline.best_trial_run"] == best.info.run_id
+    # The full training (the registered candidate) uses the winner's learning rate, all the data.
+    candidate = client.get_model_version_by_alias(settings.model_name, "candidate")
+    final = client.get_run(candidate.run_id)
+    assert final.data.params["learning_rate"] == best.data.params["learning_rate"]
+    assert int(final.data.params["data_train"]) > int(best.data.params["data_train"])
+    assert "mlflow.parentRunId" not in final.data.tags

@@ -44,7 +44,7 @@ def test_run_has_params_per_epoch_metrics_and_lineage(trained):
     client = tracking_client(trained["settings"])
     run = client.get_run(trained["train"].run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["architecture"] == "simple_cnn" and run.data.params["epochs"] == "2"
+    assert run.data.params["architecture"] == "resnet_small" and run.data.params["epochs"] == "2"
     assert run.data.params["data_train"] == str(trained["processed"].counts["train"])
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) == 2

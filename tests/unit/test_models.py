@@ -1,0 +1,121 @@
+"""The networks, the augmentation and the training settings, without training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig, run_config_from_params
+from pipeline.errors import ConfigError
+from pipeline.models import ImageClassifier, build_network, random_crop_flip
+from pipeline.train import is_global_rank_zero, usable_cpus, world_size
+
+
+def test_seed_cnn_is_the_original_design():
+    # One 3x3 convolution with 32 filters, 2x2 max-pooling, a 128-unit dense layer, 10 classes.
+    net = build_network("seed_cnn")
+    layers = [m for m in net if not isinstance(m, (nn.ReLU, nn.Flatten))]
+    conv, pool, dense, out = layers
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (1, 32, (3, 3), (0, 0))
+    assert isinstance(pool, nn.MaxPool2d) and pool.kernel_size == 2
+    assert (dense.in_features, dense.out_features) == (32 * 13 * 13, 128)
+    assert (out.in_features, out.out_features) == (128, 10)
+    assert sum(p.numel() for p in net.parameters()) == 693_962
+
+
+@pytest.mark.parametrize("architecture", ["resnet_small", "simple_cnn", "seed_cnn"])
+def test_every_network_maps_uint8_images_to_logits(architecture):
+    model = ImageClassifier(architecture=architecture, mean=0.29, std=0.35).eval()
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    with torch.inference_mode():
+        logits = model(images)
+    assert logits.shape == (5, 10) and torch.isfinite(logits).all()
+
+
+def test_resnet_small_has_residual_blocks_and_batch_norm():
+    net = build_network("resnet_small")
+    names = {type(m).__name__ for m in net.modules()}
+    assert {"ResidualBlock", "BatchNorm2d", "AdaptiveAvgPool2d"} <= names
+
+
+def test_crop_and_flip_give_shifted_copies_of_each_image():
+    torch.manual_seed(0)
+    images = torch.randint(1, 256, (64, 28, 28), dtype=torch.uint8)
+    out = random_crop_flip(images, padding=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = nn.functional.pad(images, (2, 2, 2, 2))
+    flipped = 0
+    for i in range(len(images)):
+        candidates = [
+            (padded[i, dy:dy + 28, dx:dx + 28], flip)
+            for dy in range(5) for dx in range(5) for flip in (False, True)
+        ]
+        matches = [flip for crop, flip in candidates if torch.equal(out[i], crop.flip(-1) if flip else crop)]
+        assert matches, f"image {i} is not a crop of its padded original"
+        flipped += all(matches)
+    assert 10 < flipped < 54  # about half are mirrored
+    assert not torch.equal(out, images)
+
+
+def test_learning_rate_schedules_reach_the_optimizer():
+    for schedule in ("onecycle", "cosine"):
+        model = ImageClassifier(lr_schedule=schedule, learning_rate=0.01)
+        model.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+        config = model.configure_optimizers()
+        assert config["lr_scheduler"]["interval"] == "step"
+    model = ImageClassifier(lr_schedule="constant", optimizer="adam", learning_rate=0.01)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_training_settings_from_params_name_the_bad_field():
+    config = run_config_from_params({"devices": "2", "strategy": "ddp", "num_nodes": 2, "augment": False}).train
+    assert config.trainer_devices() == 2 and world_size(config) == 4 and config.augment is False
+    assert TrainConfig(devices="0,1").trainer_devices() == [0, 1]
+    for params, field in (
+        ({"devices": "two"}, "devices"),
+        ({"strategy": "horovod"}, "strategy"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"augment": "yes"}, "augment"),
+        ({"precision": "fp8"}, "precision"),
+        ({"num_nodes": 0}, "num_nodes"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{field}: expected "):
+            run_config_from_params(params)
+
+
+def test_rank_zero_is_read_from_the_launchers_environment(monkeypatch):
+    for name in ("RANK", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert is_global_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_global_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert not is_global_rank_zero()
+    monkeypatch.setenv("RANK", "0")  # torchrun's global rank wins
+    assert is_global_rank_zero()
+
+
+def test_usable_cpus_respects_the_affinity():
+    import os
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_the_launcher_command_carries_the_whole_config():
+    # Several devices from an Airflow task: `pipeline train` in a subprocess must train exactly
+    # the config the task was given.
+    from pipeline.cli import _params as params_of
+    from pipeline.cli import build_parser, run_config_from_params
+    from pipeline.train import needs_launcher, train_command
+
+    config = TrainConfig(architecture="seed_cnn", augment=False, compile=True, devices="0,1", strategy="ddp",
+                         learning_rate=0.01, num_threads=3)
+    assert needs_launcher(config) and not needs_launcher(TrainConfig(devices="1"))
+    assert not needs_launcher(TrainConfig(devices="2", strategy="ddp_spawn"))
+    command = train_command("abc123", config, force=True, tags={"airflow.run_id": "manual__1"})
+    args = build_parser().parse_args(command[1:])
+    assert args.processed == "abc123" and args.force and args.json and args.tag == ["airflow.run_id=manual__1"]
+    assert run_config_from_params(params_of(args)).train == config
