@@ -131,9 +131,9 @@ class ImageClassifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        on_step = stage == "train"
-        # sync_dist: under DDP each rank sees a shard; epoch values are averaged over ranks.
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
+        # Epoch means only (per-step values cost a little on every step and nobody reads them);
+        # sync_dist: under DDP each rank sees a shard, and epoch values are averaged over ranks.
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 

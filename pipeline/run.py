@@ -18,7 +18,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     from pipeline.evaluate import evaluate
     from pipeline.preprocess import preprocess
     from pipeline.register import register
-    from pipeline.train import train
+    from pipeline.train import is_global_rank_zero, train
     from pipeline.validate import validate_raw
 
     storage = storage_for(settings)
@@ -26,6 +26,8 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     validation = validate_raw(raw, storage)
     processed = preprocess(raw, storage, config.preprocess)
     trained = train(processed, storage, config.train, settings, force=config.force, tags=tags)
+    if not is_global_rank_zero():
+        return {}  # a DDP rank Lightning launched by re-running this command: its part is done
     evaluation = evaluate(trained, processed, storage, settings)
     version = register(trained, evaluation, validation, processed, storage, settings)
     return {

@@ -264,7 +264,8 @@ def train(
         checkpoint_uri = storage.uri(f"checkpoints/{run_id}/best.ckpt")
         metrics = {
             "val_accuracy": float(best.best),
-            "val_loss": float(trainer.callback_metrics["val_loss"]),
+            # Absent when a resumed run had already saved its last epoch (nothing left to fit).
+            "val_loss": float(trainer.callback_metrics.get("val_loss", math.nan)),
             "epochs": float(trainer.current_epoch),
         }
         client.log_metric(run_id, "epochs", metrics["epochs"])
