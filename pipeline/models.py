@@ -124,24 +124,39 @@ class ImageClassifier(pl.LightningModule):
         net = self._compiled if self._compiled is not None and self.training else self.net
         return net(self.normalise(images))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums: torch.Tensor | None = None
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if stage == "train" and self.hparams.augment:
+        if self.hparams.augment:
             images = random_crop_flip(images, self.hparams.crop_padding)
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        # Epoch means only (per-step values cost a little on every step and nobody reads them);
-        # sync_dist: under DDP each rank sees a shard, and epoch values are averaged over ranks.
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        # The epoch's means are summed here and logged once, on its last batch: every
+        # self.log call costs about 1.5 ms in Lightning 2.6 (it moves its metric state to the
+        # value's device each time), 4% of a CPU step of resnet_small if done per step.
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == labels).sum().float()
+            sums = torch.stack([loss.detach() * len(labels), correct, correct.new_tensor(float(len(labels)))])
+            # None at an epoch's start, and absent when a run resumes in the middle of one (the
+            # epoch's means then cover the batches run since).
+            previous = getattr(self, "_epoch_sums", None)
+            self._epoch_sums = sums if previous is None else previous + sums
+        if batch_idx == self.trainer.num_training_batches - 1:
+            loss_sum, correct_sum, count = self._epoch_sums
+            # sync_dist: under DDP each rank sees an equal shard; epoch values are averaged over ranks.
+            self.log("train_loss", loss_sum / count, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=1)
+            self.log("train_accuracy", correct_sum / count, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=1)
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> object:
         hp = self.hparams
