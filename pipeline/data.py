@@ -91,7 +91,9 @@ class ProcessedDataModule(pl.LightningDataModule):
                 self.splits[split] = split_tensors(self.ref, self.storage, split)
 
     def _pin(self) -> bool:
-        return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        from pytorch_lightning.accelerators import CUDAAccelerator
+
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

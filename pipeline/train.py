@@ -313,18 +313,17 @@ def _train_other_rank(
     processed: ProcessedDatasetRef, storage: Storage, config: TrainConfig, settings: Settings, lineage: dict[str, str]
 ) -> TrainResult:
     """A rank other than 0: train its shard; no MLflow run, no storage writes."""
-    if _ENV_RUN in os.environ:  # launched by rank 0 on this node
-        run_id, resume = os.environ[_ENV_RUN], os.environ[_ENV_RESUME]
-        resume_from = Path(resume) if resume else None
-    else:  # another node: find the run rank 0 resumes (or train from scratch like it)
-        client = tracking_client(settings)
-        resumable = _resumable_run(client, experiment_id(client, settings), lineage, storage)
-        run_id = resumable.info.run_id if resumable is not None else ""
-        resume_from = None
     with tempfile.TemporaryDirectory(prefix="train-") as workdir:
-        if resume_from is None and _ENV_RUN not in os.environ and run_id:
-            resume_from = Path(workdir) / "resume.ckpt"
-            resume_from.write_bytes(storage.get_bytes(_last_key(run_id)))
+        if _ENV_RUN in os.environ:  # launched by rank 0 on this node, which says what to resume
+            run_id, resume = os.environ[_ENV_RUN], os.environ[_ENV_RESUME]
+            resume_from = Path(resume) if resume else None
+        else:  # another node: find the run rank 0 resumes (or start fresh, as it does)
+            client = tracking_client(settings)
+            resumable = _resumable_run(client, experiment_id(client, settings), lineage, storage)
+            run_id, resume_from = "", None
+            if resumable is not None:
+                run_id, resume_from = resumable.info.run_id, Path(workdir) / "resume.ckpt"
+                resume_from.write_bytes(storage.get_bytes(_last_key(run_id)))
         _fit(processed, storage, config, settings, run_id, workdir, resume_from, None)
     return TrainResult(run_id=run_id, checkpoint_uri="", processed_hash=processed.processed_hash,
                        dataset_hash=processed.dataset_hash, config_hash=lineage[TAG_CONFIG], metrics={})
