@@ -39,6 +39,9 @@ $(AIRFLOW_HOME)/airflow.db: | $(BIN)/.installed
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
 	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
+	@# Alias moves (infra_validate, promote, rollback) run one at a time in this pool.
+	$(BIN)/airflow pools set promotions 1 "registry alias moves, one at a time" >> $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
+	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
 
 airflow-init: $(AIRFLOW_HOME)/airflow.db ## create the Airflow metadata DB (SQLite)
 
@@ -47,7 +50,7 @@ run: venv airflow-init ## train on the full dataset through Airflow, then print 
 	  echo "running DAG training_pipeline on $$source_uri (log: $(RUNTIME)/last-run.log)" && \
 	  PIPELINE_SOURCE_URI=$$source_uri $(BIN)/airflow dags test training_pipeline > $(RUNTIME)/last-run.log 2>&1 \
 	  || { grep -E "error|Error" $(RUNTIME)/last-run.log | tail -5; echo "DAG run failed; see $(RUNTIME)/last-run.log"; exit 1; }
-	@$(BIN)/pipeline summary --alias candidate
+	@$(BIN)/pipeline summary --alias staging
 
 test: venv dataset ## the whole test suite (unit, DAG, integration; slow tests included)
 	$(BIN)/pytest

@@ -1,10 +1,10 @@
 """
-### Training pipeline: Fashion-MNIST from its source to a registered `candidate` model
+### Training pipeline: Fashion-MNIST from its source to a `staging` (or `production`) model
 
-`acquire >> validate >> preprocess >> train >> evaluate >> register`, each task one call into
-the `pipeline` package (which runs the same chain without Airflow as `pipeline run`). With the
-Param `tune`, `tune_setup >> tune_trial (one mapped task per candidate) >> tune_choose` picks
-the training config first.
+`acquire >> validate >> preprocess >> train >> evaluate >> register >> gate >> infra_validate
+>> promote`, each task one call into the `pipeline` package (which runs the same chain without
+Airflow as `pipeline run`). With the Param `tune`, `tune_setup >> tune_trial (one mapped task per
+candidate) >> tune_choose` picks the training config first.
 
 * **acquire**: the four IDX files from a folder, `http(s)://` or `s3://` prefix, checksummed and
   stored under `raw/<hash>/`; an unchanged source is not fetched again.
@@ -16,8 +16,18 @@ the training config first.
   Celery queue `$PIPELINE_TRAIN_QUEUE` (default `default`; `gpu` on a GPU fleet). Several devices
   or nodes (`devices`, `num_nodes`, `strategy`) run DDP. Checkpoints go to storage every epoch;
   a retry resumes the same MLflow run from the last one.
-* **evaluate**: test accuracy, per-class precision/recall/F1, confusion matrix in the run.
-* **register**: the model in the MLflow registry with lineage tags and alias `candidate`.
+* **evaluate**: a report in the MLflow run: per-class precision/recall/F1, confusion matrix,
+  calibration (ECE, reliability diagram), the worst-class gap, the most confident mistakes,
+  integrated-gradients maps, and a model card (Markdown and HTML).
+* **register**: the model in the MLflow registry with lineage tags, the model card as its
+  description, and alias `candidate`.
+* **gate**: the candidate and the `production` version on the same test split; the promotion
+  policy (`gate_*` Params) decides. A failed gate fails the run with one line saying why;
+  nothing moves. The numbers are in the version's tags and description.
+* **infra_validate**: the version served by `pipeline serve` in a fresh process and queried;
+  its answers must equal the offline ones. Then alias `staging`.
+* **promote**: only with `auto_promote`: alias `production`. Otherwise a person promotes the
+  staging version by triggering `promote_model`. Pool `promotions` (one slot).
 
 Runs weekly, and whenever `drift_monitor` reports drift in new data (asset
 `fashion-mnist-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
@@ -46,6 +56,9 @@ from airflow.sdk import (
 # The Celery queue of the train task: `gpu` on a fleet with GPU workers. Read from the
 # environment at parse time (no database or network).
 TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
+
+# Every alias move (staging, production) runs in this one-slot pool: two runs cannot interleave.
+PROMOTIONS_POOL = "promotions"
 
 # Updated by the drift_monitor DAG when new data has drifted: retraining starts without a person.
 DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")
@@ -154,6 +167,20 @@ RETRY_POLICY = ExceptionRetryPolicy(
             "of the file's bytes. A mismatch fails the run before anything is stored.",
         ),
         "seed": Param(42, type="integer", minimum=0, title="Seed"),
+        "gate_min_accuracy": Param(0.90, type="number", minimum=0, maximum=1, title="Gate: accuracy floor"),
+        "gate_max_accuracy_drop": Param(
+            0.005, type="number", minimum=0, maximum=1, title="Gate: tolerated accuracy drop against production"
+        ),
+        "gate_max_class_drop": Param(
+            0.02, type="number", minimum=0, maximum=1, title="Gate: tolerated drop in any class's recall"
+        ),
+        "gate_min_improvement": Param(
+            0.0, type="number", minimum=0, maximum=1, title="Gate: required gain over production (0: none)"
+        ),
+        "auto_promote": Param(
+            False, type="boolean", title="Promote to production automatically",
+            description="Off: the run stops at staging; promote from the promote_model DAG.",
+        ),
         "force": Param(False, type="boolean", title="Retrain even if this data and config were trained before"),
     },
 )
@@ -209,10 +236,35 @@ def training_pipeline():
         return tasks.evaluate(params, trained, processed)
 
     @task
-    def register(trained: dict, evaluation: dict, validation: dict, processed: dict, params=None) -> dict:
+    def register(trained: dict, evaluation: dict, validation: dict, processed: dict, params=None, dag_run=None) -> dict:
         from pipeline import tasks
 
-        return tasks.register(params, trained, evaluation, validation, processed)
+        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.register(params, trained, evaluation, validation, processed, by)
+
+    @task
+    def gate(version: dict, processed: dict, params=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.gate(params, version, processed)
+
+    @task(pool=PROMOTIONS_POOL)
+    def infra_validate(version: dict, processed: dict, params=None, dag_run=None) -> dict:
+        from pipeline import tasks
+
+        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.infra_validate(params, version, processed, by)
+
+    @task.short_circuit
+    def auto_promote(params=None) -> bool:
+        return bool(params["auto_promote"])
+
+    @task(pool=PROMOTIONS_POOL)
+    def promote(version: dict, params=None, dag_run=None) -> dict:
+        from pipeline import tasks
+
+        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.promote(params, by, version["version"], "auto_promote: passed the gate and infra validation")
 
     raw = acquire()
     validation = validate(raw)
@@ -223,7 +275,9 @@ def training_pipeline():
     chosen = tune_choose(tune_trial.expand(spec=specs))
     trained = train(processed, chosen)
     evaluation = evaluate(trained, processed)
-    register(trained, evaluation, validation, processed)
+    version = register(trained, evaluation, validation, processed)
+    staged = infra_validate(version, processed)
+    gate(version, processed) >> staged >> auto_promote() >> promote(version)
 
 
 training_pipeline()

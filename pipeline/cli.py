@@ -25,6 +25,7 @@ from pipeline.config import (
     PRECISIONS,
     STRATEGIES,
     AcquireConfig,
+    GatePolicy,
     Settings,
     TrainConfig,
     run_config_from_params,
@@ -52,8 +53,12 @@ TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_
                "compile", "num_threads")
 
 
+#: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``).
+GATE_FLAGS = ("gate_min_accuracy", "gate_max_accuracy_drop", "gate_max_class_drop", "gate_min_improvement")
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", *TRAIN_FLAGS)
+    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", "auto_promote", *TRAIN_FLAGS, *GATE_FLAGS)
     params = {k: getattr(args, k, None) for k in keys}
     params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
     return params
@@ -137,6 +142,82 @@ def cmd_monitor(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return check_drift({"batch_uri": args.batch})
 
 
+def _version_ref(settings: Settings, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ReferenceNotFoundError
+    from pipeline.refs import ModelVersionRef
+    from pipeline.tracking import tracking_client
+
+    name = settings.model_name
+    try:
+        found = tracking_client(settings).get_model_version(name, version)
+    except MlflowException as exc:
+        raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
+    return ModelVersionRef(model_name=name, version=str(found.version), alias="", run_id=found.run_id,
+                           model_uri=f"models:/{name}/{found.version}", created=False)
+
+
+def _processed_of(settings: Settings, storage: Any, version: Any, processed_hash: str | None) -> Any:
+    """The processed data to test on: given, else the one the version was trained on."""
+    from pipeline.preprocess import load_processed_ref
+    from pipeline.tracking import tracking_client
+
+    tags = tracking_client(settings).get_model_version(version.model_name, version.version).tags
+    return load_processed_ref(storage, processed_hash or tags.get("processed_hash", ""))
+
+
+def cmd_gate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.gate import gate
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    version = _version_ref(settings, args.version)
+    policy = run_config_from_params(_params(args), settings).gate
+    return gate(version, _processed_of(settings, storage, version, args.processed), storage, settings, policy).to_dict()
+
+
+def cmd_infra_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.infra_validate import infra_validate
+    from pipeline.promote import cli_actor
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    version = _version_ref(settings, args.version)
+    processed = _processed_of(settings, storage, version, args.processed)
+    return infra_validate(version, processed, storage, settings, cli_actor()).to_dict()
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.promote import PRODUCTION, alias_version, promote
+    from pipeline.tracking import tracking_client
+
+    move = promote(settings, args.version, reason=args.reason or "")
+    if move is None:
+        current = alias_version(tracking_client(settings), settings.model_name, PRODUCTION)
+        return {"moved": False, "alias": PRODUCTION, "to_version": current}
+    return {"moved": True, **move.to_dict()}
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.promote import rollback
+
+    return {"moved": True, **rollback(settings, args.to, reason=args.reason or "").to_dict()}
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.promote import history
+
+    return {"model_name": settings.model_name, "history": [e.to_dict() for e in history(settings)]}
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.serve import serve
+
+    serve(args.model_uri or f"models:/{settings.model_name}@production", settings, args.host, args.port)
+    return {"stopped": True}
+
+
 def cmd_summary(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.summary import model_summary
 
@@ -158,6 +239,23 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         from pipeline.summary import format_run
 
         print(format_run(result))
+        return
+    if command == "history":
+        from pipeline.promote import AliasMove, format_history
+
+        print(format_history([AliasMove.from_dict(e) for e in result["history"]]))
+        return
+    if command in ("promote", "rollback"):
+        if not result["moved"]:
+            print(f"{result['alias']} is version {result['to_version']} already; nothing moved")
+        else:
+            print(f"{result['alias']}: version {result['from_version'] or '(none)'} -> {result['to_version']}  "
+                  f"({result['action']} #{result['seq']} by {result['actor']})")
+        return
+    if command == "gate":
+        print(f"gate {'passed' if result['passed'] else 'failed'}: candidate v{result['version']} accuracy "
+              f"{result['candidate']['accuracy']:.4f}" + (f", production v{result['production']['version']} "
+              f"{result['production']['accuracy']:.4f}" if result["production"] else ", no production version yet"))
         return
     for key, value in result.items():
         if not isinstance(value, (dict, list)):
@@ -211,10 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="train and register again even if this data and "
                        "config were trained before")
 
-    p = add("run", cmd_run, "run the whole chain: acquire, validate, preprocess, train, evaluate, register")
+    def gate_flags(p: argparse.ArgumentParser) -> None:
+        d = GatePolicy()
+        p.add_argument("--gate-min-accuracy", type=float, help=f"floor on test accuracy ({d.min_accuracy})")
+        p.add_argument("--gate-max-accuracy-drop", type=float,
+                       help=f"tolerated fall in test accuracy against production ({d.max_accuracy_drop})")
+        p.add_argument("--gate-max-class-drop", type=float,
+                       help=f"tolerated fall in any class's recall against production ({d.max_class_drop})")
+        p.add_argument("--gate-min-improvement", type=float,
+                       help=f"required gain over production ({d.min_improvement}: none)")
+
+    p = add("run", cmd_run, "run the whole chain: acquire, validate, preprocess, train, evaluate, register, gate, "
+            "infra-validate (alias staging), and promote with --auto-promote")
     source_flags(p)
     preprocess_flags(p)
     train_flags(p)
+    gate_flags(p)
+    p.add_argument("--auto-promote", action="store_true", help="move production to the new version when it passes")
     p = add("acquire", cmd_acquire, "fetch the four IDX files into content-addressed storage")
     source_flags(p)
     p = add("validate", cmd_validate, "check an acquired dataset with the Great Expectations suites")
@@ -231,6 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
     p = add("register", cmd_register, "register a run's model and set the alias 'candidate'")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
+    p = add("gate", cmd_gate, "evaluate a version against production on the same test data; exit 2 if it fails "
+            "the promotion policy")
+    p.add_argument("--version", required=True, help="the candidate's version number")
+    p.add_argument("--processed", help="processed hash of the test data (default: the version's own)")
+    gate_flags(p)
+    p = add("infra-validate", cmd_infra_validate, "serve a version in a fresh process, check its answers against "
+            "offline predictions, then set the alias staging")
+    p.add_argument("--version", required=True, help="a version that passed the gate")
+    p.add_argument("--processed", help="processed hash of the test images (default: the version's own)")
+    p = add("promote", cmd_promote, "move the alias production to the staging version (or --version)")
+    p.add_argument("--version", help="version to promote (default: the one with alias staging)")
+    p.add_argument("--reason", help="why, for the promotion history")
+    p = add("rollback", cmd_rollback, "move the alias production back to the previous production version")
+    p.add_argument("--to", help="version to go back to (default: the one before the current)")
+    p.add_argument("--reason", help="why, for the promotion history")
+    p = add("history", cmd_history, "list every alias move of the registered model (promotion history)")
+    p = add("serve", cmd_serve, "serve a registered model over HTTP (/predict, /health, /ready, /metadata)")
+    p.add_argument("--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> "
+                   "(default: models:/<model>@production)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p = add("monitor", cmd_monitor, "check a batch of new images for drift against the production (else "
             "candidate) model's data; writes a drift report")
     p.add_argument("--batch", help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "

@@ -102,6 +102,15 @@ class Settings:
             incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
         )
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes :meth:`from_env` in a child process give these settings."""
+        return {
+            "PIPELINE_HOME": str(self.home), "PIPELINE_STORAGE_URI": self.storage_uri,
+            "MLFLOW_TRACKING_URI": self.tracking_uri, "PIPELINE_ARTIFACT_ROOT": self.artifact_root,
+            "PIPELINE_MODEL_NAME": self.model_name, "PIPELINE_EXPERIMENT": self.experiment_name,
+            "PIPELINE_SOURCE_URI": self.source_uri, "PIPELINE_INCOMING_URI": self.incoming_uri,
+        }
+
 
 def _fingerprint(obj: Any) -> str:
     blob = json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()
@@ -312,6 +321,33 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class GatePolicy:
+    """When a registered candidate may replace ``production`` (the gate of ``pipeline.gate``).
+
+    Both models are evaluated on the same held-out test split in the same run. With no
+    production version yet, only ``min_accuracy`` applies.
+    """
+
+    min_accuracy: float = 0.90
+    """Absolute floor on the candidate's test accuracy (DAG Param ``gate_min_accuracy``)."""
+
+    max_accuracy_drop: float = 0.005
+    """Largest tolerated fall in overall test accuracy against production, e.g. 0.005 = half a
+    point: about the noise of a 10,000-image test set (``gate_max_accuracy_drop``)."""
+
+    max_class_drop: float = 0.02
+    """Largest tolerated fall in any one class's recall against production; a class has about
+    1,000 test images, so 0.02 is a little over one standard error (``gate_max_class_drop``)."""
+
+    min_improvement: float = 0.0
+    """Required gain in overall accuracy over production (0: none; ``gate_min_improvement``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_accuracy", "max_accuracy_drop", "max_class_drop", "min_improvement"):
+            _check_range(f"gate_{name}", getattr(self, name), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one pipeline run needs, as built from DAG Params or CLI flags."""
 
@@ -319,6 +355,10 @@ class RunConfig:
     preprocess: PreprocessConfig
     train: TrainConfig
     tune: TuneConfig = field(default_factory=TuneConfig)
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    auto_promote: bool = False
+    """Move ``production`` to the new version when it passes the gate and infra validation
+    (off: the run stops at ``staging`` and a person promotes)."""
     force: bool = False
     """Retrain and register a new version even if this data and config were trained before."""
 
@@ -340,7 +380,7 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
     """Build a :class:`RunConfig` from Airflow Params or CLI flags (missing keys take defaults)."""
     settings = settings or Settings.from_env()
     p = {k: v for k, v in params.items() if v is not None and v != ""}
-    train, prep, tune = TrainConfig(), PreprocessConfig(), TuneConfig()
+    train, prep, tune, gate = TrainConfig(), PreprocessConfig(), TuneConfig(), GatePolicy()
     checksums = p.get("expected_sha256") or {}
     if not isinstance(checksums, Mapping):
         raise ConfigError("expected_sha256", '{"file name": "sha256"}', repr(checksums))
@@ -381,5 +421,12 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
             trial_epochs=_typed(p, "tune_epochs", int, tune.trial_epochs),
             seed=_typed(p, "seed", int, tune.seed),
         ),
+        gate=GatePolicy(
+            min_accuracy=_typed(p, "gate_min_accuracy", float, gate.min_accuracy),
+            max_accuracy_drop=_typed(p, "gate_max_accuracy_drop", float, gate.max_accuracy_drop),
+            max_class_drop=_typed(p, "gate_max_class_drop", float, gate.max_class_drop),
+            min_improvement=_typed(p, "gate_min_improvement", float, gate.min_improvement),
+        ),
+        auto_promote=_typed(p, "auto_promote", bool, False),
         force=_typed(p, "force", bool, False),
     )

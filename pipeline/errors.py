@@ -85,3 +85,22 @@ class TrainingInterruptedError(PipelineError):
             f"training run {run_id}: interrupted by SIGTERM; state saved to {checkpoint_uri}; "
             "run it again (an Airflow retry does) to resume"
         )
+
+
+class GateFailedError(BadInputError):
+    """A candidate model version did not meet the promotion policy against ``production``:
+    ``found`` says which numbers fell short. Retrying cannot change the verdict."""
+
+
+class InfraValidationError(BadInputError):
+    """A model version could not be served: it did not load in a fresh serving process, or the
+    served predictions differ from the offline ones. ``staging`` does not move."""
+
+
+class PromotionRefusedError(BadInputError):
+    """An alias move was refused: the version did not pass the gate and infra validation, or
+    there is no earlier production version to roll back to."""
+
+
+class RegistryBusyError(PipelineError):
+    """Another promotion held the registry lock longer than we could wait; try again."""

@@ -17,6 +17,7 @@ in; class probabilities out. It needs nothing but torch and this module to load.
 
 from __future__ import annotations
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -197,3 +198,23 @@ def serving_model(model: ImageClassifier) -> ServingModel:
     # Served inputs arrive NCHW-contiguous; plain weights keep the exported graph simple.
     net = model.net.to(memory_format=torch.contiguous_format)
     return ServingModel(net, model.hparams.mean, model.hparams.std).eval()
+
+
+def load_registered(model_uri: str) -> nn.Module:
+    """A registered model (``models:/<name>/<version>`` or ``models:/<name>@<alias>``) on the CPU.
+
+    Versions are logged as torch.export programs (pt2): loading runs no pickled code.
+    """
+    import mlflow
+
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def serving_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """Probabilities from a serving model for uint8 images ``(n, 28, 28)``."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            pixels = torch.from_numpy(images[start : start + batch_size, None].astype(np.float32) / 255.0)
+            out.append(model(pixels).numpy())
+    return np.concatenate(out)

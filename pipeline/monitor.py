@@ -97,23 +97,11 @@ def reference_version(client: Any, model_name: str) -> tuple[Any, str]:
     )
 
 
-def serving_probabilities(model: Any, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Probabilities from a registered (serving) model for uint8 images ``(n, 28, 28)``."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            pixels = torch.from_numpy(images[start : start + batch_size, None].astype(np.float32) / 255.0)
-            out.append(model(pixels).numpy())
-    return np.concatenate(out)
-
-
 def monitor(source_uri: str, storage: Storage, settings: Settings, config: DriftConfig | None = None) -> MonitorResult:
     """Validate a batch of new images and measure its drift from the serving model's data."""
-    import mlflow
     import pandas as pd
 
+    from pipeline.models import load_registered, serving_probabilities
     from pipeline.preprocess import load_processed_ref, load_split
     from pipeline.profile import profile_table
     from pipeline.tracking import experiment_id, tracking_client
@@ -135,7 +123,7 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     reference = reference[reference["split"] == "train"]
     processed = load_processed_ref(storage, version.tags["processed_hash"])
     test_images, test_labels = load_split(processed, storage, "test")
-    model = mlflow.pytorch.load_model(f"models:/{settings.model_name}/{version.version}", map_location="cpu")
+    model = load_registered(f"models:/{settings.model_name}/{version.version}")
     report = compute_drift(
         reference,
         profile,

@@ -97,7 +97,13 @@ class EvaluationResult(Ref):
     per_class: dict[str, dict[str, float]]
     """``{class name: {"precision", "recall", "f1", "support"}}``."""
     artifacts: list[str]
-    """Artifact paths in the MLflow run (confusion matrix, per-class table)."""
+    """Artifact paths in the MLflow run: the report, per-class table, figures and model card."""
+    ece: float = 0.0
+    """Expected calibration error over 15 equal-width confidence bins (0 is perfectly calibrated)."""
+    worst_class: str = ""
+    """The class with the lowest recall."""
+    worst_class_gap: float = 0.0
+    """Best per-class recall minus the worst: how unevenly the classes are served."""
 
 
 @dataclass(frozen=True)

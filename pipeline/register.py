@@ -3,8 +3,9 @@
 The logged model is :class:`~pipeline.models.ServingModel` (pixels in [0, 1] in, class
 probabilities out) with a signature and a real input example. The version carries lineage tags
 (dataset hash, processed-data hash, code version, run id, validation outcome, test accuracy) and
-gets the alias ``candidate`` (aliases, not the deprecated stages). A run that already has a
-version is not registered twice: the existing version is returned.
+gets the alias ``candidate`` (aliases, not the deprecated stages), a move recorded in the
+promotion history (``pipeline.promote``). Its description is the evaluation's model card. A run
+that already has a version is not registered twice: the existing version is returned.
 
 Returns a :class:`~pipeline.refs.ModelVersionRef`.
 """
@@ -16,14 +17,15 @@ import logging
 import numpy as np
 
 from pipeline.config import Settings
+from pipeline.promote import CANDIDATE, cli_actor, move_alias
 from pipeline.refs import EvaluationResult, ModelVersionRef, ProcessedDatasetRef, TrainResult, ValidationRef
 from pipeline.storage import Storage
 from pipeline.tracking import TAG_CODE, tracking_client
 
 log = logging.getLogger(__name__)
 
-CANDIDATE = "candidate"
 DATA_REPORT = "data_report"
+MODEL_CARD = "evaluation/model_card.md"  # written by pipeline.evaluate
 MODEL_DESCRIPTION = (
     "Fashion-MNIST image classifier trained by the training_pipeline DAG. Input: float32 pixels in "
     "[0, 1], shape (n, 1, 28, 28). Output: probabilities of the 10 classes (T-shirt/top, Trouser, "
@@ -33,7 +35,12 @@ MODEL_DESCRIPTION = (
 )
 
 
-def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: Storage, name: str) -> str:
+def _logged_model_uri(client: object, trained: TrainResult, processed: ProcessedDatasetRef, storage: Storage) -> str:
+    """The run's logged model (``models:/<model_id>``), logged now unless an earlier attempt did.
+
+    Logging and registering are two steps so that a retry after a failed registration does not
+    log (and export) the model a second time.
+    """
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -41,6 +48,13 @@ def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: St
     from pipeline.models import load_checkpoint, serving_model
     from pipeline.preprocess import load_split
 
+    experiment = client.get_run(trained.run_id).info.experiment_id  # type: ignore[attr-defined]
+    found = client.search_logged_models(  # type: ignore[attr-defined]
+        [experiment], filter_string=f"source_run_id = '{trained.run_id}' AND name = 'model' AND status = 'READY'",
+        max_results=1,
+    )
+    if found:
+        return f"models:/{found[0].model_id}"
     model = serving_model(load_checkpoint(str(storage.local_path(f"checkpoints/{trained.run_id}/best.ckpt"))))
     images, _ = load_split(processed, storage, "test")
     example = (images[:4, None].astype(np.float32) / 255.0)
@@ -54,11 +68,39 @@ def _log_model(trained: TrainResult, processed: ProcessedDatasetRef, storage: St
             input_example=example,
             # Stated rather than inferred: inference loads the model in a subprocess (slow).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            registered_model_name=name,
             # A torch.export program: loading runs no pickled code and needs torch, not this package.
             serialization_format="pt2",
         )
-    return str(info.registered_model_version)
+    return info.model_uri
+
+
+def register_version(
+    settings: Settings, run_id: str, model_uri: str, actor: str,
+    tags: dict[str, str] | None = None, description: str = "",
+) -> tuple[str, bool]:
+    """The registry version of ``run_id`` (created from ``model_uri`` unless it exists), with its
+    ``tags`` (and ``description`` when new), then the alias ``candidate`` moved to it as a
+    recorded move. Returns (version, created).
+
+    Safe to call from several processes at once: MLflow numbers versions in one transaction per
+    version, and the alias move takes the registry lock (``pipeline.promote``).
+    """
+    import mlflow
+
+    client = tracking_client(settings)
+    name = settings.model_name
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version, created = str(existing[0].version), False
+    else:
+        version, created = str(mlflow.register_model(model_uri, name).version), True
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
+    if created and description:
+        client.update_model_version(name, version, description=description)
+    # Last: whoever follows `candidate` finds the version complete.
+    move_alias(settings, CANDIDATE, version, "register", actor, f"registered from run {run_id}")
+    return version, created
 
 
 def _log_data_report(client: object, run_id: str, validation: ValidationRef, storage: Storage) -> None:
@@ -73,6 +115,28 @@ def _log_data_report(client: object, run_id: str, validation: ValidationRef, sto
         client.log_artifacts(run_id, tmp, DATA_REPORT)  # type: ignore[attr-defined]
 
 
+def version_description(
+    client: object, trained: TrainResult, evaluation: EvaluationResult, validation: ValidationRef
+) -> str:
+    """The model card the evaluation wrote (Markdown, shown on the version's page), else a summary."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    header = (
+        f"Trained by run {trained.run_id} on dataset {trained.dataset_hash} (processed {trained.processed_hash}); "
+        f"test accuracy {evaluation.test_accuracy:.4f}, macro F1 {evaluation.macro_f1:.4f}. "
+        f"Data report: {validation.report_uri}"
+    )
+    with tempfile.TemporaryDirectory(prefix="model-card-") as tmp:
+        try:
+            card = Path(client.download_artifacts(trained.run_id, MODEL_CARD, tmp)).read_text()  # type: ignore[attr-defined]
+        except (MlflowException, OSError):
+            return header
+    return f"{header}\n\n{card}"
+
+
 def register(
     trained: TrainResult,
     evaluation: EvaluationResult,
@@ -80,21 +144,15 @@ def register(
     processed: ProcessedDatasetRef,
     storage: Storage,
     settings: Settings,
+    actor: str | None = None,
 ) -> ModelVersionRef:
-    """Register the run's model (once) and point the ``candidate`` alias at it."""
+    """Register the run's model (once) and point the ``candidate`` alias at it; ``actor`` (the DAG
+    run, else ``user@host``) goes into the promotion history."""
     client = tracking_client(settings)
     name = settings.model_name
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{trained.run_id}'")
-    created = not existing
-    if created:
+    if not client.search_model_versions(f"name = '{name}' and run_id = '{trained.run_id}'"):
         _log_data_report(client, trained.run_id, validation, storage)
-        version = _log_model(trained, processed, storage, name)
-    else:
-        version = str(existing[0].version)
-
-    registered = client.get_registered_model(name)
-    if not registered.description:
-        client.update_registered_model(name, description=MODEL_DESCRIPTION)
+    model_uri = _logged_model_uri(client, trained, processed, storage)
     run_tags = client.get_run(trained.run_id).data.tags
     tags = {
         "dataset_hash": trained.dataset_hash,
@@ -106,18 +164,10 @@ def register(
         "data_report": validation.report_uri,
         "test_accuracy": f"{evaluation.test_accuracy:.4f}",
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(
-        name,
-        version,
-        description=(
-            f"Trained by run {trained.run_id} on dataset {trained.dataset_hash} (processed {trained.processed_hash}); "
-            f"test accuracy {evaluation.test_accuracy:.4f}, macro F1 {evaluation.macro_f1:.4f}. "
-            f"Data report: {validation.report_uri}"
-        ),
-    )
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    description = version_description(client, trained, evaluation, validation)
+    version, created = register_version(settings, trained.run_id, model_uri, actor or cli_actor(), tags, description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
     log.info("%s version %s (%s) has alias %s", name, version, "new" if created else "existing", CANDIDATE)
     return ModelVersionRef(
         model_name=name, version=version, alias=CANDIDATE, run_id=trained.run_id,

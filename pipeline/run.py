@@ -1,7 +1,8 @@
 """The whole chain without Airflow: the same stage functions the DAG calls, in the same order.
 
-``acquire -> validate -> preprocess -> train -> evaluate -> register``; a failing stage raises
-and nothing after it runs.
+``acquire -> validate -> preprocess -> train -> evaluate -> register -> gate -> infra_validate``
+(alias ``staging``) and, with ``auto_promote``, ``promote`` (alias ``production``); a failing
+stage raises and nothing after it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     """Run every stage; return each stage's reference as a dict, keyed by stage."""
     from pipeline.acquire import acquire
     from pipeline.evaluate import evaluate
+    from pipeline.gate import gate
+    from pipeline.infra_validate import infra_validate
     from pipeline.preprocess import preprocess
+    from pipeline.promote import cli_actor, promote
     from pipeline.register import register
     from pipeline.train import is_global_rank_zero, train
     from pipeline.validate import validate_raw
@@ -29,7 +33,11 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     if not is_global_rank_zero():
         return {}  # a DDP rank Lightning launched by re-running this command: its part is done
     evaluation = evaluate(trained, processed, storage, settings)
-    version = register(trained, evaluation, validation, processed, storage, settings)
+    actor = cli_actor()
+    version = register(trained, evaluation, validation, processed, storage, settings, actor)
+    verdict = gate(version, processed, storage, settings, config.gate)
+    served = infra_validate(version, processed, storage, settings, actor)
+    promoted = promote(settings, version.version, actor, "pipeline run --auto-promote") if config.auto_promote else None
     return {
         "acquire": raw.to_dict(),
         "validate": validation.to_dict(),
@@ -37,5 +45,8 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "train": trained.to_dict(),
         "evaluate": evaluation.to_dict(),
         "register": version.to_dict(),
+        "gate": verdict.to_dict(),
+        "infra_validate": served.to_dict(),
+        "promote": promoted.to_dict() if promoted else None,
     }
 

@@ -68,4 +68,10 @@ def format_run(result: dict[str, Any]) -> str:
         f"registered model: {version['model_name']}",
         f"version:          {version['version']}{'' if version['created'] else ' (already registered)'}",
         f"alias:            {version['alias']}",
+        "gate:             passed" + (f" (production v{result['gate']['production']['version']}: "
+                                       f"{result['gate']['production']['accuracy']:.4f})" if result["gate"]["production"]
+                                       else " (no production version yet: accuracy floor only)"),
+        "staging:          version " + version["version"] + " (served and checked: infra validation passed)",
+        "production:       " + (f"version {result['promote']['to_version']}" if result.get("promote")
+                                else "unchanged (promote with `pipeline promote`, or the promote_model DAG)"),
     ])

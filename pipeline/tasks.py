@@ -132,12 +132,19 @@ def evaluate(params: Params | None, trained: dict[str, Any], processed: dict[str
     return stage(TrainResult.from_dict(trained), ProcessedDatasetRef.from_dict(processed), storage, settings).to_dict()
 
 
+def actor(dag_id: str, run_id: str, user: str | None = None) -> str:
+    """Who moved an alias, for the promotion history: the person who triggered the run, if any,
+    and the DAG run."""
+    return f"{user + ' via ' if user else ''}airflow:{dag_id}/{run_id}"
+
+
 def register(
     params: Params | None,
     trained: dict[str, Any],
     evaluation: dict[str, Any],
     validation: dict[str, Any],
     processed: dict[str, Any],
+    by: str | None = None,
 ) -> dict[str, Any]:
     from pipeline.register import register as stage
 
@@ -149,8 +156,42 @@ def register(
         ProcessedDatasetRef.from_dict(processed),
         storage,
         settings,
+        by,
     )
     return version.to_dict()
+
+
+def gate(params: Params | None, version: dict[str, Any], processed: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.gate import gate as stage
+
+    settings, storage, config = _context(params)
+    ref = ModelVersionRef.from_dict(version)
+    return stage(ref, ProcessedDatasetRef.from_dict(processed), storage, settings, config.gate).to_dict()
+
+
+def infra_validate(params: Params | None, version: dict[str, Any], processed: dict[str, Any], by: str) -> dict[str, Any]:
+    from pipeline.infra_validate import infra_validate as stage
+
+    settings, storage, _ = _context(params)
+    return stage(ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, by).to_dict()
+
+
+def promote(params: Params | None, by: str, version: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Move ``production`` to ``version`` (else the Param ``version``, else the staging version)."""
+    from pipeline.promote import promote as stage
+
+    params = params or {}
+    chosen = version or (str(params["version"]) if params.get("version") not in (None, "") else None)
+    move = stage(Settings.from_env(), chosen, by, reason or params.get("reason") or "")
+    return move.to_dict() if move else {"moved": False, "to_version": chosen}
+
+
+def rollback(params: Params | None, by: str) -> dict[str, Any]:
+    from pipeline.promote import rollback as stage
+
+    params = params or {}
+    to = str(params["to_version"]) if params.get("to_version") not in (None, "") else None
+    return stage(Settings.from_env(), to, by, params.get("reason") or "").to_dict()
 
 
 def check_drift(params: Params | None) -> dict[str, Any]:

@@ -83,6 +83,14 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert dag.get_task("train").upstream_task_ids == {"preprocess", "tune_choose"}
     assert dag.get_task("tune_choose").trigger_rule == "none_failed"
     assert dag.get_task("register").upstream_task_ids == {"validate", "preprocess", "train", "evaluate"}
+    # Deployment: the gate, then the served check that sets staging, then production only when
+    # auto_promote is on (a short-circuit), alias moves in the one-slot pool.
+    assert dag.get_task("gate").upstream_task_ids == {"register", "preprocess"}
+    assert dag.get_task("infra_validate").upstream_task_ids == {"register", "preprocess", "gate"}
+    assert dag.get_task("auto_promote").upstream_task_ids == {"infra_validate"}
+    assert dag.get_task("promote").upstream_task_ids == {"register", "auto_promote"}
+    assert dag.get_task("infra_validate").pool == dag.get_task("promote").pool == "promotions"
+    assert dag.params.dump()["auto_promote"] is False
     assert dag.timetable.timetable.expression == "0 0 * * 0"  # weekly, and on the drift asset:
     assert [a.name for a in dag.timetable.asset_condition.objects] == ["fashion-mnist-drift-detected"]
     assert dag.catchup is False
@@ -93,12 +101,28 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
 
 def test_param_defaults_are_the_config_defaults(dagbag):
     """The trigger form shows the same defaults a CLI run or a scheduled run uses."""
-    from pipeline.config import PreprocessConfig, TrainConfig, TuneConfig, run_config_from_params
+    from pipeline.config import GatePolicy, PreprocessConfig, TrainConfig, TuneConfig, run_config_from_params
 
     params = dagbag.get_dag("training_pipeline").params.dump()
     config = run_config_from_params(params)
     assert config.train == TrainConfig() and config.preprocess == PreprocessConfig() and not config.force
-    assert config.tune == TuneConfig()
+    assert config.tune == TuneConfig() and config.gate == GatePolicy() and not config.auto_promote
+
+
+def test_promotions_and_rollbacks_are_manual_one_at_a_time_and_not_retried_when_refused(dagbag):
+    from airflow.sdk import RetryAction
+
+    from pipeline.errors import GateFailedError, PromotionRefusedError, RegistryBusyError
+
+    for dag_id, task_id in (("promote_model", "promote"), ("rollback_model", "rollback")):
+        dag = dagbag.get_dag(dag_id)
+        assert type(dag.timetable).__name__ == "NullTimetable" and dag.tags and "reason" in dag.params
+        task = dag.get_task(task_id)
+        assert task.pool == "promotions"
+        assert task.retry_policy.evaluate(RegistryBusyError("busy"), 1, 3).action == RetryAction.RETRY
+        assert task.retry_policy.evaluate(PromotionRefusedError("v", "a", "b"), 1, 3).action == RetryAction.FAIL
+    gate = dagbag.get_dag("training_pipeline").get_task("gate")
+    assert gate.retry_policy.evaluate(GateFailedError("v", "a", "b"), 1, 3).action == RetryAction.FAIL
 
 
 def test_train_task_queue_follows_the_environment(dagbag):

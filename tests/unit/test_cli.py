@@ -10,7 +10,8 @@ from services import free_port, run_cli
 
 from pipeline.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "monitor", "summary"]
+SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "gate", "infra-validate",
+               "promote", "rollback", "history", "serve", "monitor", "summary"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]], ids=lambda c: " ".join(c) or "pipeline")

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
-from pipeline.evaluate import CONFUSION, PER_CLASS, evaluate
+from pipeline.evaluate import ARTIFACTS, CONFUSION, evaluate
 from pipeline.models import load_checkpoint
 from pipeline.preprocess import load_split, preprocess
 from pipeline.register import register
@@ -73,7 +73,7 @@ def test_evaluation_is_logged_and_readable(trained):
     assert sum(c["support"] for c in evaluation.per_class.values()) == trained["processed"].counts["test"]
     assert "test_f1_t_shirt_top" in run.data.metrics and "test_recall_ankle_boot" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(evaluation.run_id, "evaluation")}
-    assert artifacts == {PER_CLASS, CONFUSION}
+    assert artifacts == set(ARTIFACTS) == set(evaluation.artifacts)
     png = client.download_artifacts(evaluation.run_id, CONFUSION)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

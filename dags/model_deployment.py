@@ -1,0 +1,93 @@
+"""
+### Model deployment: `promote_model` and `rollback_model`
+
+Two DAGs a person triggers (no schedule) to move the registry alias `production`:
+
+* **promote_model**: once a `training_pipeline` run has left a version at `staging`, moves
+  `production` to it (or to the `version` given), which must have passed the gate and infra
+  validation.
+* **rollback_model**: moves `production` back to the version before the current one (two
+  rollbacks in a row go two versions back), or to `to_version`.
+
+Every move is appended to the promotion history (registered-model tags `promotion.*` in the
+MLflow UI; `pipeline history` on the command line) with who triggered it and the `reason`.
+Both run in the one-slot pool `promotions`, so a promotion and a rollback never interleave.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+
+PROMOTIONS_POOL = "promotions"
+
+DEPLOYMENT_DAG = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "tags": ["deployment", "fashion-mnist", "mlflow"],
+    "default_args": {
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        # A refused move (gate not passed, unknown version) is final; a busy registry lock is not.
+        "retry_policy": ExceptionRetryPolicy(
+            rules=[
+                RetryRule(exception="pipeline.errors.RegistryBusyError", action=RetryAction.RETRY),
+                RetryRule(exception="pipeline.errors.BadInputError", action=RetryAction.FAIL,
+                          reason="refused: retrying cannot fix it"),
+            ],
+        ),
+    },
+}
+REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")
+
+
+@dag(
+    schedule=None,  # triggered by a person
+    **DEPLOYMENT_DAG,
+    doc_md="Move `production` to the `staging` version (or `version`). " + __doc__,
+    params={
+        "version": Param(
+            None, type=["null", "string"], title="Version",
+            description="Registered version to promote. Empty: the version with alias staging.",
+        ),
+        "reason": REASON,
+    },
+)
+def promote_model():
+    @task(pool=PROMOTIONS_POOL)
+    def promote(params=None, dag_run=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.promote(params, tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name))
+
+    promote()
+
+
+@dag(
+    schedule=None,  # triggered by a person
+    **DEPLOYMENT_DAG,
+    doc_md="Move `production` back to the previous version (or `to_version`). " + __doc__,
+    params={
+        "to_version": Param(
+            None, type=["null", "string"], title="Roll back to version",
+            description="Empty: the production version before the current one.",
+        ),
+        "reason": REASON,
+    },
+)
+def rollback_model():
+    @task(pool=PROMOTIONS_POOL)
+    def rollback(params=None, dag_run=None) -> dict:
+        from pipeline import tasks
+
+        return tasks.rollback(params, tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name))
+
+    rollback()
+
+
+promote_model()
+rollback_model()

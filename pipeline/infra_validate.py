@@ -1,0 +1,197 @@
+"""Infra validation: serve the registered version for real before it may become ``staging``.
+
+What the gate measured offline must also be what a client gets. This stage:
+
+1. starts ``pipeline serve --model-uri models:/<name>/<version>`` in a fresh process on a free
+   loopback port (the registry artifact, loaded the way production loads it);
+2. waits for ``/ready`` (a version that cannot load makes the server exit: that is a failure);
+3. sends real requests, one image at a time and one batch, and times them;
+4. checks that the served predictions equal the offline ones: the training run's checkpoint,
+   evaluated in this process on the same test images (same classes, probabilities within
+   ``PROBABILITY_TOLERANCE``);
+5. only then points ``staging`` at the version (a recorded alias move, see ``pipeline.promote``).
+
+The outcome and the latencies go to the version's tags (``infra_validation``, ``infra.*``) and to
+the run as ``infra/infra_validation.json``. A failure raises
+:class:`~pipeline.errors.InfraValidationError`; ``staging`` does not move.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Settings
+from pipeline.errors import InfraValidationError, PromotionRefusedError
+from pipeline.promote import STAGING, TAG_GATE, TAG_INFRA, move_alias
+from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
+from pipeline.storage import Storage
+from pipeline.tracking import tracking_client
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_TOLERANCE = 1e-4
+"""Largest difference between a served and an offline probability: the same float32 arithmetic
+in an exported program and in eager mode agrees to about 1e-6."""
+READY_TIMEOUT_S = 180.0
+SINGLE_REQUESTS = 16
+BATCH_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class InfraValidationResult(Ref):
+    model_name: str
+    version: str
+    images: int
+    """Test images sent (one batch request; the first ``single_requests`` also one by one)."""
+    single_requests: int
+    max_probability_difference: float
+    latency_ms: dict[str, float]
+    """``single_p50``, ``single_p99``, ``batch`` (wall time of the batch request)."""
+    staging: dict[str, Any] | None
+    """The alias move to ``staging`` (None when the version was staging already)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # the server's own explanation is the useful part
+        raise ValueError(f"HTTP {exc.code} from {url}: {exc.read()[:300].decode(errors='replace')}") from exc
+    return body, (time.perf_counter() - start) * 1000
+
+
+def _wait_ready(base: str, server: subprocess.Popen, log_path: Path, where: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            raise InfraValidationError(where, "a serving process that loads the model",
+                                       f"exit status {server.returncode}: {lines[-1] if lines else 'no output'}")
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet, or 503 while loading
+        time.sleep(0.25)
+    raise InfraValidationError(where, f"/ready within {timeout_s:.0f} s", "not ready")
+
+
+def offline_probabilities(run_id: str, storage: Storage, images: np.ndarray) -> np.ndarray:
+    """The training run's own model (its best checkpoint), as serving would compute it."""
+    from pipeline.models import load_checkpoint, serving_model, serving_probabilities
+
+    model = serving_model(load_checkpoint(str(storage.local_path(f"checkpoints/{run_id}/best.ckpt"))))
+    return serving_probabilities(model, images)
+
+
+def served_probabilities(base: str, images: np.ndarray, version: str, where: str) -> tuple[np.ndarray, dict[str, float]]:
+    """Ask the server for every image (one batch) and for the first few one by one."""
+    singles, latencies = [], []
+    for image in images[:SINGLE_REQUESTS]:
+        body, ms = _post(f"{base}/predict", {"image": image.tolist()})
+        singles.append(body["predictions"][0]["probabilities"])
+        latencies.append(ms)
+    batch, batch_ms = _post(f"{base}/predict", {"instances": images.tolist()})
+    if batch["model_version"] != version:
+        raise InfraValidationError(where, f"answers from version {version}", f"version {batch['model_version']}")
+    served = np.asarray([p["probabilities"] for p in batch["predictions"]], dtype=np.float32)
+    if not np.allclose(np.asarray(singles, dtype=np.float32), served[:SINGLE_REQUESTS], atol=PROBABILITY_TOLERANCE):
+        raise InfraValidationError(where, "the same answer for an image alone and in a batch", "different answers")
+    latency = {"single_p50": float(np.percentile(latencies, 50)), "single_p99": float(np.percentile(latencies, 99)),
+               "batch": batch_ms}
+    return served, latency
+
+
+def infra_validate(
+    candidate: ModelVersionRef, processed: ProcessedDatasetRef, storage: Storage, settings: Settings, actor: str
+) -> InfraValidationResult:
+    """Serve ``candidate`` in a fresh process, compare with offline predictions, then stage it."""
+    from pipeline.preprocess import load_split
+
+    client = tracking_client(settings)
+    name, version = candidate.model_name, candidate.version
+    where = f"{name} version {version}"
+    tags = client.get_model_version(name, version).tags
+    if tags.get(TAG_GATE) != "passed":
+        raise PromotionRefusedError(where, f"a version that passed the gate (tag {TAG_GATE}=passed)",
+                                    repr(tags.get(TAG_GATE, "no such tag")))
+    images = load_split(processed, storage, "test")[0][:BATCH_IMAGES]
+    offline = offline_probabilities(candidate.run_id, storage, images)
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{name}/{version}",
+               "--host", "127.0.0.1", "--port", str(port)]
+    with tempfile.TemporaryDirectory(prefix="infra-validate-") as tmp:
+        log_path = Path(tmp) / "serve.log"
+        with log_path.open("wb") as server_log:
+            server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **settings.to_env()})
+        try:
+            _wait_ready(base, server, log_path, where, READY_TIMEOUT_S)
+            try:
+                served, latency = served_probabilities(base, images, version, where)
+            except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+                raise InfraValidationError(where, "valid answers to /predict", f"{type(exc).__name__}: {exc}") from exc
+        except InfraValidationError as exc:
+            client.set_model_version_tag(name, version, TAG_INFRA, "failed")
+            client.set_model_version_tag(name, version, "infra.reason", str(exc)[:4900])
+            raise
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    difference = float(np.abs(served - offline).max())
+    same_classes = bool((served.argmax(axis=1) == offline.argmax(axis=1)).all())
+    if not same_classes or difference > PROBABILITY_TOLERANCE:
+        changed = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
+        error = InfraValidationError(
+            where, f"served predictions equal to the offline ones of run {candidate.run_id} (probabilities within "
+            f"{PROBABILITY_TOLERANCE})", f"{changed} of {len(images)} classes differ, largest probability difference "
+            f"{difference:.4g}")
+        client.set_model_version_tag(name, version, TAG_INFRA, "failed")
+        client.set_model_version_tag(name, version, "infra.reason", str(error)[:4900])
+        raise error
+
+    record = {TAG_INFRA: "passed", "infra.reason": "none", "infra.max_probability_difference": f"{difference:.3g}",
+              "infra.images": str(len(images)), **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()}}
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, key, value)
+    move = move_alias(settings, STAGING, version, "stage", actor, "passed the gate and infra validation")
+    result = InfraValidationResult(
+        model_name=name, version=version, images=len(images), single_requests=SINGLE_REQUESTS,
+        max_probability_difference=difference, latency_ms=latency, staging=move.to_dict() if move else None,
+    )
+    with tempfile.TemporaryDirectory(prefix="infra-report-") as tmp:
+        (Path(tmp) / "infra_validation.json").write_text(json.dumps(result.to_dict(), indent=2))
+        client.log_artifacts(candidate.run_id, tmp, "infra")
+    log.info("%s served correctly (p50 %.1f ms single, %.1f ms for %d images); alias staging", where,
+             latency["single_p50"], latency["batch"], len(images))
+    return result

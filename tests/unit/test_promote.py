@@ -1,0 +1,109 @@
+"""Alias moves, the promotion history, rollback and the registry lock on a real MLflow store
+(SQLite in tmp_path). Versions point at a placeholder artifact: these operations never load it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError, RegistryBusyError
+from pipeline.promote import (
+    PRODUCTION,
+    STAGING,
+    AliasMove,
+    alias_version,
+    history,
+    move_alias,
+    production_stack,
+    promote,
+    registry_lock,
+    rollback,
+)
+from pipeline.tracking import tracking_client
+
+
+def entry(seq: int, action: str, to: str, alias: str = PRODUCTION) -> AliasMove:
+    return AliasMove(seq=seq, alias=alias, action=action, from_version=None, to_version=to, actor="t", at="")
+
+
+def test_production_stack_pushes_promotions_and_pops_rollbacks():
+    moves = [entry(1, "promote", "1"), entry(2, "stage", "2", STAGING), entry(3, "promote", "2"),
+             entry(4, "promote", "3"), entry(5, "rollback", "2")]
+    assert production_stack(moves) == ["1", "2"]
+    assert production_stack([*moves, entry(6, "rollback", "1")]) == ["1"]
+    assert production_stack([*moves, entry(6, "rollback", "9")]) == ["9"]  # to a version never promoted
+
+
+@pytest.fixture
+def versions(settings, tmp_path):
+    """Three versions that passed the gate and infra validation."""
+    client = tracking_client(settings)
+    client.create_registered_model(settings.model_name)
+    for _ in range(3):
+        version = client.create_model_version(settings.model_name, str(tmp_path / "model"))
+        for tag in ("gate.decision", "infra_validation"):
+            client.set_model_version_tag(settings.model_name, version.version, tag, "passed")
+    return client
+
+
+def test_promote_rollback_and_history(settings, versions, capsys):
+    name = settings.model_name
+    move_alias(settings, STAGING, "1", "stage", "ci")
+    assert promote(settings, actor="ci").to_version == "1"  # the staging version by default
+    assert promote(settings, "1", actor="ci") is None  # already production: no entry
+    promote(settings, "3", actor="bob@host", reason="better on Shirt")
+    back = rollback(settings, actor="alice@host", reason="latency")
+    assert (back.from_version, back.to_version) == ("3", "1")
+    assert alias_version(versions, name, PRODUCTION) == "1"
+
+    assert main(["history"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 1 + 4 and "better on Shirt" in table[3] and "rollback" in table[4]
+    assert main(["history", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["history"]
+    assert [(e["alias"], e["from_version"], e["to_version"]) for e in entries] == [
+        (STAGING, None, "1"), (PRODUCTION, None, "1"), (PRODUCTION, "1", "3"), (PRODUCTION, "3", "1")]
+    assert [e.seq for e in history(settings)] == [1, 2, 3, 4]
+
+
+def test_cli_promote_and_rollback(settings, versions, capsys):
+    assert main(["promote", "--version", "2", "--reason", "first"]) == 0
+    assert "production: version (none) -> 2" in capsys.readouterr().out
+    assert main(["promote", "--version", "3"]) == 0
+    assert main(["rollback", "--reason", "bad"]) == 0
+    assert "production: version 3 -> 2" in capsys.readouterr().out.splitlines()[-1]
+    assert main(["rollback"]) == 2  # nothing earlier than version 2
+    assert "expected an earlier production version to roll back to, found none" in capsys.readouterr().err
+
+
+def test_refusals_are_one_line_and_move_nothing(settings, versions):
+    name = settings.model_name
+    versions.set_model_version_tag(name, "2", "infra_validation", "failed")
+    with pytest.raises(PromotionRefusedError, match="infra_validation=passed"):
+        promote(settings, "2", actor="ci")
+    with pytest.raises(ReferenceNotFoundError, match="alias staging"):
+        promote(settings, actor="ci")  # no staging version yet
+    with pytest.raises(ReferenceNotFoundError, match="a version 9"):
+        promote(settings, "9", actor="ci")
+    assert alias_version(versions, name, PRODUCTION) is None and history(settings) == []
+
+
+def test_registry_lock_excludes_a_second_holder_and_breaks_a_dead_ones(settings, versions, monkeypatch):
+    import pipeline.promote
+
+    name = settings.model_name
+    with registry_lock(versions, name, "first"):
+        with pytest.raises(RegistryBusyError, match="held by first"):
+            with registry_lock(versions, name, "second", wait_s=0.5):
+                pass
+    with registry_lock(versions, name, "third"):  # released: free again
+        pass
+    # A holder that died leaves the lock behind; once it is older than LOCK_STALE_S it is broken.
+    versions.create_registered_model(f"{name}.lock", tags={"holder": "dead"})
+    monkeypatch.setattr(pipeline.promote, "LOCK_STALE_S", 0.2)
+    time.sleep(0.3)
+    with registry_lock(versions, name, "fourth", wait_s=5):
+        assert versions.get_registered_model(f"{name}.lock").tags["holder"] == "fourth"
