@@ -70,3 +70,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         [str(Path(sys.executable).parent / "pipeline"), *args],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
     )
+
+
+class MlflowServer:
+    """A real ``mlflow server`` process on a free loopback port over an existing store: what a
+    person's browser (the MLflow UI) and the REST API read."""
+
+    def __init__(self, backend_store_uri: str, artifact_root: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
+            "--default-artifact-root", artifact_root, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+
+    def __enter__(self) -> MlflowServer:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, timeout=120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

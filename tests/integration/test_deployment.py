@@ -171,3 +171,33 @@ def _model_dir(client, name: str, version: str, tmp_path: Path) -> Path:
     from mlflow.artifacts import download_artifacts
 
     return Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "download")))
+
+
+def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry):
+    """Through a real MLflow server, as its UI does: the version's description is the model card
+    (with the gate's verdict), and the run's artifacts hold the report and the card pages."""
+    import requests
+    from services import MlflowServer
+
+    from pipeline.evaluate import ARTIFACTS, MODEL_CARD_HTML
+
+    settings = registry["settings"]
+    with MlflowServer(settings.tracking_uri, settings.artifact_root) as server:
+        api = f"{server.url}/api/2.0/mlflow"
+        version = requests.get(f"{api}/model-versions/get", params={"name": settings.model_name, "version": "2"},
+                               timeout=30).json()["model_version"]
+        description = version["description"]
+        assert registry["processed"].dataset_hash in description and "Intended use" in description
+        assert "## Promotion gate" in description and "production v1" in description
+        run_id = version["run_id"]
+        listed = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "evaluation"},
+                              timeout=30).json()["files"]
+        assert {f["path"] for f in listed} == set(ARTIFACTS)
+        page = requests.get(f"{server.url}/get-artifact", params={"path": MODEL_CARD_HTML, "run_uuid": run_id},
+                            timeout=30)
+        assert page.status_code == 200 and "<table" in page.text and "Intended use" in page.text
+        gate_files = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "gate"}, timeout=30)
+        assert {f["path"] for f in gate_files.json()["files"]} == {"gate/gate_report.json", "gate/gate_report.md"}
+        history_tags = requests.get(f"{api}/registered-models/get", params={"name": settings.model_name},
+                                    timeout=30).json()["registered_model"]["tags"]
+        assert any(tag["key"].startswith("promotion.") for tag in history_tags)
