@@ -39,11 +39,14 @@ $(AIRFLOW_HOME)/airflow.db: | $(BIN)/.installed
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
 	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
-	@# Alias moves (infra_validate, promote, rollback) run one at a time in this pool.
-	$(BIN)/airflow pools set promotions 1 "registry alias moves, one at a time" >> $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
-	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
+$(AIRFLOW_HOME)/pools.done: $(AIRFLOW_HOME)/airflow.db
+	@# Production moves (promote, rollback) run one at a time in this pool; without it the
+	@# scheduler would never schedule them.
+	$(BIN)/airflow pools set promotions 1 "registry alias moves, one at a time" > $(AIRFLOW_HOME)/pools.log 2>&1 \
+	  || { tail -20 $(AIRFLOW_HOME)/pools.log; exit 1; }
+	@touch $@
 
-airflow-init: $(AIRFLOW_HOME)/airflow.db ## create the Airflow metadata DB (SQLite)
+airflow-init: $(AIRFLOW_HOME)/airflow.db $(AIRFLOW_HOME)/pools.done ## create the Airflow metadata DB (SQLite)
 
 run: venv airflow-init ## train on the full dataset through Airflow, then print the model version
 	@mkdir -p $(RUNTIME) && source_uri=$${PIPELINE_SOURCE_URI:-$$(scripts/get_dataset.sh)} && \

@@ -248,7 +248,9 @@ def training_pipeline():
 
         return tasks.gate(params, version, processed)
 
-    @task(pool=PROMOTIONS_POOL)
+    # Not in the pool: serving and querying take a while, and the staging move inside holds the
+    # registry lock anyway; the pool is for the production moves a person waits on.
+    @task
     def infra_validate(version: dict, processed: dict, params=None, dag_run=None) -> dict:
         from pipeline import tasks
 
@@ -257,7 +259,9 @@ def training_pipeline():
 
     @task.short_circuit
     def auto_promote(params=None) -> bool:
-        return bool(params["auto_promote"])
+        from pipeline import tasks
+
+        return tasks.auto_promote(params)
 
     @task(pool=PROMOTIONS_POOL)
     def promote(version: dict, params=None, dag_run=None) -> dict:

@@ -97,6 +97,11 @@ class InfraValidationError(BadInputError):
     served predictions differ from the offline ones. ``staging`` does not move."""
 
 
+class ServingTimeoutError(PipelineError):
+    """A serving process did not become ready in time (a slow artifact download, a busy
+    machine): not a verdict on the model, so Airflow retries it."""
+
+
 class PromotionRefusedError(BadInputError):
     """An alias move was refused: the version did not pass the gate and infra validation, or
     there is no earlier production version to roll back to."""

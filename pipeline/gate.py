@@ -25,13 +25,15 @@ import numpy as np
 
 from pipeline.config import GatePolicy, Settings
 from pipeline.errors import GateFailedError
-from pipeline.promote import PRODUCTION, TAG_GATE, alias_version
+from pipeline.promote import PRODUCTION, TAG_GATE, TAG_GATE_PRODUCTION, alias_version
 from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
 from pipeline.storage import Storage
 from pipeline.tracking import tracking_client
 
 log = logging.getLogger(__name__)
 
+# Counts of images make the rates; a drop exactly at the tolerance must pass despite float error.
+EPSILON = 1e-9
 REPORT_JSON = "gate/gate_report.json"
 REPORT_MD = "gate/gate_report.md"
 DESCRIPTION_MARK = "\n\n## Promotion gate\n"
@@ -77,18 +79,18 @@ def decide(candidate: ModelScore, production: ModelScore | None, policy: GatePol
     if production is None or production.version == candidate.version:
         return reasons
     delta = candidate.accuracy - production.accuracy
-    if -delta > policy.max_accuracy_drop:
+    if -delta > policy.max_accuracy_drop + EPSILON:
         reasons.append(
             f"test accuracy {candidate.accuracy:.4f} is {-delta:.4f} below production v{production.version} "
             f"({production.accuracy:.4f}; tolerance {policy.max_accuracy_drop:.4f})"
         )
-    elif policy.min_improvement > 0 and delta < policy.min_improvement:
+    elif policy.min_improvement > 0 and delta < policy.min_improvement - EPSILON:
         reasons.append(f"gain over production v{production.version} {delta:+.4f}, less than the required "
                        f"{policy.min_improvement:.4f}")
     drops = {name: production.class_recall[name] - recall for name, recall in candidate.class_recall.items()
              if name in production.class_recall}
     for name, drop in sorted(drops.items(), key=lambda kv: -kv[1]):
-        if drop > policy.max_class_drop:
+        if drop > policy.max_class_drop + EPSILON:
             reasons.append(f"class {name} recall {candidate.class_recall[name]:.4f} is {drop:.4f} below production "
                            f"({production.class_recall[name]:.4f}; tolerance {policy.max_class_drop:.4f})")
     return reasons
@@ -118,29 +120,35 @@ def report_markdown(result: GateResult) -> str:
 
 
 def _record(client: Any, result: GateResult) -> None:
-    """Tags, description and report files: the decision where a person looks for it."""
+    """Report files, description, then tags, the verdict (``gate.decision``) last: a version
+    carries a verdict only once everything behind it is written."""
+    from pipeline.register import fit_description
+
     name, version = result.model_name, result.version
     prod = result.production
-    tags = {
-        TAG_GATE: "passed" if result.passed else "failed",
-        "gate.reasons": "; ".join(result.reasons)[:4900] or "none",
-        "gate.candidate_accuracy": f"{result.candidate['accuracy']:.4f}",
-        "gate.production_version": prod["version"] if prod else "none",
-        "gate.production_accuracy": f"{prod['accuracy']:.4f}" if prod else "none",
-        "gate.policy": json.dumps(result.policy, sort_keys=True),
-        "gate.test_data": result.processed_hash,
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
     markdown = report_markdown(result)
-    described = client.get_model_version(name, version).description or ""
-    client.update_model_version(name, version, description=described.split(DESCRIPTION_MARK)[0] + DESCRIPTION_MARK + markdown)
-    run_id = client.get_model_version(name, version).run_id
-    if run_id:
+    found = client.get_model_version(name, version)
+    if found.run_id:
         with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
             (Path(tmp) / Path(REPORT_JSON).name).write_text(json.dumps(result.to_dict(), indent=2))
             (Path(tmp) / Path(REPORT_MD).name).write_text(markdown)
-            client.log_artifacts(run_id, tmp, "gate")
+            client.log_artifacts(found.run_id, tmp, "gate")
+    card = (found.description or "").split(DESCRIPTION_MARK)[0]
+    client.update_model_version(name, version, description=fit_description(card, DESCRIPTION_MARK + markdown, found.run_id))
+    tags = {
+        "gate.reasons": "; ".join(result.reasons)[:4900] or "none",
+        "gate.candidate_accuracy": f"{result.candidate['accuracy']:.4f}",
+        "gate.candidate_class_recall": json.dumps({k: round(v, 4) for k, v in result.candidate["class_recall"].items()}),
+        TAG_GATE_PRODUCTION: prod["version"] if prod else "none",
+        "gate.production_accuracy": f"{prod['accuracy']:.4f}" if prod else "none",
+        "gate.production_class_recall": json.dumps({k: round(v, 4) for k, v in prod["class_recall"].items()})
+        if prod else "none",
+        "gate.policy": json.dumps(result.policy, sort_keys=True),
+        "gate.test_data": result.processed_hash,
+        TAG_GATE: "passed" if result.passed else "failed",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def gate(

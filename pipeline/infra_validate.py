@@ -28,6 +28,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.errors import InfraValidationError, PromotionRefusedError
+from pipeline.errors import InfraValidationError, PromotionRefusedError, ServingTimeoutError
 from pipeline.promote import STAGING, TAG_GATE, TAG_INFRA, move_alias
 from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
 from pipeline.storage import Storage
@@ -82,21 +84,67 @@ def _post(url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], float]:
     return body, (time.perf_counter() - start) * 1000
 
 
-def _wait_ready(base: str, server: subprocess.Popen, log_path: Path, where: str, timeout_s: float) -> None:
+def _last_line(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _die_with_parent() -> None:
+    """In the server process: get SIGTERM when the validating process dies (even by SIGKILL),
+    so that no server outlives a killed Airflow task."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def _ready(base: str, server: subprocess.Popen, log_path: Path, where: str, timeout_s: float) -> bool:
+    """Wait for ``/ready``; False if the port was taken before the server bound it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            last = _last_line(log_path)
+            if "address already in use" in last.lower():
+                return False
             raise InfraValidationError(where, "a serving process that loads the model",
-                                       f"exit status {server.returncode}: {lines[-1] if lines else 'no output'}")
+                                       f"exit status {server.returncode}: {last}")
         try:
             with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
                 if response.status == 200:
-                    return
+                    return True
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass  # not listening yet, or 503 while loading
         time.sleep(0.25)
-    raise InfraValidationError(where, f"/ready within {timeout_s:.0f} s", "not ready")
+    raise ServingTimeoutError(f"{where}: expected /ready within {timeout_s:.0f} s, found the server still "
+                              f"starting; its last line: {_last_line(log_path)}")
+
+
+@contextmanager
+def serving_process(name: str, version: str, settings: Settings, where: str) -> Iterator[str]:
+    """``pipeline serve`` for the version in a fresh process; yields its base URL; always stops it."""
+    with tempfile.TemporaryDirectory(prefix="infra-validate-") as tmp:
+        log_path = Path(tmp) / "serve.log"
+        for _ in range(3):  # a free port can be taken by someone else before the server binds it
+            port = free_port()
+            command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{name}/{version}",
+                       "--host", "127.0.0.1", "--port", str(port)]
+            with log_path.open("wb") as server_log:
+                server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **settings.to_env()},
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            try:
+                base = f"http://127.0.0.1:{port}"
+                if _ready(base, server, log_path, where, READY_TIMEOUT_S):
+                    yield base
+                    return
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+        raise ServingTimeoutError(f"{where}: expected a free loopback port, found three taken in a row")
 
 
 def offline_probabilities(run_id: str, storage: Storage, images: np.ndarray) -> np.ndarray:
@@ -141,32 +189,16 @@ def infra_validate(
     images = load_split(processed, storage, "test")[0][:BATCH_IMAGES]
     offline = offline_probabilities(candidate.run_id, storage, images)
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{name}/{version}",
-               "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryDirectory(prefix="infra-validate-") as tmp:
-        log_path = Path(tmp) / "serve.log"
-        with log_path.open("wb") as server_log:
-            server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **settings.to_env()})
-        try:
-            _wait_ready(base, server, log_path, where, READY_TIMEOUT_S)
+    try:
+        with serving_process(name, version, settings, where) as base:
             try:
                 served, latency = served_probabilities(base, images, version, where)
             except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
                 raise InfraValidationError(where, "valid answers to /predict", f"{type(exc).__name__}: {exc}") from exc
-        except InfraValidationError as exc:
-            client.set_model_version_tag(name, version, TAG_INFRA, "failed")
-            client.set_model_version_tag(name, version, "infra.reason", str(exc)[:4900])
-            raise
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    except InfraValidationError as exc:  # a verdict on the version (a timeout is not: it is retried)
+        client.set_model_version_tag(name, version, "infra.reason", str(exc)[:4900])
+        client.set_model_version_tag(name, version, TAG_INFRA, "failed")
+        raise
 
     difference = float(np.abs(served - offline).max())
     same_classes = bool((served.argmax(axis=1) == offline.argmax(axis=1)).all())
@@ -176,15 +208,18 @@ def infra_validate(
             where, f"served predictions equal to the offline ones of run {candidate.run_id} (probabilities within "
             f"{PROBABILITY_TOLERANCE})", f"{changed} of {len(images)} classes differ, largest probability difference "
             f"{difference:.4g}")
-        client.set_model_version_tag(name, version, TAG_INFRA, "failed")
         client.set_model_version_tag(name, version, "infra.reason", str(error)[:4900])
+        client.set_model_version_tag(name, version, TAG_INFRA, "failed")
         raise error
 
-    record = {TAG_INFRA: "passed", "infra.reason": "none", "infra.max_probability_difference": f"{difference:.3g}",
-              "infra.images": str(len(images)), **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()}}
+    record = {"infra.reason": "none", "infra.max_probability_difference": f"{difference:.3g}",
+              "infra.images": str(len(images)), **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()},
+              TAG_INFRA: "passed"}  # the verdict last
     for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
-    move = move_alias(settings, STAGING, version, "stage", actor, "passed the gate and infra validation")
+    # Forward only: a rerun that reused an old model does not take staging back from a newer one.
+    move = move_alias(settings, STAGING, version, "stage", actor, "passed the gate and infra validation",
+                      forward_only=True)
     result = InfraValidationResult(
         model_name=name, version=version, images=len(images), single_requests=SINGLE_REQUESTS,
         max_probability_difference=difference, latency_ms=latency, staging=move.to_dict() if move else None,

@@ -9,12 +9,16 @@ registered model's page in the MLflow UI and with ``pipeline history``.
 Moves are serialised by a **registry lock**: a registered model named ``<model>.lock`` that
 exists while a move is in progress. Creating a registered model is atomic in every MLflow store
 (a unique name: SQLite, PostgreSQL or a tracking server), so two promotions started at once,
-from two Airflow workers or two shells, cannot interleave: reading the current version, moving
-the alias and numbering the history entry happen under it. Airflow's ``promotions`` pool (one
-slot) keeps the DAGs from even trying at once.
+from two Airflow workers or two shells, cannot interleave: reading the current version, the
+checks, moving the alias and numbering the history entry happen under it. The lock carries a
+token: its holder deletes only its own, and a waiter that sees one holder keep it for
+``LOCK_STALE_S`` (its own clock, no clock comparison between machines) breaks it. Airflow's
+``promotions`` pool (one slot) keeps the deployment DAGs from even trying at once.
 
-``rollback`` replays the production history as a stack: a promotion pushes, a rollback pops, so
-two rollbacks in a row go two versions back.
+``promote`` refuses a version whose gate compared it with another production version than the
+current one (the gate must be run again), and, when it defaults to the staging version, one
+that production was rolled back from. ``rollback`` replays the production history as a stack: a
+promotion pushes, a rollback pops, so two rollbacks in a row go two versions back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import random
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,11 +48,19 @@ HISTORY_PREFIX = "promotion."
 #: Version tag written by infra validation; ``promote`` refuses a version without ``passed``.
 TAG_INFRA = "infra_validation"
 TAG_GATE = "gate.decision"
+TAG_GATE_PRODUCTION = "gate.production_version"
+"""The production version the gate compared with ("none" when there was none)."""
+
+TAG_ROLLED_BACK = "promotion.rolled_back"
+"""Set on a version production was rolled back from: promoting it again needs its number."""
 
 LOCK_WAIT_S = 120.0
 """How long a move waits for another one to finish (a move takes about a second)."""
-LOCK_STALE_S = 600.0
-"""A lock older than this was left by a process that died mid-move; it is broken."""
+LOCK_STALE_S = 60.0
+"""A lock seen held by the same holder for this long (on the waiter's own clock) was left by a
+process that died mid-move, and is broken. A move holds it for about a second."""
+MAX_REASON = 1000
+"""Characters of a reason kept in the history (a registered-model tag holds at most 5,000)."""
 
 
 @dataclass(frozen=True)
@@ -77,45 +90,58 @@ def _error_code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
-@contextmanager
-def registry_lock(client: Any, name: str, actor: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
-    """Hold ``<name>.lock`` (a registered model) while the body runs."""
+def _lock_token(client: Any, lock: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
-    lock = f"{name}.lock"
+    try:
+        return client.get_registered_model(lock).tags.get("token")
+    except MlflowException as exc:
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+@contextmanager
+def registry_lock(client: Any, name: str, actor: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold ``<name>.lock`` (a registered model carrying our token) while the body runs."""
+    from mlflow.exceptions import MlflowException
+
+    lock, token = f"{name}.lock", uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
+    seen: tuple[str | None, float] = (None, time.monotonic())  # the holder we are waiting on, since when
     while True:
         try:
             client.create_registered_model(
-                lock, tags={"holder": actor},
-                description=f"Held while an alias of {name} moves (pipeline.promote). Safe to delete when "
-                f"older than {LOCK_STALE_S:.0f} s: its holder died.",
+                lock, tags={"holder": actor, "token": token},
+                description=f"Held while an alias of {name} moves (pipeline.promote); broken when held by "
+                f"one holder for {LOCK_STALE_S:.0f} s.",
             )
             break
         except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            # Taken; or, through a tracking server, taken and released while the server looked
+            # it up to report the conflict (RESOURCE_DOES_NOT_EXIST): either way, try again.
+            if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
-        try:
-            held = client.get_registered_model(lock)
-        except MlflowException:
-            continue  # released between our two calls
-        age_s = time.time() - held.creation_timestamp / 1000
-        if age_s > LOCK_STALE_S:
-            log.warning("breaking the registry lock %s held by %s for %.0f s", lock, held.tags.get("holder"), age_s)
-            _delete_quietly(client, lock)
+        holder = _lock_token(client, lock)
+        now = time.monotonic()
+        if holder != seen[0]:
+            seen = (holder, now)
+        elif holder is not None and now - seen[1] > LOCK_STALE_S and _lock_token(client, lock) == holder:
+            log.warning("breaking the registry lock %s: the same holder kept it for %.0f s", lock, now - seen[1])
+            _delete_lock(client, lock)
             continue
-        if time.monotonic() > deadline:
-            raise RegistryBusyError(
-                f"registry lock {lock}: held by {held.tags.get('holder', '?')} for {age_s:.0f} s; waited {wait_s:.0f} s"
-            )
+        if now > deadline:
+            raise RegistryBusyError(f"registry lock {lock}: expected it free within {wait_s:.0f} s, found it held "
+                                    f"for {now - seen[1]:.0f} s; try again")
         time.sleep(0.05 + random.random() * 0.2)  # jitter: waiters do not retry in step
     try:
         yield
     finally:
-        _delete_quietly(client, lock)
+        if _lock_token(client, lock) == token:  # ours still: not broken by a waiter meanwhile
+            _delete_lock(client, lock)
 
 
-def _delete_quietly(client: Any, lock: str) -> None:
+def _delete_lock(client: Any, lock: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -138,74 +164,124 @@ def read_history(client: Any, name: str) -> list[AliasMove]:
 
 
 def alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at; None when it points nowhere (any other failure raises:
+    "no production version" must never be a guess)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _error_code(exc) in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
 
 
 def _move(client: Any, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> AliasMove:
     """Point ``alias`` at ``version`` and append the move to the history (the caller holds the lock).
 
-    The alias moves first: a crash between the two leaves a move without its entry, never an
-    entry for a move that did not happen (which would mislead ``rollback``).
+    The alias moves first: a crash between the two leaves a move without its entry (repaired by
+    the retry, see :func:`_already_there`), never an entry for a move that did not happen.
     """
     previous = alias_version(client, name, alias)
     history = read_history(client, name)
     entry = AliasMove(
         seq=(history[-1].seq + 1) if history else 1, alias=alias, action=action, from_version=previous,
-        to_version=str(version), actor=actor, at=datetime.now(UTC).isoformat(timespec="milliseconds"), reason=reason,
+        to_version=str(version), actor=actor, at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        reason=reason[:MAX_REASON],
     )
-    client.set_registered_model_alias(name, alias, str(version))
+    if previous != str(version):
+        client.set_registered_model_alias(name, alias, str(version))
     client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{entry.seq:06d}", json.dumps(entry.to_dict()))
     log.info("%s: %s %s -> %s (%s by %s)", name, alias, previous, version, action, actor)
     return entry
 
 
+def _already_there(client: Any, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> bool:
+    """True when ``alias`` is at ``version`` already. If the history does not say so (a retry
+    after a crash between the move and its entry), the entry is written now."""
+    if alias_version(client, name, alias) != str(version):
+        return False
+    recorded = [e for e in read_history(client, name) if e.alias == alias]
+    if not recorded or recorded[-1].to_version != str(version):
+        _move(client, name, alias, version, action, actor, f"{reason} (recorded on retry)".strip())
+    return True
+
+
 def move_alias(
-    settings: Settings, alias: str, version: str, action: str, actor: str, reason: str = ""
+    settings: Settings, alias: str, version: str, action: str, actor: str, reason: str = "", forward_only: bool = False
 ) -> AliasMove | None:
-    """Point ``alias`` at ``version`` under the lock; None if it already pointed there."""
+    """Point ``alias`` at ``version`` under the lock; None if it was there already or, with
+    ``forward_only``, if it points at a newer version (a rerun that reused an old model)."""
     client = tracking_client(settings)
     name = settings.model_name
     with registry_lock(client, name, actor):
-        if alias_version(client, name, alias) == str(version):
+        if _already_there(client, name, alias, version, action, actor, reason):
+            return None
+        current = alias_version(client, name, alias)
+        if forward_only and current is not None and int(current) > int(version):
+            log.info("%s: %s stays at version %s, newer than %s", name, alias, current, version)
             return None
         return _move(client, name, alias, version, action, actor, reason)
 
 
-def _require_validated(client: Any, name: str, version: str) -> None:
+def _require_promotable(
+    client: Any, name: str, version: str, production: str | None, by_default: bool, automatic: bool
+) -> None:
+    """Refuse a version that did not pass the gate and infra validation; unless a person named
+    it, also one whose gate compared it with another production version than today's, and (as
+    the default staging version) one that production was rolled back from."""
     from mlflow.exceptions import MlflowException
 
+    where = f"{name} version {version}"
     try:
         tags = client.get_model_version(name, version).tags
     except MlflowException as exc:
         raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
     for tag, what in ((TAG_GATE, "the gate"), (TAG_INFRA, "infra validation")):
         if tags.get(tag) != "passed":
-            raise PromotionRefusedError(
-                f"{name} version {version}", f"a version that passed {what} (tag {tag}=passed)",
-                repr(tags.get(tag, "no such tag")),
-            )
+            raise PromotionRefusedError(where, f"a version that passed {what} (tag {tag}=passed)",
+                                        repr(tags.get(tag, "no such tag")))
+    gated_against = tags.get(TAG_GATE_PRODUCTION)
+    if (by_default or automatic) and gated_against != (production or "none"):
+        raise PromotionRefusedError(
+            where, f"a gate against today's production ({production or 'none'})",
+            f"a gate against {gated_against}; run the gate again (pipeline gate --version {version})",
+        )
+    if by_default and TAG_ROLLED_BACK in tags:
+        raise PromotionRefusedError(
+            where, "a staging version production was not rolled back from",
+            f"rolled back at {tags[TAG_ROLLED_BACK]}; name it (--version {version}) to promote it again",
+        )
 
 
-def promote(settings: Settings, version: str | None = None, actor: str | None = None, reason: str = "") -> AliasMove | None:
+def promote(
+    settings: Settings, version: str | None = None, actor: str | None = None, reason: str = "",
+    forward_only: bool = False,
+) -> AliasMove | None:
     """Move ``production`` to ``version`` (default: the ``staging`` version), which must have
-    passed the gate and infra validation. None when it is production already."""
+    passed the gate and infra validation. None when it is production already.
+
+    ``forward_only`` is for automation (a training run's ``auto_promote``): production never goes
+    to an older version, and the gate must have compared against today's production. A person
+    naming ``version`` may promote any validated version; the default staging version must also
+    have been gated against today's production."""
     client = tracking_client(settings)
     name = settings.model_name
     actor = actor or cli_actor()
+    reason = reason or "promoted from staging"
     with registry_lock(client, name, actor):
-        target = version or alias_version(client, name, STAGING)
+        target = str(version) if version else alias_version(client, name, STAGING)
         if target is None:
             raise ReferenceNotFoundError(f"model {name}", "a version with alias staging (or --version)", "none")
-        _require_validated(client, name, str(target))
-        if alias_version(client, name, PRODUCTION) == str(target):
+        if _already_there(client, name, PRODUCTION, target, "promote", actor, reason):
             log.info("%s version %s is production already", name, target)
             return None
-        return _move(client, name, PRODUCTION, str(target), "promote", actor, reason or "promoted from staging")
+        current = alias_version(client, name, PRODUCTION)
+        if forward_only and current is not None and int(current) > int(target):
+            log.info("%s: production stays at version %s, newer than %s", name, current, target)
+            return None
+        _require_promotable(client, name, target, current, by_default=version is None, automatic=forward_only)
+        return _move(client, name, PRODUCTION, target, "promote", actor, reason)
 
 
 def production_stack(history: list[AliasMove]) -> list[str]:
@@ -214,41 +290,43 @@ def production_stack(history: list[AliasMove]) -> list[str]:
     for entry in history:
         if entry.alias != PRODUCTION:
             continue
-        if entry.action == "rollback":
-            while stack and stack[-1] != entry.to_version:
+        if entry.action == "rollback" and entry.to_version in stack:
+            while stack[-1] != entry.to_version:
                 stack.pop()
-            if not stack:
-                stack.append(entry.to_version)
-        else:
+        else:  # a promotion, or a rollback to a version no longer on the stack: it goes on top
             stack.append(entry.to_version)
     return stack
 
 
 def rollback(settings: Settings, to_version: str | None = None, actor: str | None = None, reason: str = "") -> AliasMove:
-    """Move ``production`` back to the version before it (or back to ``to_version``)."""
+    """Move ``production`` back to the version before it, or to ``to_version``, which must have
+    been production before. The version rolled back from is tagged, so that a default
+    ``promote`` (the staging version) does not bring it straight back."""
     client = tracking_client(settings)
     name = settings.model_name
     actor = actor or cli_actor()
     with registry_lock(client, name, actor):
         current = alias_version(client, name, PRODUCTION)
-        stack = production_stack(read_history(client, name))
+        history = read_history(client, name)
         if to_version is None:
-            earlier = [v for v in stack[:-1] if v != current]
+            earlier = [v for v in production_stack(history) if v != current]
             if current is None or not earlier:
                 raise PromotionRefusedError(
                     f"model {name} production history", "an earlier production version to roll back to",
                     f"none (production is {current or 'unset'})",
                 )
             to_version = earlier[-1]
-        elif str(to_version) == current:
-            raise PromotionRefusedError(f"model {name}", f"a version other than production ({current})", str(to_version))
-        from mlflow.exceptions import MlflowException
-
-        try:
-            client.get_model_version(name, str(to_version))
-        except MlflowException as exc:  # the version was deleted
-            raise ReferenceNotFoundError(f"model {name}", f"a version {to_version}", "none") from exc
-        return _move(client, name, PRODUCTION, str(to_version), "rollback", actor, reason or "rolled back")
+        to_version = str(to_version)
+        been_production = {e.to_version for e in history if e.alias == PRODUCTION}
+        if to_version == current or to_version not in been_production:
+            raise PromotionRefusedError(
+                f"model {name} rollback", f"a version that was production before, other than the current "
+                f"({', '.join(sorted(been_production - {current}, key=int)) or 'none'})", to_version,
+            )
+        move = _move(client, name, PRODUCTION, to_version, "rollback", actor, reason or "rolled back")
+        if current is not None:
+            client.set_model_version_tag(name, current, TAG_ROLLED_BACK, move.at)
+        return move
 
 
 def history(settings: Settings) -> list[AliasMove]:
@@ -260,6 +338,6 @@ def format_history(entries: list[AliasMove]) -> str:
     for e in entries:
         lines.append(
             f"{e.seq:>3}  {e.at[:23]:<23}  {e.alias:<10}  {e.action:<8}  {e.from_version or '-':>4} -> {e.to_version:<4}  "
-            f"{e.actor[:28]:<28}  {e.reason}"
+            f"{e.actor:<28}  {e.reason}"
         )
     return "\n".join(lines)

@@ -12,12 +12,14 @@ Returns a :class:`~pipeline.refs.ModelVersionRef`.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.promote import CANDIDATE, cli_actor, move_alias
+from pipeline.errors import ReferenceNotFoundError
+from pipeline.promote import CANDIDATE, cli_actor, move_alias, registry_lock
 from pipeline.refs import EvaluationResult, ModelVersionRef, ProcessedDatasetRef, TrainResult, ValidationRef
 from pipeline.storage import Storage
 from pipeline.tracking import TAG_CODE, tracking_client
@@ -25,6 +27,8 @@ from pipeline.tracking import TAG_CODE, tracking_client
 log = logging.getLogger(__name__)
 
 DATA_REPORT = "data_report"
+DESCRIPTION_LIMIT = 5000
+"""Characters a version description may hold in MLflow's SQL stores (PostgreSQL enforces it)."""
 MODEL_CARD = "evaluation/model_card.md"  # written by pipeline.evaluate
 MODEL_DESCRIPTION = (
     "Fashion-MNIST image classifier trained by the training_pipeline DAG. Input: float32 pixels in "
@@ -89,17 +93,21 @@ def register_version(
 
     client = tracking_client(settings)
     name = settings.model_name
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version, created = str(existing[0].version), False
-    else:
-        version, created = str(mlflow.register_model(model_uri, name).version), True
+    # Under the lock: two attempts for one run (a retry beside a zombie, the CLI beside the DAG)
+    # must not both find nothing and both register.
+    with registry_lock(client, name, actor):
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if existing:
+            version, created = str(existing[0].version), False
+        else:
+            version, created = str(mlflow.register_model(model_uri, name).version), True
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)
-    if created and description:
+    if description and (created or not client.get_model_version(name, version).description):
         client.update_model_version(name, version, description=description)
-    # Last: whoever follows `candidate` finds the version complete.
-    move_alias(settings, CANDIDATE, version, "register", actor, f"registered from run {run_id}")
+    # Last: whoever follows `candidate` finds the version complete. Forward only: a rerun that
+    # reused an old training does not take `candidate` back from a newer version.
+    move_alias(settings, CANDIDATE, version, "register", actor, f"registered from run {run_id}", forward_only=True)
     return version, created
 
 
@@ -113,6 +121,15 @@ def _log_data_report(client: object, run_id: str, validation: ValidationRef, sto
         for name in ("index.html", *(f"{suite}.html" for suite in validation.suites), "validation.json"):
             (Path(tmp) / name).write_bytes(storage.get_bytes(f"{prefix}/{name}"))
         client.log_artifacts(run_id, tmp, DATA_REPORT)  # type: ignore[attr-defined]
+
+
+def fit_description(card: str, tail: str = "", run_id: str = "") -> str:
+    """``card`` followed by ``tail`` within :data:`DESCRIPTION_LIMIT`: the card is cut (with a
+    pointer to the whole one in the run) rather than the tail (the gate's verdict)."""
+    if len(card) + len(tail) <= DESCRIPTION_LIMIT:
+        return card + tail
+    pointer = f"\n\n... (cut to fit the registry; the whole card is {MODEL_CARD} in run {run_id})"
+    return card[: DESCRIPTION_LIMIT - len(tail) - len(pointer)] + pointer + tail
 
 
 def version_description(
@@ -132,9 +149,10 @@ def version_description(
     with tempfile.TemporaryDirectory(prefix="model-card-") as tmp:
         try:
             card = Path(client.download_artifacts(trained.run_id, MODEL_CARD, tmp)).read_text()  # type: ignore[attr-defined]
-        except (MlflowException, OSError):
-            return header
-    return f"{header}\n\n{card}"
+        except (MlflowException, OSError) as exc:
+            raise ReferenceNotFoundError(f"run {trained.run_id}", f"the model card {MODEL_CARD} that evaluate writes",
+                                         "none; evaluate the run first") from exc
+    return fit_description(f"{header}\n\n{card}", "", trained.run_id)
 
 
 def register(
@@ -163,6 +181,7 @@ def register(
         "validation": "passed: " + ", ".join(sorted(s for s, ok in validation.suites.items() if ok)),
         "data_report": validation.report_uri,
         "test_accuracy": f"{evaluation.test_accuracy:.4f}",
+        "classes": json.dumps(list(processed.classes)),
     }
     description = version_description(client, trained, evaluation, validation)
     version, created = register_version(settings, trained.run_id, model_uri, actor or cli_actor(), tags, description)

@@ -128,12 +128,14 @@ def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
         "model_name": version.name, "version": str(version.version), "alias": match["alias"],
         "aliases": sorted(version.aliases), "run_id": version.run_id,
         "dataset_hash": version.tags.get("dataset_hash"), "processed_hash": version.tags.get("processed_hash"),
-        "classes": list(FASHION_MNIST_CLASSES),
+        # Registered with the version; versions registered before that were all Fashion-MNIST.
+        "classes": json.loads(version.tags["classes"]) if "classes" in version.tags else list(FASHION_MNIST_CLASSES),
     }
 
 
 def create_app(loaded: LoadedModel) -> Any:
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__)
@@ -170,7 +172,8 @@ def create_app(loaded: LoadedModel) -> Any:
             return JSONResponse({"detail": f"body: expected JSON, found a syntax error at {exc.pos}: {exc.msg}"}, status_code=400)
         except RequestError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        probabilities = loaded.predict(pixels)
+        # Off the event loop: /health and /ready answer while a batch is computed.
+        probabilities = await run_in_threadpool(loaded.predict, pixels)
         classes = loaded.metadata["classes"]
         return JSONResponse({
             "model_version": loaded.metadata["version"],

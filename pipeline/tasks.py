@@ -176,14 +176,25 @@ def infra_validate(params: Params | None, version: dict[str, Any], processed: di
     return stage(ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, by).to_dict()
 
 
+def auto_promote(params: Params | None) -> bool:
+    """Whether the training run itself moves ``production`` (the Param ``auto_promote``)."""
+    return _context(params)[2].auto_promote
+
+
 def promote(params: Params | None, by: str, version: str | None = None, reason: str | None = None) -> dict[str, Any]:
-    """Move ``production`` to ``version`` (else the Param ``version``, else the staging version)."""
+    """Move ``production`` to ``version`` (a training run's own, forward only), else to the Param
+    ``version``, else to the staging version (a person's choice)."""
+    from pipeline.promote import PRODUCTION, alias_version
     from pipeline.promote import promote as stage
+    from pipeline.tracking import tracking_client
 
     params = params or {}
+    settings = Settings.from_env()
     chosen = version or (str(params["version"]) if params.get("version") not in (None, "") else None)
-    move = stage(Settings.from_env(), chosen, by, reason or params.get("reason") or "")
-    return move.to_dict() if move else {"moved": False, "to_version": chosen}
+    move = stage(settings, chosen, by, reason or params.get("reason") or "", forward_only=version is not None)
+    if move:
+        return move.to_dict()
+    return {"moved": False, "production": alias_version(tracking_client(settings), settings.model_name, PRODUCTION)}
 
 
 def rollback(params: Params | None, by: str) -> dict[str, Any]:

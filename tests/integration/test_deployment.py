@@ -63,32 +63,46 @@ def registry(tmp_path_factory, small_dataset):
 
 
 def deploy(registry, label: str):
-    """The DAG's path after register: gate, infra validation (staging), promote."""
+    """The DAG's path after register with auto_promote: gate, infra validation (staging), promote."""
     version = registry["versions"][label]
     args = (registry["processed"], registry["storage"], registry["settings"])
     verdict = gate(version, *args, POLICY)
     served = infra_validate(version, *args, ACTOR)
-    return verdict, served, promote(registry["settings"], version.version, ACTOR, f"test: deploy {label}")
+    move = promote(registry["settings"], version.version, ACTOR, f"test: deploy {label}", forward_only=True)
+    return verdict, served, move
 
 
-def test_a_better_candidate_is_promoted_a_worse_one_is_stopped_and_rollback_restores(registry):
+@pytest.fixture(scope="module")
+def deployed(registry):
+    """v1 deployed to production, then v2 (better) deployed over it."""
+    return {"v1": deploy(registry, "v1"), "v2": deploy(registry, "v2")}
+
+
+def test_a_better_candidate_is_promoted_a_worse_one_is_stopped_and_rollback_restores(registry, deployed):
     settings, versions = registry["settings"], registry["versions"]
     client = tracking_client(settings)
     name = settings.model_name
     assert [versions[v].version for v in ("v1", "v2", "v3")] == ["1", "2", "3"]
 
-    verdict, served, move = deploy(registry, "v1")
+    verdict, served, move = deployed["v1"]
     assert verdict.passed and verdict.production is None  # no production yet: the floor alone
     assert served.max_probability_difference <= 1e-4 and served.latency_ms["single_p50"] > 0
     assert move.to_version == "1" and move.from_version is None
 
-    verdict, _, move = deploy(registry, "v2")
+    verdict, _, move = deployed["v2"]
     assert verdict.passed and verdict.production["version"] == "1"
     assert verdict.candidate["accuracy"] > verdict.production["accuracy"]
     assert (move.from_version, move.to_version) == ("1", "2")
     tags = client.get_model_version(name, "2").tags
     assert tags["gate.decision"] == "passed" and tags["gate.production_version"] == "1"
     assert tags["infra_validation"] == "passed" and float(tags["infra.latency_single_p50_ms"]) > 0
+    assert json.loads(tags["gate.production_class_recall"]).keys() == json.loads(tags["gate.candidate_class_recall"]).keys()
+
+    # v1 clears the floor but is worse than production v2: the comparison stops it.
+    with pytest.raises(GateFailedError) as failed:
+        gate(versions["v1"], registry["processed"], registry["storage"], settings, POLICY)
+    assert "version 1 against production v2" in str(failed.value) and "below production v2" in str(failed.value)
+    assert "below the floor" not in str(failed.value) and "\n" not in str(failed.value)
 
     with pytest.raises(GateFailedError) as failed:
         gate(versions["v3"], registry["processed"], registry["storage"], settings, POLICY)
@@ -130,7 +144,13 @@ def _register_copy(registry, source: str, run_id: str) -> ModelVersionRef:
                            model_uri=f"models:/{settings.model_name}/{created.version}", created=True)
 
 
-def test_infra_validation_fails_and_staging_stays_when_the_model_cannot_be_loaded(registry, tmp_path):
+def serving_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline()]
+
+
+def test_infra_validation_fails_and_staging_stays_when_the_model_cannot_be_loaded(registry, deployed, tmp_path):
     settings = registry["settings"]
     client = tracking_client(settings)
     v1 = client.get_model_version(settings.model_name, "1")
@@ -145,11 +165,12 @@ def test_infra_validation_fails_and_staging_stays_when_the_model_cannot_be_loade
         infra_validate(version, registry["processed"], registry["storage"], settings, ACTOR)
 
     assert "a serving process that loads the model" in str(failed.value) and "\n" not in str(failed.value)
-    assert alias_version(client, settings.model_name, STAGING) == staging
+    assert staging is not None and alias_version(client, settings.model_name, STAGING) == staging
     assert client.get_model_version(settings.model_name, version.version).tags["infra_validation"] == "failed"
+    assert serving_processes() == []  # the server it started is gone
 
 
-def test_infra_validation_fails_and_staging_stays_when_served_predictions_differ(registry):
+def test_infra_validation_fails_and_staging_stays_when_served_predictions_differ(registry, deployed):
     settings = registry["settings"]
     client = tracking_client(settings)
     v1, v2 = (client.get_model_version(settings.model_name, v) for v in ("1", "2"))
@@ -161,8 +182,13 @@ def test_infra_validation_fails_and_staging_stays_when_served_predictions_differ
     with pytest.raises(InfraValidationError) as failed:
         infra_validate(version, registry["processed"], registry["storage"], settings, ACTOR)
 
-    assert "served predictions equal to the offline ones" in str(failed.value)
-    assert alias_version(client, settings.model_name, STAGING) == staging
+    message = str(failed.value)
+    assert "served predictions equal to the offline ones" in message and "\n" not in message
+    assert "classes differ" in message
+    assert staging is not None and alias_version(client, settings.model_name, STAGING) == staging
+    tags = client.get_model_version(settings.model_name, version.version).tags
+    assert tags["infra_validation"] == "failed" and tags["infra.reason"] == message
+    assert serving_processes() == []
 
 
 def _model_dir(client, name: str, version: str, tmp_path: Path) -> Path:
@@ -173,7 +199,7 @@ def _model_dir(client, name: str, version: str, tmp_path: Path) -> Path:
     return Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "download")))
 
 
-def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry):
+def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, deployed):
     """Through a real MLflow server, as its UI does: the version's description is the model card
     (with the gate's verdict), and the run's artifacts hold the report and the card pages."""
     import requests

@@ -51,3 +51,21 @@ def test_minimum_improvement_when_asked():
 def test_the_production_version_itself_is_not_compared_with_itself():
     same = model("3", 0.85, 0.8, 0.9)
     assert decide(same, same, POLICY) == []
+
+
+def test_a_drop_exactly_at_the_tolerance_passes():
+    """9,000 then 8,950 right of 10,000 is a drop of exactly 0.005 (not 0.00500000001)."""
+    policy = GatePolicy(min_accuracy=0.8, max_accuracy_drop=0.005, max_class_drop=0.02)
+    production = model("1", 9000 / 10000, 900 / 1000, 0.9)
+    assert decide(model("2", 8950 / 10000, 880 / 1000, 0.9), production, policy) == []
+
+
+def test_a_long_model_card_and_the_gate_verdict_fit_the_registry():
+    """PostgreSQL-backed MLflow refuses a version description over 5,000 characters."""
+    from pipeline.register import DESCRIPTION_LIMIT, fit_description
+
+    card, verdict = "card line\n" * 700, "\n\n## Promotion gate\n" + "| row |\n" * 150
+    described = fit_description(card, verdict, "run123")
+    assert len(described) == DESCRIPTION_LIMIT and described.endswith(verdict)
+    assert "the whole card is evaluation/model_card.md in run run123" in described
+    assert fit_description("short", verdict) == "short" + verdict

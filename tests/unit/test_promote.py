@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -34,18 +33,19 @@ def test_production_stack_pushes_promotions_and_pops_rollbacks():
              entry(4, "promote", "3"), entry(5, "rollback", "2")]
     assert production_stack(moves) == ["1", "2"]
     assert production_stack([*moves, entry(6, "rollback", "1")]) == ["1"]
-    assert production_stack([*moves, entry(6, "rollback", "9")]) == ["9"]  # to a version never promoted
+    assert production_stack([*moves, entry(6, "rollback", "9")]) == ["1", "2", "9"]  # not on the stack: pushed
 
 
 @pytest.fixture
 def versions(settings, tmp_path):
-    """Three versions that passed the gate and infra validation."""
+    """Three versions that passed the gate (against no production) and infra validation."""
     client = tracking_client(settings)
     client.create_registered_model(settings.model_name)
     for _ in range(3):
         version = client.create_model_version(settings.model_name, str(tmp_path / "model"))
-        for tag in ("gate.decision", "infra_validation"):
-            client.set_model_version_tag(settings.model_name, version.version, tag, "passed")
+        for tag, value in (("gate.decision", "passed"), ("infra_validation", "passed"),
+                           ("gate.production_version", "none")):
+            client.set_model_version_tag(settings.model_name, version.version, tag, value)
     return client
 
 
@@ -77,6 +77,44 @@ def test_cli_promote_and_rollback(settings, versions, capsys):
     assert "production: version 3 -> 2" in capsys.readouterr().out.splitlines()[-1]
     assert main(["rollback"]) == 2  # nothing earlier than version 2
     assert "expected an earlier production version to roll back to, found none" in capsys.readouterr().err
+    assert main(["rollback", "--to", "1"]) == 2  # never production
+    assert "expected a version that was production before, other than the current (3), found 1" in \
+        capsys.readouterr().err
+
+
+def test_promotion_needs_a_gate_against_todays_production_unless_a_person_names_the_version(settings, versions):
+    name = settings.model_name
+    promote(settings, "1", actor="ci")
+    move_alias(settings, STAGING, "2", "stage", "ci")  # gated while there was no production
+    with pytest.raises(PromotionRefusedError, match=r"a gate against today's production \(1\), found a gate against none"):
+        promote(settings, actor="ci")
+    with pytest.raises(PromotionRefusedError, match="gate against today's production"):
+        promote(settings, "2", actor="airflow:training_pipeline/x", forward_only=True)
+    versions.set_model_version_tag(name, "2", "gate.production_version", "1")  # gated again
+    assert promote(settings, actor="ci").to_version == "2"
+    assert promote(settings, "1", actor="airflow:training_pipeline/y", forward_only=True) is None  # never back
+    assert promote(settings, "3", actor="alice@host").to_version == "3"  # named by a person
+
+
+def test_a_rolled_back_version_is_not_promoted_again_by_default(settings, versions):
+    name = settings.model_name
+    promote(settings, "1", actor="ci")
+    versions.set_model_version_tag(name, "2", "gate.production_version", "1")
+    move_alias(settings, STAGING, "2", "stage", "ci")
+    promote(settings, actor="ci")
+    rollback(settings, actor="ci", reason="bad answers on Shirt")
+    assert alias_version(versions, name, STAGING) == "2"
+    with pytest.raises(PromotionRefusedError, match="rolled back at .*; name it"):
+        promote(settings, actor="ci")
+    assert promote(settings, "2", actor="alice@host").to_version == "2"  # deliberately
+
+
+def test_a_move_whose_history_entry_was_lost_is_recorded_on_retry(settings, versions):
+    name = settings.model_name
+    versions.set_registered_model_alias(name, PRODUCTION, "1")  # the alias moved, then the process died
+    assert promote(settings, "1", actor="ci", reason="retry") is None
+    [recorded] = history(settings)
+    assert (recorded.to_version, recorded.reason) == ("1", "retry (recorded on retry)")
 
 
 def test_refusals_are_one_line_and_move_nothing(settings, versions):
@@ -96,14 +134,18 @@ def test_registry_lock_excludes_a_second_holder_and_breaks_a_dead_ones(settings,
 
     name = settings.model_name
     with registry_lock(versions, name, "first"):
-        with pytest.raises(RegistryBusyError, match="held by first"):
+        with pytest.raises(RegistryBusyError, match="expected it free within 0 s"):
             with registry_lock(versions, name, "second", wait_s=0.5):
                 pass
     with registry_lock(versions, name, "third"):  # released: free again
         pass
     # A holder that died leaves the lock behind; once it is older than LOCK_STALE_S it is broken.
-    versions.create_registered_model(f"{name}.lock", tags={"holder": "dead"})
-    monkeypatch.setattr(pipeline.promote, "LOCK_STALE_S", 0.2)
-    time.sleep(0.3)
+    versions.create_registered_model(f"{name}.lock", tags={"holder": "dead", "token": "t0"})
+    monkeypatch.setattr(pipeline.promote, "LOCK_STALE_S", 0.5)
     with registry_lock(versions, name, "fourth", wait_s=5):
         assert versions.get_registered_model(f"{name}.lock").tags["holder"] == "fourth"
+    # A holder whose lock was broken (it hung, then woke up) does not delete the next holder's.
+    with registry_lock(versions, name, "slow"):
+        versions.delete_registered_model(f"{name}.lock")
+        versions.create_registered_model(f"{name}.lock", tags={"holder": "next", "token": "t1"})
+    assert versions.get_registered_model(f"{name}.lock").tags["holder"] == "next"
