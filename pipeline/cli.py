@@ -214,7 +214,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.serve import serve
 
-    serve(args.model_uri or f"models:/{settings.model_name}@production", settings, args.host, args.port)
+    serve(args.model_uri or f"models:/{settings.model_name}@production", settings, args.host, args.port,
+          args.poll_interval)
     return {"stopped": True}
 
 
@@ -358,11 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="version to go back to (default: the one before the current)")
     p.add_argument("--reason", help="why, for the promotion history")
     p = add("history", cmd_history, "list every alias move of the registered model (promotion history)")
-    p = add("serve", cmd_serve, "serve a registered model over HTTP (/predict, /health, /ready, /metadata)")
+    p = add("serve", cmd_serve, "serve a registered model over HTTP (/predict, /health, /ready, /metadata, "
+            "/metrics); on an alias, follow it when it moves")
     p.add_argument("--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> "
                    "(default: models:/<model>@production)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--poll-interval", type=float, default=10.0,
+                   help="seconds between registry checks of the alias (10)")
     p = add("monitor", cmd_monitor, "check a batch of new images for drift against the production (else "
             "candidate) model's data; writes a drift report")
     p.add_argument("--batch", help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "

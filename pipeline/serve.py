@@ -1,209 +1,231 @@
-"""Serve: an HTTP endpoint for one registered model version.
+"""Serve: an HTTP endpoint for the registered model that follows the registry.
 
-``pipeline serve --model-uri models:/<name>@production`` (or ``models:/<name>/<version>``)
-starts it; infra validation starts it too, in a fresh process, before a version may become
-``staging``. The model loads in the background so that ``/health`` answers at once:
+``pipeline serve`` (default ``--model-uri models:/<name>@production``; infra validation starts
+it on a fixed ``models:/<name>/<version>``). The model loads in the background, so ``/health``
+answers at once; with an alias, the registry is polled and a promotion or rollback is served
+without a restart and without failing a request in flight (:mod:`pipeline.served_model`).
 
 * ``GET /health``: the process is up (200).
-* ``GET /ready``: 200 once the model is loaded, else 503 (with the load error if it failed).
-* ``GET /metadata``: model name, version, the alias it was loaded by, data hash, training run.
-* ``POST /predict``: ``{"instances": [image, ...]}`` or ``{"image": image}``, each image a 28x28
-  array of integers 0-255 or of floats in [0, 1]. Answers class ids, class names, probabilities
-  and the model version. A malformed request gets a 4xx saying what was expected and found.
+* ``GET /ready``: 200 once a model is loaded, else 503 (with the load error if it failed).
+* ``GET /metadata``: model name, version, alias, data hash, training run, classes.
+* ``POST /predict``: JSON ``{"instances": [image, ...]}`` or ``{"image": image}`` (28x28
+  integers 0-255 or floats in [0, 1]), or the bytes of one 28x28 grayscale PNG
+  (``Content-Type: image/png``). Answers class ids, class names, probabilities and the version
+  that computed them. Malformed input gets a 4xx saying what was expected and what came
+  (:mod:`pipeline.payload`).
+* ``GET /metrics``: Prometheus: requests by route and status, latency histogram, images per
+  forward pass, the model version served, reloads.
 
-Only the registry's pt2 programs are loaded (no pickle); request bodies are parsed as JSON and
-never touch the filesystem.
+Concurrent requests share forward passes (:mod:`pipeline.batching`); inference runs without
+autograd on every CPU the process may use, or on the GPU when there is one.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations
 # (``request: Request``) at runtime, and their names live inside create_app.
 import json
 import logging
-import re
 import threading
-from dataclasses import dataclass, field
+import time
 from typing import Any
 
-import numpy as np
+from pydantic import BaseModel, Field
 
-from pipeline.config import FASHION_MNIST_CLASSES, Settings
-from pipeline.errors import ReferenceNotFoundError
+from pipeline.config import Settings
+from pipeline.payload import MAX_BATCH, MAX_BODY_BYTES, RequestError, parse_images, parse_png
+from pipeline.served_model import ModelSlot, ServedModel
 
 log = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (28, 28)
-MAX_BODY_BYTES = 8 * 1024 * 1024
-"""A batch of 256 images as JSON integers is about 1 MB; anything far larger is refused (413)."""
-MAX_BATCH = 1024
-
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+POLL_S = 10.0
+"""How often a server on an alias asks the registry where the alias points."""
 
 
-class RequestError(ValueError):
-    """A client's request is malformed; the message says what was expected and what came."""
+class PredictRequest(BaseModel):
+    """JSON body of ``POST /predict`` (give ``instances`` or ``image``)."""
+
+    instances: list[list[list[float]]] | None = Field(
+        None, description=f"Up to {MAX_BATCH} images, each 28 rows of 28 pixels: integers 0-255 or floats in [0, 1]."
+    )
+    image: list[list[float]] | None = Field(None, description="One image, 28 rows of 28 pixels.")
 
 
-def parse_images(payload: Any) -> np.ndarray:
-    """``{"instances": [...]}`` or ``{"image": ...}`` -> float32 pixels in [0, 1], ``(n, 1, 28, 28)``."""
-    if not isinstance(payload, dict) or not ({"instances", "image"} & payload.keys()):
-        raise RequestError('body: expected a JSON object with "instances" (a list of images) or "image", '
-                           f"found {type(payload).__name__}{' with keys ' + str(sorted(payload)) if isinstance(payload, dict) else ''}")
-    images = payload["instances"] if "instances" in payload else [payload["image"]]
-    if not isinstance(images, list) or not images:
-        raise RequestError(f"instances: expected a non-empty list of 28x28 images, found {_describe(images)}")
-    if len(images) > MAX_BATCH:
-        raise RequestError(f"instances: expected at most {MAX_BATCH} images, found {len(images)}")
-    try:
-        array = np.asarray(images)
-    except ValueError:
-        array = np.empty(0, dtype=object)
-    if array.dtype == object or array.shape[1:] != IMAGE_SHAPE:
-        shapes = sorted({str(np.shape(img)) for img in images[:8]})
-        raise RequestError(f"instances: expected images of shape 28x28, found shape(s) {', '.join(shapes)}")
-    if array.dtype.kind in "iu":
-        if array.min() < 0 or array.max() > 255:
-            raise RequestError(f"pixels: expected integers 0-255, found values from {array.min()} to {array.max()}")
-        return (array.astype(np.float32) / 255.0)[:, None]
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-            raise RequestError(f"pixels: expected floats in [0, 1], found values from {np.nanmin(array)} to {np.nanmax(array)}")
-        return array.astype(np.float32)[:, None]
-    raise RequestError(f"pixels: expected numbers (integers 0-255 or floats 0-1), found {array.dtype.kind!r} values "
-                       f"such as {array.flat[0]!r}")
+class Prediction(BaseModel):
+    class_id: int
+    class_name: str
+    probabilities: list[float] = Field(description="One per class, in class-id order; they sum to 1.")
 
 
-def _describe(value: Any) -> str:
-    return f"an empty {type(value).__name__}" if value == [] else type(value).__name__
+class PredictResponse(BaseModel):
+    model_version: str = Field(description="The registered version that computed these predictions.")
+    predictions: list[Prediction]
 
 
-@dataclass
-class LoadedModel:
-    """The model behind the endpoint and what ``/metadata`` tells about it."""
+class Metrics:
+    """Prometheus metrics in a registry of their own (several apps can live in one process)."""
 
-    uri: str
-    model: Any = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def load(self, settings: Settings) -> None:
-        try:
-            self.metadata = resolve(self.uri, settings)
-            from pipeline.models import load_registered
+        self.registry = CollectorRegistry()
+        self.requests = Counter("serve_requests", "HTTP requests by route and status code", ["route", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("serve_request_seconds", "Request latency by route", ["route"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.batch = Histogram("serve_batch_images", "Images per forward pass (micro-batching)", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.version = Gauge("serve_model_version", "The model version being served (1 on its labels)",
+                             ["model_name", "version", "alias"], registry=self.registry)
+        self.reloads = Counter("serve_model_reloads", "Alias moves followed (swapped) or not (failed)", ["result"],
+                               registry=self.registry)
 
-            model_uri = f"models:/{self.metadata['model_name']}/{self.metadata['version']}"
-            self.model = load_registered(model_uri)
-            self.ready.set()
-            log.info("serving %s version %s", self.metadata["model_name"], self.metadata["version"])
-        except Exception as exc:  # whatever broke, /ready says so and `pipeline serve` exits non-zero
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.error = f"{type(exc).__name__}: {first_line}"
-            log.error(self.error)
-
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(pixels)).numpy()
+    def served(self, served: ServedModel) -> None:
+        self.version.clear()
+        meta = served.metadata
+        self.version.labels(meta["model_name"], meta["version"], meta["alias"] or "").set(1)
 
 
-def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
-    """The registry's facts about ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import tracking_client
-
-    match = MODEL_URI.match(model_uri)
-    if not match:
-        raise ReferenceNotFoundError("--model-uri", "models:/<name>/<version> or models:/<name>@<alias>", repr(model_uri))
-    client = tracking_client(settings)
-    try:
-        if match["alias"]:
-            version = client.get_model_version_by_alias(match["name"], match["alias"])
-        else:
-            version = client.get_model_version(match["name"], match["version"])
-    except MlflowException as exc:
-        raise ReferenceNotFoundError(model_uri, "a registered model version", "none") from exc
-    return {
-        "model_name": version.name, "version": str(version.version), "alias": match["alias"],
-        "aliases": sorted(version.aliases), "run_id": version.run_id,
-        "dataset_hash": version.tags.get("dataset_hash"), "processed_hash": version.tags.get("processed_hash"),
-        # Registered with the version; versions registered before that were all Fashion-MNIST.
-        "classes": json.loads(version.tags["classes"]) if "classes" in version.tags else list(FASHION_MNIST_CLASSES),
-    }
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
-def create_app(loaded: LoadedModel) -> Any:
+def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settings | None = None,
+               poll_s: float = POLL_S) -> Any:
+    """The ASGI app over ``slot``; with ``settings``, it loads the model and follows an alias."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
-    app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__)
+    from pipeline.batching import MicroBatcher
 
-    @app.get("/health")
+    metrics = metrics or Metrics()
+    batcher = MicroBatcher(slot, on_batch=metrics.batch.observe)
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        if settings is not None:
+            threading.Thread(target=slot.load_first, args=(settings,), daemon=True, name="model-loader").start()
+            if slot.follows_alias():
+                def reloaded(result: str) -> None:
+                    metrics.reloads.labels(result=result).inc()
+
+                threading.Thread(target=slot.watch, args=(settings, poll_s, stop, reloaded), daemon=True,
+                                 name="registry-watch").start()
+        yield
+        stop.set()
+        await batcher.stop()
+
+    app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path if request.url.path in ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    def problem(status: int, detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.get("/health", summary="The process is up")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", summary="A model is loaded", responses={503: {"description": "Not loaded (yet)"}})
     def ready() -> JSONResponse:
-        if loaded.ready.is_set():
-            return JSONResponse({"ready": True, "version": loaded.metadata["version"]})
-        return JSONResponse({"ready": False, "error": loaded.error}, status_code=503)
+        if slot.current is not None:
+            return JSONResponse({"ready": True, "version": slot.current.version})
+        return JSONResponse({"ready": False, "error": slot.error}, status_code=503)
 
-    @app.get("/metadata")
+    @app.get("/metadata", summary="The model being served")
     def metadata() -> JSONResponse:
-        if not loaded.ready.is_set():
-            return JSONResponse({"detail": "no model loaded yet"}, status_code=503)
-        return JSONResponse({**loaded.metadata, "model_uri": loaded.uri})
+        served = slot.current
+        if served is None:
+            return problem(503, "no model loaded yet")
+        return JSONResponse(served.metadata)
 
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        if not loaded.ready.is_set():
-            return JSONResponse({"detail": "no model loaded yet"}, status_code=503)
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"body: expected at most {MAX_BODY_BYTES} bytes, found {size}"}, status_code=413)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"body: expected at most {MAX_BODY_BYTES} bytes, found {len(body)}"}, status_code=413)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/predict", summary="Classify one image or a batch", response_model=PredictResponse,
+        openapi_extra={"requestBody": PREDICT_BODY},
+        responses={400: {"description": "Not JSON"}, 413: {"description": "Body too large"},
+                   415: {"description": "Neither JSON nor PNG"}, 422: {"description": "Wrong shape, type or range"},
+                   503: {"description": "No model loaded yet"}},
+    )
+    async def predict(request: Request) -> Response:
+        if slot.current is None:
+            return problem(503, "no model loaded yet")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         try:
-            pixels = parse_images(json.loads(body))
-        except json.JSONDecodeError as exc:
-            return JSONResponse({"detail": f"body: expected JSON, found a syntax error at {exc.pos}: {exc.msg}"}, status_code=400)
+            if kind == "image/png":
+                pixels = parse_png(bytes(body))
+            elif kind in ("application/json", ""):
+                try:
+                    payload = json.loads(body)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    return problem(400, f"body: expected JSON, found {type(exc).__name__}: {exc}")
+                pixels = parse_images(payload)
+            else:
+                return problem(415, f"Content-Type: expected application/json or image/png, found {kind}")
         except RequestError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
-        # Off the event loop: /health and /ready answer while a batch is computed.
-        probabilities = await run_in_threadpool(loaded.predict, pixels)
-        classes = loaded.metadata["classes"]
+            return problem(422, str(exc))
+        probabilities, served = await batcher.predict(pixels)
+        classes = served.metadata["classes"]
+        ids = probabilities.argmax(axis=1)
         return JSONResponse({
-            "model_version": loaded.metadata["version"],
-            "predictions": [
-                {"class_id": int(p.argmax()), "class_name": classes[int(p.argmax())], "probabilities": p.tolist()}
-                for p in probabilities
-            ],
+            "model_version": served.version,
+            "predictions": [{"class_id": int(i), "class_name": classes[int(i)], "probabilities": p.tolist()}
+                            for i, p in zip(ids, probabilities, strict=True)],
         })
 
+    ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}
     return app
 
 
-def serve(model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, poll_s: float = POLL_S) -> None:
     """Run the endpoint until stopped; raise if the model never loaded."""
+    import torch
     import uvicorn
 
     from pipeline.errors import InfraValidationError
+    from pipeline.train import usable_cpus
 
-    loaded = LoadedModel(model_uri)
-    threading.Thread(target=loaded.load, args=(settings,), daemon=True, name="model-loader").start()
-    config = uvicorn.Config(create_app(loaded), host=host, port=port, log_level="warning", access_log=False)
+    torch.set_num_threads(usable_cpus())
+    metrics = Metrics()
+    slot = ModelSlot(model_uri, on_swap=metrics.served)
+    config = uvicorn.Config(create_app(slot, metrics, settings, poll_s), host=host, port=port, log_level="warning",
+                            access_log=False)
     server = uvicorn.Server(config)
 
     def stop_if_unloadable() -> None:
-        while not loaded.ready.wait(0.2):
-            if loaded.error:
+        while not slot.ready.wait(0.2):
+            if slot.error:
                 server.should_exit = True
                 return
 
     threading.Thread(target=stop_if_unloadable, daemon=True).start()
     server.run()
-    if loaded.error:
-        raise InfraValidationError(model_uri, "a model that loads", loaded.error)  # the CLI exits 2
+    if slot.error:
+        raise InfraValidationError(model_uri, "a model that loads", slot.error)  # the CLI exits 2

@@ -212,3 +212,15 @@ def check_drift(params: Params | None) -> dict[str, Any]:
     settings, storage, _ = _context({})
     batch_uri = (params or {}).get("batch_uri") or settings.incoming_uri
     return monitor(batch_uri, storage, settings).to_dict()
+
+
+def batch_inference(params: Params | None) -> dict[str, Any]:
+    """Predict the batch at ``params["batch_uri"]`` with the version behind ``params["alias"]``."""
+    from pipeline.batch_inference import batch_inference as stage
+    from pipeline.errors import ConfigError
+
+    settings, storage, _ = _context({})
+    params = params or {}
+    if not params.get("batch_uri"):
+        raise ConfigError("batch_uri", "a folder or URI prefix holding images-idx3-ubyte.gz", repr(params.get("batch_uri")))
+    return stage(params["batch_uri"], storage, settings, params.get("alias") or "production").to_dict()

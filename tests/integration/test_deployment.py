@@ -19,7 +19,7 @@ from pipeline.errors import GateFailedError, InfraValidationError, PromotionRefu
 from pipeline.evaluate import evaluate
 from pipeline.gate import REPORT_JSON, gate
 from pipeline.infra_validate import infra_validate
-from pipeline.preprocess import preprocess
+from pipeline.preprocess import load_split, preprocess
 from pipeline.promote import PRODUCTION, STAGING, alias_version, history, promote, rollback
 from pipeline.refs import ModelVersionRef
 from pipeline.register import register
@@ -227,3 +227,76 @@ def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, dep
         history_tags = requests.get(f"{api}/registered-models/get", params={"name": settings.model_name},
                                     timeout=30).json()["registered_model"]["tags"]
         assert any(tag["key"].startswith("promotion.") for tag in history_tags)
+
+
+def test_the_endpoint_follows_a_promotion_under_load_without_a_failed_request(registry, deployed):
+    """`pipeline serve` on models:/<name>@production, eight clients sending requests without a
+    pause, and production moves: every request answered 200, each client sees the old version,
+    then the new one, never back."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import requests
+    from services import free_port
+
+    from pipeline.promote import move_alias
+
+    settings = registry["settings"]
+    client = tracking_client(settings)
+    before = alias_version(client, settings.model_name, PRODUCTION)
+    after = "2" if before == "1" else "1"
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{settings.model_name}@production",
+         "--port", str(port), "--poll-interval", "0.5"],
+        env={**os.environ, **settings.to_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    images = load_split(registry["processed"], registry["storage"], "test")[0][:8]
+    seen: dict[int, list[tuple[int, str]]] = {i: [] for i in range(8)}
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                response = session.post(f"{base}/predict", json={"image": images[worker].tolist()}, timeout=30)
+                seen[worker].append((response.status_code, response.json().get("model_version", "")))
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        workers = [threading.Thread(target=load, args=(i,)) for i in range(8)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1.0)
+        move_alias(settings, PRODUCTION, after, "promote", "load test", "promotion under load")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(s and s[-1][1] == after for s in seen.values()):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        metrics = requests.get(f"{base}/metrics", timeout=5).text
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(timeout=20)
+
+    answers = [answer for sequence in seen.values() for answer in sequence]
+    assert len(answers) > 50 and {status for status, _ in answers} == {200}
+    for sequence in seen.values():
+        versions = [version for _, version in sequence]
+        assert versions[0] == before and versions[-1] == after
+        switch = versions.index(after)
+        assert set(versions[switch:]) == {after}  # never back to the old version
+    assert f'version="{after}"' in metrics and 'serve_model_reloads_total{result="swapped"} 1.0' in metrics

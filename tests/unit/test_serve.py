@@ -1,20 +1,59 @@
-"""The serving app's request parsing and readiness, without a model server process (infra
-validation and tests/integration/test_deployment.py run the real one)."""
+"""The serving app in-process (FastAPI's TestClient, a small real torch model): input safety,
+readiness, micro-batching, metrics and the OpenAPI schema. The served process itself, following
+a promotion under load, is tested in tests/integration/test_deployment.py."""
 
 from __future__ import annotations
 
+import io
+import threading
+
 import numpy as np
 import pytest
+import torch
 
-from pipeline.serve import LoadedModel, RequestError, create_app, parse_images
+from pipeline.payload import RequestError, parse_images, parse_png
+from pipeline.serve import Metrics, create_app
+from pipeline.served_model import ModelSlot, ServedModel
+
+CLASSES = [f"class {i}" for i in range(10)]
+IMAGE = (np.arange(784).reshape(28, 28) % 256).tolist()
 
 
-def test_integers_and_floats_become_the_same_pixels():
-    image = np.arange(784).reshape(28, 28) % 256
-    from_ints = parse_images({"image": image.tolist()})
+def served(version: str, scale: float = 1.0) -> ServedModel:
+    torch.manual_seed(int(version))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.Softmax(dim=1)).eval()
+    with torch.no_grad():
+        net[1].weight.mul_(scale)
+    return ServedModel(net, {"model_name": "m", "version": version, "alias": "production", "classes": CLASSES})
+
+
+@pytest.fixture
+def client():
+    from fastapi.testclient import TestClient
+
+    slot = ModelSlot("models:/m@production")
+    slot.swap(served("4"))
+    with TestClient(create_app(slot)) as test_client:
+        test_client.slot = slot
+        yield test_client
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode=mode if mode != "RGB" else None).convert(mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_integers_floats_and_png_become_the_same_pixels():
+    image = np.asarray(IMAGE)
+    from_ints = parse_images({"image": IMAGE})
     from_floats = parse_images({"instances": [(image / 255.0).tolist()]})
+    from_png = parse_png(png_bytes(image))
     assert from_ints.shape == (1, 1, 28, 28) and from_ints.dtype == np.float32
     np.testing.assert_allclose(from_ints, from_floats, atol=1e-7)
+    np.testing.assert_allclose(from_ints, from_png, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -26,39 +65,119 @@ def test_integers_and_floats_become_the_same_pixels():
         ({"image": [[0] * 28] * 27}, "expected images of shape 28x28, found shape(s) (27, 28)"),
         ({"instances": [[[0] * 28] * 28, [[0] * 28] * 3]}, "expected images of shape 28x28"),
         ({"image": [[300] * 28] * 28}, "expected integers 0-255, found values from 300 to 300"),
+        ({"image": [[-1] * 28] * 28}, "expected integers 0-255, found values from -1 to -1"),
         ({"image": [[1.5] * 28] * 28}, "expected floats in [0, 1]"),
         ({"image": [["x"] * 28] * 28}, "expected numbers"),
+        ({"image": [[True] * 28] * 28}, "expected numbers"),
+        ({"instances": [IMAGE] * 1025}, "expected at most 1024 images, found 1025"),
     ],
 )
-def test_malformed_requests_say_what_was_expected(payload, message):
+def test_malformed_json_requests_say_what_was_expected(payload, message):
     with pytest.raises(RequestError) as error:
         parse_images(payload)
     assert message in str(error.value)
 
 
-def test_not_ready_before_a_model_is_loaded_and_requests_get_503():
+def test_malformed_png_requests_say_what_was_expected():
+    with pytest.raises(RequestError, match="expected PNG bytes"):
+        parse_png(b"GIF89a....")
+    with pytest.raises(RequestError, match="expected a 28x28 grayscale PNG, found 28x28 mode RGB"):
+        parse_png(png_bytes(np.zeros((28, 28)), "RGB"))
+    with pytest.raises(RequestError, match="found 32x28"):
+        parse_png(png_bytes(np.zeros((28, 32))))
+    with pytest.raises(RequestError, match="expected a readable PNG"):
+        parse_png(png_bytes(np.zeros((28, 28)))[:40])
+
+
+def test_not_ready_before_a_model_is_loaded():
     from fastapi.testclient import TestClient
 
-    client = TestClient(create_app(LoadedModel("models:/m/1")))
-    assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").status_code == 503
-    assert client.post("/predict", json={"image": [[0] * 28] * 28}).status_code == 503
+    with TestClient(create_app(ModelSlot("models:/m@production"))) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/ready").status_code == 503
+        assert client.get("/metadata").status_code == 503
+        assert client.post("/predict", json={"image": IMAGE}).status_code == 503
 
 
-def test_a_loaded_model_answers_and_bad_bodies_get_4xx():
-    import torch
-    from fastapi.testclient import TestClient
-
-    loaded = LoadedModel("models:/m/4", model=lambda x: torch.softmax(x.flatten(1)[:, :10], dim=1),
-                         metadata={"model_name": "m", "version": "4", "classes": [str(i) for i in range(10)]})
-    loaded.ready.set()
-    client = TestClient(create_app(loaded))
-    answer = client.post("/predict", json={"instances": [[[255] * 28] * 28] * 2}).json()
+def test_answers_json_and_png_with_the_version(client):
+    answer = client.post("/predict", json={"instances": [IMAGE, IMAGE]}).json()
     assert answer["model_version"] == "4" and len(answer["predictions"]) == 2
-    assert abs(sum(answer["predictions"][0]["probabilities"]) - 1) < 1e-6
-    broken = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
-    assert broken.status_code == 400 and "expected JSON" in broken.json()["detail"]
-    assert client.post("/predict", json={"image": [[0] * 28] * 5}).status_code == 422
-    huge = client.post("/predict", content=b"0" * (9 * 1024 * 1024))
-    assert huge.status_code == 413
-    assert client.get("/health").status_code == 200
+    first = answer["predictions"][0]
+    assert abs(sum(first["probabilities"]) - 1) < 1e-5 and first["class_name"] == CLASSES[first["class_id"]]
+    png = client.post("/predict", content=png_bytes(np.asarray(IMAGE)), headers={"content-type": "image/png"}).json()
+    np.testing.assert_allclose(png["predictions"][0]["probabilities"], first["probabilities"], atol=1e-6)
+    assert client.get("/ready").json() == {"ready": True, "version": "4"}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"{not json", "application/json", 400, "expected JSON"),
+        (b'{"image": [[0, 1], [2, 3]]}', "application/json", 422, "expected images of shape 28x28"),
+        (b'{"image": ' + str([[0.5] * 28] * 28).replace("0.5", '"a"').encode() + b"}", "application/json", 422,
+         "expected numbers"),
+        (b'{"image": ' + str([[999] * 28] * 28).encode() + b"}", "application/json", 422, "expected integers 0-255"),
+        (b'{"instances": []}', "application/json", 422, "found an empty list"),
+        (b"0" * (10 * 1024 * 1024), "application/json", 413, "expected at most 8388608 bytes"),
+        (b"hello", "text/plain", 415, "expected application/json or image/png, found text/plain"),
+        (b"\x89PNG\r\n\x1a\nbroken", "image/png", 422, "expected a readable PNG"),
+    ],
+    ids=["malformed-json", "wrong-shape", "wrong-dtype", "out-of-range", "empty-batch", "10-MB", "text", "bad-png"],
+)
+def test_bad_requests_get_a_4xx_with_a_message_and_health_stays_up(client, body, content_type, status, message):
+    response = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == status and message in response.json()["detail"]
+    assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes(client):
+    results, barrier = [], threading.Barrier(16)
+
+    def call() -> None:
+        barrier.wait()
+        results.append(client.post("/predict", json={"image": IMAGE}).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 16
+    metrics = client.get("/metrics").text
+    passes = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_count")))
+    images = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_sum")))
+    assert images == 16 and passes < 16  # some requests rode along in another's forward pass
+
+
+def test_metrics_count_requests_by_status_and_name_the_version():
+    from fastapi.testclient import TestClient
+
+    metrics = Metrics()
+    slot = ModelSlot("models:/m@production", on_swap=metrics.served)
+    slot.swap(served("4"))
+    with TestClient(create_app(slot, metrics)) as client:
+        client.post("/predict", json={"image": IMAGE})
+        client.post("/predict", content=b"{", headers={"content-type": "application/json"})
+        slot.swap(served("5"))
+        text = client.get("/metrics").text
+    assert 'serve_requests_total{code="200",route="/predict"} 1.0' in text
+    assert 'serve_requests_total{code="400",route="/predict"} 1.0' in text
+    assert 'serve_model_version{alias="production",model_name="m",version="5"} 1.0' in text
+    assert 'version="4"' not in text
+    assert "serve_request_seconds_bucket" in text
+
+
+def test_a_swap_changes_the_answering_version_without_failing_requests(client):
+    assert client.post("/predict", json={"image": IMAGE}).json()["model_version"] == "4"
+    client.slot.swap(served("5", scale=2.0))
+    assert client.post("/predict", json={"image": IMAGE}).json()["model_version"] == "5"
+
+
+def test_openapi_schema_describes_what_the_service_does(client):
+    schema = client.get("/openapi.json").json()
+    predict = schema["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"application/json", "image/png"}
+    assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
+    response = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert response.endswith("/PredictResponse")
+    assert {"/health", "/ready", "/metadata", "/metrics"} <= set(schema["paths"])

@@ -1,0 +1,185 @@
+"""Benchmark: our serving endpoint against ``mlflow models serve``, same model, same load.
+
+One invocation, one machine, one registered model (a ``resnet_small`` serving model logged as a
+pt2 program, the default architecture; its weights do not change the cost):
+
+* ``pipeline serve --model-uri models:/<name>/1`` (micro-batching, one process);
+* ``mlflow models serve -m models:/<name>/1 --env-manager local`` (MLflow's scoring server, one
+  worker), queried on ``/invocations`` with ``{"inputs": [[[[pixels]]]]}``.
+
+Each is driven from a separate process (asyncio + aiohttp) with single-image requests at
+concurrency 1, 16 and 64, a fixed number of requests each after a warm-up, one server at a
+time. Every answer is checked (status 200, ten probabilities). Prints requests per second,
+p50 and p99 latency and the ratios ours/mlflow; saves JSON (``bench/results/serve_bench.json``).
+
+    .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def register_model(settings) -> str:
+    """A resnet_small serving model, logged as pt2 and registered as version 1."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline.models import ServingModel, build_network
+    from pipeline.tracking import experiment_id, tracking_client
+
+    torch.manual_seed(0)
+    model = ServingModel(build_network("resnet_small"), 0.286, 0.353).eval()
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    client = tracking_client(settings)
+    with mlflow.start_run(experiment_id=experiment_id(client, settings, "serve_bench")):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    version = mlflow.register_model(info.model_uri, settings.model_name).version
+    return f"models:/{settings.model_name}/{version}"
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def drive(url: str, body: bytes, concurrency: int, requests: int, result: dict) -> None:
+    """In its own process: ``requests`` POSTs at ``concurrency`` in flight; latencies and wall time."""
+    import aiohttp
+
+    async def main() -> None:
+        latencies: list[float] = []
+        failures: list[str] = []
+        remaining = iter(range(requests))
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json"}) as session:
+
+            async def client() -> None:
+                for _ in remaining:
+                    start = time.perf_counter()
+                    async with session.post(url, data=body) as response:
+                        payload = await response.read()
+                    latencies.append(time.perf_counter() - start)
+                    if response.status != 200 or payload.count(b",") < 9:
+                        failures.append(f"{response.status}: {payload[:100]!r}")
+
+            start = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            result["wall_s"] = time.perf_counter() - start
+        result["latencies"] = latencies
+        result["failures"] = failures[:5]
+        result["failed"] = len(failures)
+
+    asyncio.run(main())
+
+
+def measure(url: str, body: bytes, concurrency: int, requests: int) -> dict:
+    import numpy as np
+
+    with multiprocessing.Manager() as manager:
+        shared = manager.dict()
+        worker = multiprocessing.get_context("spawn").Process(target=drive, args=(url, body, concurrency, requests, shared))
+        worker.start()
+        worker.join()
+        result = dict(shared)
+    latencies = np.asarray(result["latencies"]) * 1000
+    if result["failed"]:
+        raise RuntimeError(f"{url}: {result['failed']} failed requests, e.g. {result['failures']}")
+    return {"concurrency": concurrency, "requests": requests, "rps": requests / result["wall_s"],
+            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (2000)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
+    args = parser.parse_args()
+
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.config import Settings
+    from pipeline.infra_validate import free_port
+
+    home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="serve-bench")
+    model_uri = register_model(settings)
+    env = {**os.environ, **settings.to_env()}
+    image = (np.arange(784).reshape(28, 28) * 7 % 256).astype(np.uint8)
+    servers = {
+        "ours": {
+            "command": [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", model_uri, "--port", "{port}"],
+            "ready": "/ready", "predict": "/predict", "body": json.dumps({"image": image.tolist()}).encode(),
+        },
+        "mlflow": {
+            "command": [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                        "--env-manager", "local", "-p", "{port}", "-h", "127.0.0.1", "-w", "1"],
+            "ready": "/ping", "predict": "/invocations",
+            "body": json.dumps({"inputs": (image[None, None] / 255.0).astype(np.float32).tolist()}).encode(),
+        },
+    }
+    results: dict[str, list[dict]] = {}
+    for name, spec in servers.items():
+        port = free_port()
+        command = [part.replace("{port}", str(port)) for part in spec["command"]]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base + spec["ready"], process)
+            measure(base + spec["predict"], spec["body"], 8, 200)  # warm-up
+            results[name] = [measure(base + spec["predict"], spec["body"], c, args.requests) for c in args.concurrency]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    rows = []
+    for ours, theirs in zip(results["ours"], results["mlflow"], strict=True):
+        rows.append({"concurrency": ours["concurrency"], "ours": ours, "mlflow": theirs,
+                     "rps_ratio": ours["rps"] / theirs["rps"], "p99_ratio": ours["p99_ms"] / theirs["p99_ms"]})
+    print(f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  "
+          f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}")
+    for row in rows:
+        o, m = row["ours"], row["mlflow"]
+        print(f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  "
+              f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "model": "resnet_small ServingModel, pt2, registered version 1", "requests": args.requests, "rows": rows,
+    }, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

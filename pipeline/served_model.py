@@ -1,0 +1,134 @@
+"""The model behind the serving endpoint, and how it follows the registry.
+
+A :class:`ModelSlot` holds one :class:`ServedModel` (the loaded pt2 program and what
+``/metadata`` says about it) and swaps it whole: a request, or a micro-batch, takes the current
+model once and answers with it, so a swap drops nothing in flight and every answer names the
+version that computed it. Given an alias (``models:/<name>@production``), :meth:`ModelSlot.watch`
+polls the registry and, when the alias moves (a promotion or a rollback), loads the new version
+beside the old one and swaps it in; a version that fails to load is logged and the old one keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import FASHION_MNIST_CLASSES, Settings
+from pipeline.errors import ReferenceNotFoundError
+
+log = logging.getLogger(__name__)
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
+    """The registry's facts about ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import tracking_client
+
+    match = MODEL_URI.match(model_uri)
+    if not match:
+        raise ReferenceNotFoundError("--model-uri", "models:/<name>/<version> or models:/<name>@<alias>", repr(model_uri))
+    client = tracking_client(settings)
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise ReferenceNotFoundError(model_uri, "a registered model version", "none") from exc
+    return {
+        "model_name": version.name, "version": str(version.version), "alias": match["alias"],
+        "run_id": version.run_id, "dataset_hash": version.tags.get("dataset_hash"),
+        "processed_hash": version.tags.get("processed_hash"),
+        # Registered with the version; versions registered before that were all Fashion-MNIST.
+        "classes": json.loads(version.tags["classes"]) if "classes" in version.tags else list(FASHION_MNIST_CLASSES),
+    }
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: Any
+    """Pixels ``(n, 1, 28, 28)`` in [0, 1] -> probabilities ``(n, classes)`` (a torch module)."""
+    metadata: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(pixels)).numpy()
+
+
+def load(model_uri: str, settings: Settings) -> ServedModel:
+    from pipeline.models import load_registered
+
+    metadata = resolve(model_uri, settings)
+    model = load_registered(f"models:/{metadata['model_name']}/{metadata['version']}")
+    return ServedModel(model=model, metadata={**metadata, "model_uri": model_uri})
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class ModelSlot:
+    """The current :class:`ServedModel`; empty until the first load."""
+
+    def __init__(self, model_uri: str, on_swap: Callable[[ServedModel], None] | None = None) -> None:
+        self.model_uri = model_uri
+        self.current: ServedModel | None = None
+        self.error: str | None = None
+        """Why the first load failed (the endpoint then never becomes ready)."""
+        self.ready = threading.Event()
+        self._on_swap = on_swap
+
+    def swap(self, served: ServedModel) -> None:
+        previous, self.current = self.current, served  # one reference assignment: atomic for readers
+        self.ready.set()
+        if self._on_swap:
+            self._on_swap(served)
+        log.info("serving %s version %s%s", served.metadata["model_name"], served.version,
+                 f" (was {previous.version})" if previous else "")
+
+    def load_first(self, settings: Settings) -> None:
+        try:
+            self.swap(load(self.model_uri, settings))
+        except Exception as exc:  # whatever broke, /ready says so and `pipeline serve` exits non-zero
+            self.error = _one_line(exc)
+            log.error("%s: could not load the model: %s", self.model_uri, self.error)
+
+    def follows_alias(self) -> bool:
+        match = MODEL_URI.match(self.model_uri)
+        return bool(match and match["alias"])
+
+    def watch(self, settings: Settings, poll_s: float, stop: threading.Event,
+              on_reload: Callable[[str], None] | None = None) -> None:
+        """Until ``stop``: every ``poll_s`` seconds, reload when the alias points elsewhere."""
+        while not stop.wait(poll_s):
+            if self.current is None:
+                continue
+            try:
+                target = resolve(self.model_uri, settings)["version"]
+                if target == self.current.version:
+                    continue
+                self.swap(load(self.model_uri, settings))
+                result = "swapped"
+            except Exception as exc:  # keep serving the old version; the next poll tries again
+                log.error("%s: staying on version %s: %s", self.model_uri, self.current.version, _one_line(exc))
+                result = "failed"
+            if on_reload:
+                on_reload(result)
