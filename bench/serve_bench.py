@@ -117,6 +117,16 @@ def measure(url: str, body: bytes, concurrency: int, requests: int) -> dict:
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
 
 
+def images_per_pass(base: str) -> tuple[float, float]:
+    """(images, forward passes) so far, from our server's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    value = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("serve_batch_images_")}
+    return value["serve_batch_images_sum"], value["serve_batch_images_count"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (2000)")
@@ -134,7 +144,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="serve-bench")
     model_uri = register_model(settings)
-    env = {**os.environ, **settings.to_env()}
+    # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
+    env = {**os.environ, **settings.to_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     image = (np.arange(784).reshape(28, 28) * 7 % 256).astype(np.uint8)
     servers = {
         "ours": {
@@ -152,12 +163,24 @@ def main() -> None:
     for name, spec in servers.items():
         port = free_port()
         command = [part.replace("{port}", str(port)) for part in spec["command"]]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log_path = home / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_ready(base + spec["ready"], process)
+            try:
+                wait_ready(base + spec["ready"], process)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{name}: {exc}; its log: {log_path.read_text()[-2000:]}") from exc
             measure(base + spec["predict"], spec["body"], 8, 200)  # warm-up
-            results[name] = [measure(base + spec["predict"], spec["body"], c, args.requests) for c in args.concurrency]
+            results[name] = []
+            for concurrency in args.concurrency:
+                before = images_per_pass(base) if name == "ours" else None
+                row = measure(base + spec["predict"], spec["body"], concurrency, args.requests)
+                if before is not None:  # micro-batching at work: images per forward pass at this level
+                    after = images_per_pass(base)
+                    row["images_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                results[name].append(row)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -167,11 +190,12 @@ def main() -> None:
         rows.append({"concurrency": ours["concurrency"], "ours": ours, "mlflow": theirs,
                      "rps_ratio": ours["rps"] / theirs["rps"], "p99_ratio": ours["p99_ms"] / theirs["p99_ms"]})
     print(f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  "
-          f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}")
+          f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}  {'images/pass':>11}")
     for row in rows:
         o, m = row["ours"], row["mlflow"]
         print(f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  "
-              f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}")
+              f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}"
+              f"  {o['images_per_pass']:>11.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -84,6 +84,35 @@ class Metrics:
         self.version.labels(meta["model_name"], meta["version"], meta["alias"] or "").set(1)
 
 
+ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}
+
+
+class CountRequests:
+    """ASGI middleware: requests by route and status, and their latency (a plain ASGI wrapper:
+    Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def record(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
 PREDICT_BODY = {
     "required": True,
     "content": {
@@ -124,14 +153,7 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
 
     app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path if request.url.path in ROUTES else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     def problem(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
@@ -200,7 +222,6 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
                             for i, p in zip(ids, probabilities, strict=True)],
         })
 
-    ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}
     return app
 
 
