@@ -60,6 +60,7 @@ class ServedModel:
     model: Any
     """Pixels ``(n, 1, 28, 28)`` in [0, 1] -> probabilities ``(n, classes)`` (a torch module)."""
     metadata: dict[str, Any]
+    device: str = "cpu"
 
     @property
     def version(self) -> str:
@@ -68,16 +69,25 @@ class ServedModel:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(pixels)).numpy()
+        with torch.inference_mode():  # no autograd bookkeeping
+            return self.model(torch.from_numpy(pixels).to(self.device)).cpu().numpy()
 
 
 def load(model_uri: str, settings: Settings) -> ServedModel:
+    """The version behind ``model_uri``, on the GPU when there is one."""
+    import torch
+
     from pipeline.models import load_registered
 
     metadata = resolve(model_uri, settings)
     model = load_registered(f"models:/{metadata['model_name']}/{metadata['version']}")
-    return ServedModel(model=model, metadata={**metadata, "model_uri": model_uri})
+    device = "cpu"
+    if torch.cuda.is_available():
+        try:
+            model, device = model.to("cuda"), "cuda"
+        except (RuntimeError, NotImplementedError) as exc:  # an exported program with CPU-only constants
+            log.warning("%s: serving on the CPU, the program did not move to the GPU: %s", model_uri, _one_line(exc))
+    return ServedModel(model=model, metadata={**metadata, "model_uri": model_uri, "device": device}, device=device)
 
 
 def _one_line(exc: Exception) -> str:

@@ -4,7 +4,6 @@ card, first as pure functions on numbers worked out by hand, then logged by a re
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -209,9 +208,7 @@ def test_evaluation_logs_the_report_figures_and_model_card(small_dataset, settin
     validate_raw(raw, storage)
     processed = preprocess(raw, storage, PreprocessConfig())
     trained = train(processed, storage, TrainConfig(epochs=1, batch_size=64), settings)
-    started = time.perf_counter()
     evaluation = evaluate(trained, processed, storage, settings)
-    print(f"evaluate on {processed.counts['test']} test images: {time.perf_counter() - started:.1f} s")
 
     client = tracking_client(settings)
     run_id = trained.run_id
