@@ -3,16 +3,19 @@
 One invocation, one machine, one registered model (a ``resnet_small`` serving model logged as a
 pt2 program, the default architecture; its weights do not change the cost):
 
-* ``pipeline serve --model-uri models:/<name>/1`` (micro-batching, one process);
+* ``pipeline serve --model-uri models:/<name>@production`` (as production runs it: micro-batching,
+  the registry watcher polling, one process);
 * ``mlflow models serve -m models:/<name>/1 --env-manager local`` (MLflow's scoring server, one
   worker), queried on ``/invocations`` with ``{"inputs": [[[[pixels]]]]}``.
 
-Each is driven from a separate process (asyncio + aiohttp) with single-image requests at
-concurrency 1, 16 and 64, a fixed number of requests each after a warm-up, one server at a
-time. Every answer is checked (status 200, ten probabilities). Prints requests per second,
-p50 and p99 latency and the ratios ours/mlflow; saves JSON (``bench/results/serve_bench.json``).
+Each is driven from a separate process (asyncio + aiohttp) with single-image requests carrying
+the same image as the same JSON floats, at concurrency 1, 16 and 64, a fixed number of requests
+each after a warm-up, one server at a time, in ``--rounds`` rounds that alternate which server
+goes first. Every answer is checked (status 200, ten probabilities). Prints the medians over
+rounds of requests per second, p50 and p99 latency, and the ratios ours/mlflow (with each
+round's); saves JSON with every round (``bench/results/serve_bench.json``).
 
-    .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64]
+    .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,8 +89,12 @@ def drive(url: str, body: bytes, concurrency: int, requests: int, result: dict) 
             async def client() -> None:
                 for _ in remaining:
                     start = time.perf_counter()
-                    async with session.post(url, data=body) as response:
-                        payload = await response.read()
+                    try:
+                        async with session.post(url, data=body) as response:
+                            payload = await response.read()
+                    except (TimeoutError, aiohttp.ClientError) as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                        continue
                     latencies.append(time.perf_counter() - start)
                     if response.status != 200 or payload.count(b",") < 9:
                         failures.append(f"{response.status}: {payload[:100]!r}")
@@ -127,10 +135,41 @@ def images_per_pass(base: str) -> tuple[float, float]:
     return value["serve_batch_images_sum"], value["serve_batch_images_count"]
 
 
+def run_server(name: str, spec: dict, env: dict, home: Path, args: argparse.Namespace) -> list[dict]:
+    """Start one server, warm it up, measure every concurrency level, stop it."""
+    from pipeline.infra_validate import free_port
+
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in spec["command"]]
+    log_path = home / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base + spec["ready"], process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name}: {exc}; its log: {log_path.read_text()[-2000:]}") from exc
+        measure(base + spec["predict"], spec["body"], 8, 200)  # warm-up
+        rows = []
+        for concurrency in args.concurrency:
+            before = images_per_pass(base) if name == "ours" else None
+            row = measure(base + spec["predict"], spec["body"], concurrency, args.requests)
+            if before is not None:  # micro-batching at work: images per forward pass at this level
+                after = images_per_pass(base)
+                row["images_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            rows.append(row)
+        return rows
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (2000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating which server goes first (2)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
     args = parser.parse_args()
 
@@ -139,61 +178,55 @@ def main() -> None:
     import numpy as np
 
     from pipeline.config import Settings
-    from pipeline.infra_validate import free_port
+    from pipeline.tracking import tracking_client
 
     home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="serve-bench")
     model_uri = register_model(settings)
+    tracking_client(settings).set_registered_model_alias(settings.model_name, "production", "1")
+    production_uri = f"models:/{settings.model_name}@production"
     # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
     env = {**os.environ, **settings.to_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    image = (np.arange(784).reshape(28, 28) * 7 % 256).astype(np.uint8)
+    # The same image as the same JSON floats for both (ours also takes integers, which are shorter).
+    pixels = np.round((np.arange(784).reshape(28, 28) * 7 % 256) / 255.0, 4).tolist()
     servers = {
+        # Ours as production runs it: on the alias, with the registry watcher polling.
         "ours": {
-            "command": [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", model_uri, "--port", "{port}"],
-            "ready": "/ready", "predict": "/predict", "body": json.dumps({"image": image.tolist()}).encode(),
+            "command": [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", production_uri, "--port", "{port}"],
+            "ready": "/ready", "predict": "/predict", "body": json.dumps({"image": pixels}).encode(),
         },
         "mlflow": {
             "command": [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
                         "--env-manager", "local", "-p", "{port}", "-h", "127.0.0.1", "-w", "1"],
-            "ready": "/ping", "predict": "/invocations",
-            "body": json.dumps({"inputs": (image[None, None] / 255.0).astype(np.float32).tolist()}).encode(),
+            "ready": "/ping", "predict": "/invocations", "body": json.dumps({"inputs": [[pixels]]}).encode(),
         },
     }
-    results: dict[str, list[dict]] = {}
-    for name, spec in servers.items():
-        port = free_port()
-        command = [part.replace("{port}", str(port)) for part in spec["command"]]
-        log_path = home / f"{name}.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(base + spec["ready"], process)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{name}: {exc}; its log: {log_path.read_text()[-2000:]}") from exc
-            measure(base + spec["predict"], spec["body"], 8, 200)  # warm-up
-            results[name] = []
-            for concurrency in args.concurrency:
-                before = images_per_pass(base) if name == "ours" else None
-                row = measure(base + spec["predict"], spec["body"], concurrency, args.requests)
-                if before is not None:  # micro-batching at work: images per forward pass at this level
-                    after = images_per_pass(base)
-                    row["images_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                results[name].append(row)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    rounds: list[dict[str, list[dict]]] = []
+    for round_ in range(args.rounds):
+        results: dict[str, list[dict]] = {}
+        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # neither always goes first
+        for name in order:
+            results[name] = run_server(name, servers[name], env, home, args)
+        rounds.append(results)
+
+    def median(name: str, level: int, key: str) -> float:
+        return statistics.median(r[name][level][key] for r in rounds)
 
     rows = []
-    for ours, theirs in zip(results["ours"], results["mlflow"], strict=True):
-        rows.append({"concurrency": ours["concurrency"], "ours": ours, "mlflow": theirs,
-                     "rps_ratio": ours["rps"] / theirs["rps"], "p99_ratio": ours["p99_ms"] / theirs["p99_ms"]})
-    print(f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  "
+    for level, concurrency in enumerate(args.concurrency):
+        ours = {k: median("ours", level, k) for k in ("rps", "p50_ms", "p99_ms", "images_per_pass")}
+        theirs = {k: median("mlflow", level, k) for k in ("rps", "p50_ms", "p99_ms")}
+        ratios = [r["ours"][level]["rps"] / r["mlflow"][level]["rps"] for r in rounds]
+        rows.append({"concurrency": concurrency, "ours": ours, "mlflow": theirs,
+                     "rps_ratio": ours["rps"] / theirs["rps"], "p99_ratio": ours["p99_ms"] / theirs["p99_ms"],
+                     "rps_ratio_per_round": ratios})
+    print(f"medians of {args.rounds} rounds, {args.requests} requests each")
+    print(f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  {'per round':>12}  "
           f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}  {'images/pass':>11}")
     for row in rows:
         o, m = row["ours"], row["mlflow"]
-        print(f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  "
+        per_round = "/".join(f"{r:.1f}" for r in row["rps_ratio_per_round"])
+        print(f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  {per_round:>12}  "
               f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}"
               f"  {o['images_per_pass']:>11.1f}")
     out = Path(args.out)
@@ -201,6 +234,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": "resnet_small ServingModel, pt2, registered version 1", "requests": args.requests, "rows": rows,
+        "rounds": rounds,
     }, indent=2))
     print(f"saved {out}")
 

@@ -4,7 +4,7 @@
 Triggered with a `batch_uri` (a folder, `file://`, `http(s)://` or `s3://` prefix holding
 `images-idx3-ubyte.gz` and, optionally, `labels-idx1-ubyte.gz`). Predicts every image with the
 version behind `alias` (default `production`) and writes
-`predictions/<batch hash>/v<version>/predictions.parquet` to storage (`id`, `class_id`,
+`predictions/<batch hash>/<model name>/v<version>/predictions.parquet` to storage (`id`, `class_id`,
 `class_name`, `probabilities`, `model_version`, and `label` when given). A summary (class
 shares, mean confidence, accuracy when labelled) goes to an MLflow run of the experiment
 `batch_inference`. The same batch and version are predicted once.

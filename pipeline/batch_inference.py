@@ -3,7 +3,7 @@
 A batch is what :mod:`pipeline.monitor` reads: a folder or URI prefix (local, ``file://``,
 ``http(s)://``, ``s3://``) holding ``images-idx3-ubyte.gz`` and, optionally,
 ``labels-idx1-ubyte.gz``. The predictions go to
-``predictions/<batch_hash>/v<version>/predictions.parquet`` in storage, one row per image: ``id``
+``predictions/<batch_hash>/<model name>/v<version>/predictions.parquet`` in storage, one row per image: ``id``
 (its index in the batch file), ``class_id``, ``class_name``, ``probabilities`` (one per class)
 and ``model_version``, plus ``label`` when the batch has labels. The same batch and version are
 predicted once. A summary (images, predicted class shares, mean confidence, accuracy when
@@ -84,17 +84,22 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
     from pipeline.tracking import experiment_id, tracking_client
 
     images, labels, batch_hash = fetch_batch(source_uri, storage)
+    if images.shape[1:] != (28, 28) or not len(images):
+        from pipeline.errors import IdxFormatError
+
+        raise IdxFormatError(f"{source_uri}/images-idx3-ubyte.gz", "one or more 28x28 images", f"shape {images.shape}")
     name = settings.model_name
     try:
         facts = resolve(f"models:/{name}@{alias}", settings)
     except ReferenceNotFoundError as exc:
         raise ReferenceNotFoundError(f"model {name}", f"a version with alias {alias}", "none; promote one first") from exc
     version = facts["version"]
-    key = f"predictions/{batch_hash}/v{version}/predictions.parquet"
+    key = f"predictions/{batch_hash}/{name}/v{version}/predictions.parquet"
     client = tracking_client(settings)
     experiment = experiment_id(client, settings, EXPERIMENT)
     done = client.search_runs([experiment], f"tags.`pipeline.batch_hash` = '{batch_hash}' and "
-                              f"tags.model_version = '{version}' and attributes.status = 'FINISHED'", max_results=1)
+                              f"tags.model_name = '{name}' and tags.model_version = '{version}' and "
+                              "attributes.status = 'FINISHED'", max_results=1)
     if done and storage.exists(key):
         log.info("batch %s was predicted by version %s already: %s", batch_hash, version, storage.uri(key))
         return BatchPredictions(batch_hash=batch_hash, images=len(images), predictions_uri=storage.uri(key),
@@ -109,7 +114,7 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
 
     numbers = summary(probabilities, facts["classes"], labels)
     run = client.create_run(experiment, run_name=f"predict-{batch_hash[:8]}-v{version}", tags={
-        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": source_uri, "model_version": version,
+        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": source_uri, "model_name": name, "model_version": version,
         "model_alias": alias, "predictions_uri": uri,
     })
     for key_, value in numbers.items():

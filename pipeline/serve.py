@@ -22,31 +22,46 @@ autograd on every CPU the process may use, or on the GPU when there is one.
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations
 # (``request: Request``) at runtime, and their names live inside create_app.
-import json
+import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
 from pipeline.config import Settings
-from pipeline.payload import MAX_BATCH, MAX_BODY_BYTES, RequestError, parse_images, parse_png
+from pipeline.payload import MAX_BATCH, MAX_BODY_BYTES, RequestError, load_json, parse_images, parse_png
 from pipeline.served_model import ModelSlot, ServedModel
 
 log = logging.getLogger(__name__)
 
 POLL_S = 10.0
 """How often a server on an alias asks the registry where the alias points."""
+ANSWER_TIMEOUT_S = 30.0
+"""A request whose forward pass has not come back by then gets a 503 (a wedged device)."""
+PARSE_INLINE_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop (a few hundred microseconds); larger
+ones in a thread, so that one big batch does not stall every other request."""
+
+
+Pixel = Annotated[float, Field(ge=0, le=255, description="An integer 0-255, or a float in [0, 1].")]
+Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
+Image = Annotated[list[Row], Field(min_length=28, max_length=28, description="28 rows of 28 pixels.")]
 
 
 class PredictRequest(BaseModel):
-    """JSON body of ``POST /predict`` (give ``instances`` or ``image``)."""
+    """JSON body of ``POST /predict``: ``instances`` or ``image``. In one image, integers are
+    pixels 0-255 and floats are pixels in [0, 1]."""
 
-    instances: list[list[list[float]]] | None = Field(
-        None, description=f"Up to {MAX_BATCH} images, each 28 rows of 28 pixels: integers 0-255 or floats in [0, 1]."
+    instances: Annotated[list[Image], Field(min_length=1, max_length=MAX_BATCH)] | None = Field(
+        None, description=f"1 to {MAX_BATCH} images (and at most {MAX_BODY_BYTES} bytes of JSON)."
     )
-    image: list[list[float]] | None = Field(None, description="One image, 28 rows of 28 pixels.")
+    image: Image | None = Field(None, description="One image.")
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="What was expected and what came.")
 
 
 class Prediction(BaseModel):
@@ -79,9 +94,11 @@ class Metrics:
                                registry=self.registry)
 
     def served(self, served: ServedModel) -> None:
-        self.version.clear()
         meta = served.metadata
-        self.version.labels(meta["model_name"], meta["version"], meta["alias"] or "").set(1)
+        labels = (meta["model_name"], meta["version"], meta["alias"] or "")
+        self.version.labels(*labels).set(1)  # the new one first: a scrape always sees a version
+        for old in [key for key in self.version._metrics if key != labels]:
+            self.version.remove(*old)
 
 
 ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}
@@ -128,6 +145,7 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response
 
     from pipeline.batching import MicroBatcher
@@ -164,6 +182,8 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
 
     @app.get("/ready", summary="A model is loaded", responses={503: {"description": "Not loaded (yet)"}})
     def ready() -> JSONResponse:
+        if not batcher.alive():
+            return JSONResponse({"ready": False, "error": "the inference loop stopped"}, status_code=503)
         if slot.current is not None:
             return JSONResponse({"ready": True, "version": slot.current.version})
         return JSONResponse({"ready": False, "error": slot.error}, status_code=503)
@@ -184,36 +204,47 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
     @app.post(
         "/predict", summary="Classify one image or a batch", response_model=PredictResponse,
         openapi_extra={"requestBody": PREDICT_BODY},
-        responses={400: {"description": "Not JSON"}, 413: {"description": "Body too large"},
-                   415: {"description": "Neither JSON nor PNG"}, 422: {"description": "Wrong shape, type or range"},
-                   503: {"description": "No model loaded yet"}},
+        responses={code: {"model": Problem, "description": text} for code, text in (
+            (400, "Not JSON"), (413, "Body too large"), (415, "Neither JSON nor PNG"),
+            (422, "Wrong shape, type or range, or an empty batch"), (503, "No model loaded yet, or no answer in time"))},
     )
     async def predict(request: Request) -> Response:
-        if slot.current is None:
-            return problem(503, "no model loaded yet")
+        from starlette.requests import ClientDisconnect
+
+        if not batcher.alive() or slot.current is None:
+            return problem(503, "no model loaded yet" if batcher.alive() else "the inference loop stopped")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening; counted, not an error of ours
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind not in ("image/png", "application/json", ""):
+            return problem(415, f"Content-Type: expected application/json or image/png, found {kind}")
         try:
             if kind == "image/png":
                 pixels = parse_png(bytes(body))
-            elif kind in ("application/json", ""):
-                try:
-                    payload = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    return problem(400, f"body: expected JSON, found {type(exc).__name__}: {exc}")
-                pixels = parse_images(payload)
             else:
-                return problem(415, f"Content-Type: expected application/json or image/png, found {kind}")
+                try:
+                    payload = load_json(bytes(body))
+                except RequestError as exc:
+                    return problem(400, str(exc))
+                if len(body) > PARSE_INLINE_BYTES:
+                    pixels = await run_in_threadpool(parse_images, payload)
+                else:
+                    pixels = parse_images(payload)
         except RequestError as exc:
             return problem(422, str(exc))
-        probabilities, served = await batcher.predict(pixels)
+        try:
+            probabilities, served = await asyncio.wait_for(batcher.predict(pixels), ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            return problem(503, f"no answer from the model within {ANSWER_TIMEOUT_S:.0f} s")
         classes = served.metadata["classes"]
         ids = probabilities.argmax(axis=1)
         return JSONResponse({

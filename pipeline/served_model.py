@@ -81,13 +81,20 @@ def load(model_uri: str, settings: Settings) -> ServedModel:
 
     metadata = resolve(model_uri, settings)
     model = load_registered(f"models:/{metadata['model_name']}/{metadata['version']}")
-    device = "cpu"
+    served = ServedModel(model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu"})
     if torch.cuda.is_available():
+        # Full float32 on the GPU too: TF32 convolutions would move probabilities by about 1e-3,
+        # beyond what infra validation accepts between served and offline answers.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            model, device = model.to("cuda"), "cuda"
+            on_gpu = ServedModel(model=model.to("cuda"), metadata={**served.metadata, "device": "cuda"}, device="cuda")
+            on_gpu.predict(np.zeros((1, 1, 28, 28), dtype=np.float32))  # fails here, not on a request
+            return on_gpu
         except (RuntimeError, NotImplementedError) as exc:  # an exported program with CPU-only constants
-            log.warning("%s: serving on the CPU, the program did not move to the GPU: %s", model_uri, _one_line(exc))
-    return ServedModel(model=model, metadata={**metadata, "model_uri": model_uri, "device": device}, device=device)
+            log.warning("%s: serving on the CPU, the program does not run on the GPU: %s", model_uri, _one_line(exc))
+            model.to("cpu")
+    return served
 
 
 def _one_line(exc: Exception) -> str:
@@ -128,17 +135,20 @@ class ModelSlot:
     def watch(self, settings: Settings, poll_s: float, stop: threading.Event,
               on_reload: Callable[[str], None] | None = None) -> None:
         """Until ``stop``: every ``poll_s`` seconds, reload when the alias points elsewhere."""
+        failed: str | None = None  # a version that would not load: not downloaded again and again
         while not stop.wait(poll_s):
             if self.current is None:
                 continue
+            target = None
             try:
                 target = resolve(self.model_uri, settings)["version"]
-                if target == self.current.version:
+                if target in (self.current.version, failed):
                     continue
                 self.swap(load(self.model_uri, settings))
                 result = "swapped"
-            except Exception as exc:  # keep serving the old version; the next poll tries again
+            except Exception as exc:  # keep serving the old version; the next move of the alias is tried
                 log.error("%s: staying on version %s: %s", self.model_uri, self.current.version, _one_line(exc))
+                failed = target  # None when the registry could not be asked: ask again next time
                 result = "failed"
             if on_reload:
                 on_reload(result)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.payload import RequestError, parse_images, parse_png
-from pipeline.serve import Metrics, create_app
+from pipeline.serve import Metrics, PredictRequest, PredictResponse, create_app
 from pipeline.served_model import ModelSlot, ServedModel
 
 CLASSES = [f"class {i}" for i in range(10)]
@@ -62,8 +62,11 @@ def test_integers_floats_and_png_become_the_same_pixels():
         ([1, 2], "expected a JSON object"),
         ({"images": []}, 'with "instances"'),
         ({"instances": []}, "expected a non-empty list of 28x28 images, found an empty list"),
-        ({"image": [[0] * 28] * 27}, "expected images of shape 28x28, found shape(s) (27, 28)"),
-        ({"instances": [[[0] * 28] * 28, [[0] * 28] * 3]}, "expected images of shape 28x28"),
+        ({"image": [[0] * 28] * 27}, "expected images of shape (28, 28), found (27, 28)"),
+        ({"instances": [[[0] * 28] * 28, [[0] * 28] * 3]}, "expected images of shape (28, 28)"),
+        ({"image": [[0] * 28] * 27 + [[0] * 27]}, "found (28, rows of [27, 28] lengths)"),  # ragged rows
+        ({"image": [[10**30] * 28] * 28}, "found other values"),
+        ({"image": [[float("nan")] * 28] * 28}, "found NaN or infinity"),
         ({"image": [[300] * 28] * 28}, "expected integers 0-255, found values from 300 to 300"),
         ({"image": [[-1] * 28] * 28}, "expected integers 0-255, found values from -1 to -1"),
         ({"image": [[1.5] * 28] * 28}, "expected floats in [0, 1]"),
@@ -81,8 +84,10 @@ def test_malformed_json_requests_say_what_was_expected(payload, message):
 def test_malformed_png_requests_say_what_was_expected():
     with pytest.raises(RequestError, match="expected PNG bytes"):
         parse_png(b"GIF89a....")
-    with pytest.raises(RequestError, match="expected a 28x28 grayscale PNG, found 28x28 mode RGB"):
+    with pytest.raises(RequestError, match=r"expected a 28x28 grayscale PNG \(mode L\), found 28x28 mode RGB"):
         parse_png(png_bytes(np.zeros((28, 28)), "RGB"))
+    with pytest.raises(RequestError, match="mode P"):
+        parse_png(png_bytes(np.zeros((28, 28)), "P"))
     with pytest.raises(RequestError, match="found 32x28"):
         parse_png(png_bytes(np.zeros((28, 32))))
     with pytest.raises(RequestError, match="expected a readable PNG"):
@@ -113,7 +118,12 @@ def test_answers_json_and_png_with_the_version(client):
     ("body", "content_type", "status", "message"),
     [
         (b"{not json", "application/json", 400, "expected JSON"),
-        (b'{"image": [[0, 1], [2, 3]]}', "application/json", 422, "expected images of shape 28x28"),
+        (b"[" * 5000, "application/json", 400, "expected JSON, found RecursionError"),
+        (b'{"image": 1' + b"0" * 5000 + b"}", "application/json", 400, "expected JSON, found ValueError"),
+        (b'{"image": [[NaN]]}', "application/json", 400, "expected finite numbers, found NaN"),
+        (b'{"image": [[true, 2]]}', "application/json", 400, "found the JSON literal true"),
+        (b'{"image": [' + b"[0]," * 27 + b"[0, 0]]}", "application/json", 422, "expected images of shape"),
+        (b'{"image": [[0, 1], [2, 3]]}', "application/json", 422, "expected images of shape (28, 28), found (2, 2)"),
         (b'{"image": ' + str([[0.5] * 28] * 28).replace("0.5", '"a"').encode() + b"}", "application/json", 422,
          "expected numbers"),
         (b'{"image": ' + str([[999] * 28] * 28).encode() + b"}", "application/json", 422, "expected integers 0-255"),
@@ -122,7 +132,8 @@ def test_answers_json_and_png_with_the_version(client):
         (b"hello", "text/plain", 415, "expected application/json or image/png, found text/plain"),
         (b"\x89PNG\r\n\x1a\nbroken", "image/png", 422, "expected a readable PNG"),
     ],
-    ids=["malformed-json", "wrong-shape", "wrong-dtype", "out-of-range", "empty-batch", "10-MB", "text", "bad-png"],
+    ids=["malformed-json", "deep-nesting", "huge-integer", "nan", "boolean", "ragged", "wrong-shape", "wrong-dtype",
+         "out-of-range", "empty-batch", "10-MB", "text", "bad-png"],
 )
 def test_bad_requests_get_a_4xx_with_a_message_and_health_stays_up(client, body, content_type, status, message):
     response = client.post("/predict", content=body, headers={"content-type": content_type})
@@ -130,20 +141,47 @@ def test_bad_requests_get_a_4xx_with_a_message_and_health_stays_up(client, body,
     assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
 
 
-def test_concurrent_requests_share_forward_passes(client):
+def test_a_10_mb_body_without_content_length_is_cut_off(client):
+    """A chunked upload declares no size: it is refused once it passes the limit."""
+
+    def chunks():
+        for _ in range(10):
+            yield b"0" * (1024 * 1024)
+
+    response = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "found more" in response.json()["detail"]
+    assert client.get("/health").status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes():
     results, barrier = [], threading.Barrier(16)
 
     def call() -> None:
         barrier.wait()
-        results.append(client.post("/predict", json={"image": IMAGE}).status_code)
+        results.append(client.post("/predict", json={"image": IMAGE}).status_code)  # noqa: F821 (set below)
 
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    from fastapi.testclient import TestClient
+
+    slow = served("4")
+    forward = slow.model.forward
+
+    def slow_forward(x):  # a forward pass long enough for the others to queue behind it
+        import time
+
+        time.sleep(0.05)
+        return forward(x)
+
+    slow.model.forward = slow_forward
+    slot = ModelSlot("models:/m@production")
+    slot.swap(slow)
+    with TestClient(create_app(slot)) as client:
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        metrics = client.get("/metrics").text
     assert results == [200] * 16
-    metrics = client.get("/metrics").text
     passes = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_count")))
     images = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_sum")))
     assert images == 16 and passes < 16  # some requests rode along in another's forward pass
@@ -167,7 +205,7 @@ def test_metrics_count_requests_by_status_and_name_the_version():
     assert "serve_request_seconds_bucket" in text
 
 
-def test_a_swap_changes_the_answering_version_without_failing_requests(client):
+def test_after_a_swap_the_next_request_names_the_new_version(client):
     assert client.post("/predict", json={"image": IMAGE}).json()["model_version"] == "4"
     client.slot.swap(served("5", scale=2.0))
     assert client.post("/predict", json={"image": IMAGE}).json()["model_version"] == "5"
@@ -180,4 +218,36 @@ def test_openapi_schema_describes_what_the_service_does(client):
     assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
     response = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert response.endswith("/PredictResponse")
+    assert predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/Problem")
     assert {"/health", "/ready", "/metadata", "/metrics"} <= set(schema["paths"])
+    # What the schema says is what the service takes and gives.
+    PredictRequest.model_validate({"instances": [IMAGE]})
+    with pytest.raises(ValueError):
+        PredictRequest.model_validate({"image": [[0] * 28] * 27})
+    PredictResponse.model_validate(client.post("/predict", json={"image": IMAGE}).json())
+
+
+def test_a_dead_inference_loop_fails_waiting_requests_instead_of_hanging():
+    import asyncio
+
+    from pipeline.batching import MicroBatcher
+
+    slot = ModelSlot("models:/m/4")
+    slot.swap(served("4"))
+    pixels = parse_images({"image": IMAGE})
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(slot)
+        batcher.start()
+        waiting = [asyncio.ensure_future(batcher.predict(pixels)) for _ in range(3)]
+        await asyncio.sleep(0)  # queued, one perhaps already in a forward pass
+        batcher._task.cancel()  # the loop ends, as a bug would end it
+        for request in waiting:
+            with pytest.raises(RuntimeError, match="the inference loop stopped"):
+                await asyncio.wait_for(request, 5)
+        assert not batcher.alive()
+        with pytest.raises(RuntimeError, match="stopped"):
+            await batcher.predict(pixels)
+        await batcher.stop()
+
+    asyncio.run(scenario())
