@@ -283,6 +283,15 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
         while not (_listening(port) and requests.get(f"{base}/ready", timeout=2).status_code == 200):
             assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()[-2000:]
             time.sleep(0.2)
+        # The real process answers bad input with a 4xx and stays up (the cases themselves:
+        # tests/unit/test_serve.py).
+        bad = [(b"{not json", 400), (b'{"image": [[0, 1]]}', 422), (b'{"instances": []}', 422),
+               (b'{"image": ' + str([[300] * 28] * 28).encode() + b"}", 422), (b"0" * (10 * 1024 * 1024), 413)]
+        for body, status in bad:
+            response = requests.post(f"{base}/predict", data=body, headers={"Content-Type": "application/json"},
+                                     timeout=30)
+            assert response.status_code == status and "expected" in response.json()["detail"]
+            assert requests.get(f"{base}/health", timeout=5).status_code == 200
         workers = [threading.Thread(target=load, args=(i,)) for i in range(8)]
         for worker in workers:
             worker.start()
