@@ -65,14 +65,33 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, small_splits) -> Pat
     return write_dataset(tmp_path_factory.mktemp("small-fashion"), small_splits)
 
 
+#: Variables that would point a test's pipeline away from its own home.
+STORE_VARIABLES = ("PIPELINE_STORAGE_URI", "MLFLOW_TRACKING_URI", "PIPELINE_ARTIFACT_ROOT", "PIPELINE_SOURCE_URI",
+                   "PIPELINE_MODEL_NAME", "PIPELINE_EXPERIMENT")
+
+
+def use_home(mp: pytest.MonkeyPatch, home: Path) -> Path:
+    """Point the pipeline at ``home`` alone: local storage and a SQLite MLflow store under it."""
+    mp.setenv("PIPELINE_HOME", str(home))
+    for name in STORE_VARIABLES:
+        mp.delenv(name, raising=False)
+    return home
+
+
 @pytest.fixture
 def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh embedded pipeline home: local storage and a SQLite MLflow store under tmp_path."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("PIPELINE_HOME", str(home))
-    for name in ("PIPELINE_STORAGE_URI", "MLFLOW_TRACKING_URI", "PIPELINE_ARTIFACT_ROOT", "PIPELINE_SOURCE_URI"):
-        monkeypatch.delenv(name, raising=False)
-    return home
+    """A fresh embedded pipeline home for one test."""
+    return use_home(monkeypatch, tmp_path / "home")
+
+
+@pytest.fixture(scope="module")
+def module_settings(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh embedded pipeline home shared by one module's tests (for expensive set-ups)."""
+    from pipeline.config import Settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        use_home(mp, tmp_path_factory.mktemp("home"))
+        yield Settings.from_env()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.acquire import acquire
-from pipeline.config import AcquireConfig, GatePolicy, PreprocessConfig, Settings, TrainConfig
+from pipeline.config import AcquireConfig, GatePolicy, PreprocessConfig, TrainConfig
 from pipeline.errors import GateFailedError, InfraValidationError, PromotionRefusedError
 from pipeline.evaluate import evaluate
 from pipeline.gate import REPORT_JSON, gate
@@ -43,23 +43,19 @@ ACTOR = "airflow:training_pipeline/manual__test"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, small_dataset):
+def registry(module_settings, small_dataset):
     """The three versions registered (alias candidate) in a fresh SQLite store."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIPELINE_HOME", str(tmp_path_factory.mktemp("home")))
-        for name in ("PIPELINE_STORAGE_URI", "MLFLOW_TRACKING_URI", "PIPELINE_ARTIFACT_ROOT", "PIPELINE_MODEL_NAME"):
-            mp.delenv(name, raising=False)
-        settings = Settings.from_env()
-        storage = storage_for(settings)
-        raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-        validation = validate_raw(raw, storage)
-        processed = preprocess(raw, storage, PreprocessConfig())
-        versions = {}
-        for label, config in RECIPES.items():
-            trained = train(processed, storage, config, settings)
-            evaluation = evaluate(trained, processed, storage, settings)
-            versions[label] = register(trained, evaluation, validation, processed, storage, settings, ACTOR)
-        yield {"settings": settings, "storage": storage, "processed": processed, "versions": versions}
+    settings = module_settings
+    storage = storage_for(settings)
+    raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    validation = validate_raw(raw, storage)
+    processed = preprocess(raw, storage, PreprocessConfig())
+    versions = {}
+    for label, config in RECIPES.items():
+        trained = train(processed, storage, config, settings)
+        evaluation = evaluate(trained, processed, storage, settings)
+        versions[label] = register(trained, evaluation, validation, processed, storage, settings, ACTOR)
+    return {"settings": settings, "storage": storage, "processed": processed, "versions": versions}
 
 
 def deploy(registry, label: str):

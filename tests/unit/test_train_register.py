@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.acquire import acquire
-from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
+from pipeline.config import AcquireConfig, PreprocessConfig, TrainConfig
 from pipeline.evaluate import ARTIFACTS, CONFUSION, evaluate
 from pipeline.models import load_checkpoint
 from pipeline.preprocess import load_split, preprocess
@@ -22,22 +22,18 @@ CONFIG = TrainConfig(epochs=2, batch_size=64)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_dataset):
+def trained(module_settings, small_dataset):
     """One small training, evaluation and registration shared by the tests below."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIPELINE_HOME", str(tmp_path_factory.mktemp("home")))
-        for name in ("PIPELINE_STORAGE_URI", "MLFLOW_TRACKING_URI", "PIPELINE_ARTIFACT_ROOT"):
-            mp.delenv(name, raising=False)
-        settings = Settings.from_env()
-        storage = storage_for(settings)
-        raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-        validation = validate_raw(raw, storage)
-        processed = preprocess(raw, storage, PreprocessConfig())
-        result = train(processed, storage, CONFIG, settings, tags={"airflow.run_id": "manual__test"})
-        evaluation = evaluate(result, processed, storage, settings)
-        version = register(result, evaluation, validation, processed, storage, settings)
-        yield {"settings": settings, "storage": storage, "raw": raw, "validation": validation,
-               "processed": processed, "train": result, "evaluation": evaluation, "version": version, "mp": mp}
+    settings = module_settings
+    storage = storage_for(settings)
+    raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
+    validation = validate_raw(raw, storage)
+    processed = preprocess(raw, storage, PreprocessConfig())
+    result = train(processed, storage, CONFIG, settings, tags={"airflow.run_id": "manual__test"})
+    evaluation = evaluate(result, processed, storage, settings)
+    version = register(result, evaluation, validation, processed, storage, settings)
+    return {"settings": settings, "storage": storage, "raw": raw, "validation": validation,
+            "processed": processed, "train": result, "evaluation": evaluation, "version": version}
 
 
 def test_run_has_params_per_epoch_metrics_and_lineage(trained):
