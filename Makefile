@@ -17,7 +17,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export GX_ANALYTICS_ENABLED := False
 
 .DEFAULT_GOAL := help
-# A recipe that fails leaves no target behind (a half-migrated airflow.db is migrated again).
+# A recipe that fails leaves no target behind (a failed airflow-init runs again next time).
 .DELETE_ON_ERROR:
 .PHONY: help run test test-fast lint venv dataset airflow-init airflow-ui mlflow-ui lock clean
 
@@ -35,18 +35,15 @@ venv: $(BIN)/.installed ## create .venv with the pinned packages (requirements.l
 dataset: ## make sure the Fashion-MNIST files are on disk (Debian package, else download)
 	@scripts/get_dataset.sh >/dev/null
 
-$(AIRFLOW_HOME)/airflow.db: | $(BIN)/.installed
+# The same script the compose stack's airflow-init service runs (migrations, the promotions pool);
+# it is safe to run again, so a changed script or a reinstalled venv (new migrations) runs it again.
+$(AIRFLOW_HOME)/init.done: scripts/airflow-init.sh $(BIN)/.installed
 	@mkdir -p $(AIRFLOW_HOME)
-	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 \
-	  || { tail -20 $(AIRFLOW_HOME)/db-migrate.log; rm -f $@; exit 1; }
-$(AIRFLOW_HOME)/pools.done: $(AIRFLOW_HOME)/airflow.db
-	@# Production moves (promote, rollback) run one at a time in this pool; without it the
-	@# scheduler would never schedule them.
-	$(BIN)/airflow pools set promotions 1 "registry alias moves, one at a time" > $(AIRFLOW_HOME)/pools.log 2>&1 \
-	  || { tail -20 $(AIRFLOW_HOME)/pools.log; exit 1; }
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/airflow-init.sh > $(AIRFLOW_HOME)/init.log 2>&1 \
+	  || { tail -20 $(AIRFLOW_HOME)/init.log; exit 1; }
 	@touch $@
 
-airflow-init: $(AIRFLOW_HOME)/airflow.db $(AIRFLOW_HOME)/pools.done ## create the Airflow metadata DB (SQLite)
+airflow-init: $(AIRFLOW_HOME)/init.done ## create or upgrade the Airflow metadata DB (SQLite) and its pools
 
 run: venv airflow-init ## train on the full dataset through Airflow, then print the model version
 	@mkdir -p $(RUNTIME) && source_uri=$${PIPELINE_SOURCE_URI:-$$(scripts/get_dataset.sh)} && \

@@ -107,5 +107,16 @@ class PromotionRefusedError(BadInputError):
     there is no earlier production version to roll back to."""
 
 
+class StorageUnavailableError(PipelineError):
+    """The pipeline's storage (an S3 endpoint) could not be reached after boto3's own retries.
+    Not the user's input: Airflow retries it with backoff, and a stage that hits it has written
+    nothing half-way (each object is put whole or not at all)."""
+
+    def __init__(self, uri: str, endpoint: str, found: str) -> None:
+        self.uri = uri
+        self.endpoint = endpoint
+        super().__init__(f"{uri}: expected a reachable S3 endpoint at {endpoint}, found {found}")
+
+
 class RegistryBusyError(PipelineError):
     """Another promotion held the registry lock longer than we could wait; try again."""

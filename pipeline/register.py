@@ -47,18 +47,21 @@ def _logged_model_uri(client: object, trained: TrainResult, processed: Processed
     """
     import mlflow
     import torch
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
 
     from pipeline.models import load_checkpoint, serving_model
     from pipeline.preprocess import load_split
 
     experiment = client.get_run(trained.run_id).info.experiment_id  # type: ignore[attr-defined]
+    # Status is checked here, not in the filter: a PostgreSQL-backed MLflow server stores it as
+    # an integer and rejects `status = 'READY'` (SQLite lets the comparison through).
     found = client.search_logged_models(  # type: ignore[attr-defined]
-        [experiment], filter_string=f"source_run_id = '{trained.run_id}' AND name = 'model' AND status = 'READY'",
-        max_results=1,
+        [experiment], filter_string=f"source_run_id = '{trained.run_id}' AND name = 'model'",
     )
-    if found:
-        return f"models:/{found[0].model_id}"
+    ready = [model for model in found if model.status == LoggedModelStatus.READY]
+    if ready:
+        return f"models:/{ready[0].model_id}"
     model = serving_model(load_checkpoint(str(storage.local_path(f"checkpoints/{trained.run_id}/best.ckpt"))))
     images, _ = load_split(processed, storage, "test")
     example = (images[:4, None].astype(np.float32) / 255.0)

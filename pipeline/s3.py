@@ -20,3 +20,8 @@ def s3_client() -> Any:
         read_timeout=60,
     )
     return boto3.client("s3", config=config)
+
+
+def endpoint_url(client: Any) -> str:
+    """The endpoint a client talks to (``AWS_ENDPOINT_URL`` or AWS's regional one), for errors."""
+    return client.meta.endpoint_url

@@ -11,6 +11,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from pipeline.errors import SourceNotFoundError, SourceUnavailableError
+from pipeline.s3 import endpoint_url, s3_client
 
 CHUNK = 1 << 20
 
@@ -129,8 +130,6 @@ class S3Source(Source):
     """``s3://bucket/prefix`` through boto3 (``AWS_ENDPOINT_URL``, standard credential chain)."""
 
     def __init__(self, uri: str) -> None:
-        from pipeline.s3 import s3_client
-
         parsed = urlparse(uri)
         self.uri = uri
         self.bucket = parsed.netloc
@@ -153,7 +152,8 @@ class S3Source(Source):
         except NoCredentialsError as exc:
             raise SourceNotFoundError(self.file_uri(name), "AWS credentials (environment, profile or role)", "none") from exc
         except BotoCoreError as exc:
-            raise SourceUnavailableError(self.file_uri(name), "a reachable S3 endpoint", str(exc)) from exc
+            where = f"a reachable S3 endpoint at {endpoint_url(self.client)}"
+            raise SourceUnavailableError(self.file_uri(name), where, str(exc)) from exc
 
     def fingerprint(self, name: str) -> dict[str, Any]:
         head = self._call(name, "head_object")
@@ -163,13 +163,13 @@ class S3Source(Source):
         from botocore.exceptions import BotoCoreError
 
         obj = self._call(name, "get_object")
-        where = self.file_uri(name)
+        where, endpoint = self.file_uri(name), endpoint_url(self.client)
 
         def chunks() -> Iterator[bytes]:
             try:
                 yield from obj["Body"].iter_chunks(CHUNK)
             except (BotoCoreError, OSError) as exc:
-                raise SourceUnavailableError(where, "a complete download", str(exc)) from exc
+                raise SourceUnavailableError(where, f"a complete download from {endpoint}", str(exc)) from exc
 
         return chunks(), obj.get("ContentLength")
 

@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageUnavailableError
 
 
 class Storage:
@@ -118,11 +120,25 @@ class S3Storage(Storage):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    @contextmanager
+    def _reachable(self, key: str) -> Iterator[None]:
+        """Turn "endpoint unreachable" (after boto3's own retries) into one typed error that
+        names the object and the endpoint."""
+        from botocore.exceptions import BotoCoreError
+
+        from pipeline.s3 import endpoint_url
+
+        try:
+            yield
+        except BotoCoreError as exc:
+            raise StorageUnavailableError(self.uri(key), endpoint_url(self.client), str(exc)) from exc
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            with self._reachable(key):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
@@ -132,11 +148,13 @@ class S3Storage(Storage):
     def put_file(self, local_path: Path, key: str) -> str:
         # upload_file switches to multipart for large files; S3 shows the object only once
         # the whole upload completed, which is the atomicity we need.
-        self.client.upload_file(str(local_path), self.bucket, self._key(key))
+        with self._reachable(key):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key))
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        with self._reachable(key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def local_path(self, key: str) -> Path:
         dest = self.cache_dir / self.bucket / self._key(key)
@@ -146,7 +164,8 @@ class S3Storage(Storage):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._key(key), tmp)
+            with self._reachable(key):
+                self.client.download_file(self.bucket, self._key(key), tmp)
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

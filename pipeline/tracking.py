@@ -5,6 +5,7 @@ Nothing here runs at import time; each stage calls :func:`tracking_client` with 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from functools import lru_cache
 from typing import Any
@@ -61,7 +62,10 @@ def find_unfinished_runs(client: Any, experiment: str, tags: dict[str, str]) -> 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git commit of the checkout (``+dirty`` when modified), else the package version."""
+    """``PIPELINE_CODE_VERSION`` when set (an image has no git: its build passes the commit),
+    else the git commit of the checkout (``+dirty`` when modified), else the package version."""
+    if pinned := os.environ.get("PIPELINE_CODE_VERSION"):
+        return pinned
     root = project_root()
     try:
         sha = subprocess.run(

@@ -10,7 +10,7 @@ from services import RecordingServer, free_port
 
 from pipeline.acquire import acquire
 from pipeline.config import IDX_FILES, AcquireConfig
-from pipeline.errors import ChecksumMismatchError, SourceNotFoundError, SourceUnavailableError
+from pipeline.errors import ChecksumMismatchError, SourceNotFoundError, SourceUnavailableError, StorageUnavailableError
 from pipeline.storage import open_storage
 
 pytestmark = pytest.mark.integration
@@ -129,8 +129,16 @@ def test_s3_checksum_mismatch_and_missing_object(s3_dataset, storage):
 def test_s3_unreachable_endpoint_fails_with_its_name(s3_env, storage, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
-    with pytest.raises(SourceUnavailableError, match=f"expected a reachable S3 endpoint, found .*{dead}"):
+    with pytest.raises(SourceUnavailableError, match=f"fashion/.*: expected a reachable S3 endpoint at {dead}, found"):
         acquire(AcquireConfig(source_uri="s3://bucket/fashion"), storage)
+
+
+def test_s3_storage_unreachable_fails_with_the_object_and_endpoint(s3_env, small_dataset, tmp_path, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    storage = open_storage("s3://store/pipeline", cache_dir=tmp_path / "cache")
+    with pytest.raises(StorageUnavailableError, match=f"s3://store/pipeline/.*: expected a reachable S3 endpoint at {dead}"):
+        acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
 
 
 def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path, monkeypatch):

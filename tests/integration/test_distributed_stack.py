@@ -1,0 +1,432 @@
+"""The production mode, run on this machine with real services.
+
+Airflow on PostgreSQL with the CeleryExecutor (Redis broker; one worker on queues ``default`` and
+``gpu``, training routed to ``gpu``), an MLflow server with basic auth whose store is PostgreSQL
+and whose artifacts are in S3, and the pipeline's storage in S3. The S3 API is moto's server
+behind a TCP relay, which the fault tests take down. Every process is started with the command
+the compose stack in ``docker/`` runs (``docker/airflow-entrypoint.sh``, ``scripts/airflow-init.sh``,
+``docker/mlflow-server.sh``), configured through the environment only, and runs are triggered
+the way a team's script would: through Airflow's REST API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import requests
+from defects import write_dataset
+from services import ProcessGroup, TcpProxy, free_port, port_is_free
+
+from pipeline.config import IDX_FILES
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DAG_ID = "training_pipeline"
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+# One epoch on 1,800 images reaches about 0.7: the gate's floor is lowered to match.
+QUICK = {"epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5}
+# The environment a service gets is built from scratch for these: nothing of the test
+# process's own Airflow, pipeline, MLflow or AWS set-up leaks into the stack.
+OWN_PREFIXES = ("AIRFLOW", "PIPELINE_", "MLFLOW_", "AWS_", "GX_")
+
+
+class AirflowApi:
+    """Airflow's public REST API as a user's script reaches it: a JWT from ``/auth/token``."""
+
+    def __init__(self, url: str, username: str, password: str) -> None:
+        self.url = url
+        answer = requests.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        answer.raise_for_status()
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {answer.json()['access_token']}"
+
+    def call(self, method: str, path: str, **kwargs) -> dict:
+        answer = self.session.request(method, f"{self.url}/api/v2{path}", timeout=30, **kwargs)
+        assert answer.ok, f"{method} {path}: HTTP {answer.status_code} {answer.text[:500]}"
+        return answer.json()
+
+    def trigger(self, conf: dict) -> str:
+        run = self.call("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+        return run["dag_run_id"]
+
+    def run(self, run_id: str) -> dict:
+        return self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+
+    def task_instances(self, run_id: str) -> dict[str, dict]:
+        listing = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+        return {ti["task_id"]: ti for ti in listing["task_instances"]}
+
+    def log(self, run_id: str, task_id: str, try_number: int) -> str:
+        path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
+        content = self.call("GET", path, params={"full_content": "true"}, headers={"Accept": "application/json"})
+        return "\n".join(_log_line(line) for line in content["content"])
+
+
+def _log_line(line: dict | str) -> str:
+    """A structured task-log line as a person reads it: the event, then any exception."""
+    if not isinstance(line, dict):
+        return str(line)
+    errors = [f"{e.get('exc_type')}: {e.get('exc_value')}" for e in line.get("error_detail") or []]
+    return "\n".join([line.get("event", ""), *errors])
+
+
+class Stack:
+    """PostgreSQL databases, a Redis database, an S3 bucket, an MLflow server and the four Airflow
+    components of the Celery mode, all this stack's own; :meth:`close` removes every one."""
+
+    def __init__(self, workdir: Path, s3_port: int) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.workdir = workdir
+        self.services = ProcessGroup(workdir)
+        self.proxy = TcpProxy(s3_port)
+        self.s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.bucket = f"stack-{self.id}"
+        self.databases = [f"stack_{self.id}_{name}" for name in ("airflow", "mlflow", "mlflow_auth")]
+        self.redis_db = self._free_redis_db()
+        self.api_port, self.mlflow_port, self.log_port = free_port(), free_port(), free_port()
+        self.api_url, self.mlflow_url = f"http://127.0.0.1:{self.api_port}", f"http://127.0.0.1:{self.mlflow_port}"
+        self.airflow_user = ("operator", secrets.token_urlsafe(16))
+        self.mlflow_user = ("admin", secrets.token_urlsafe(16))
+        self.leftovers: list[str] = []
+        self._closed = False
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def open(self) -> Stack:
+        try:
+            self.proxy.start()
+            self.s3.create_bucket(Bucket=self.bucket)
+            self._create_databases()
+            base = self._base_env()
+            self.services.start("mlflow", ["bash", str(ROOT / "docker/mlflow-server.sh")], self._mlflow_env(base))
+            airflow_env = self._airflow_env(base)
+            entrypoint = ["bash", str(ROOT / "docker/airflow-entrypoint.sh")]
+            init = self.services.start("airflow-init", [*entrypoint, "bash", str(ROOT / "scripts/airflow-init.sh")],
+                                       airflow_env)
+            assert init.wait(timeout=300) == 0, self.services.log_tail("airflow-init")
+            del self.services.processes["airflow-init"]
+            for name, command in {
+                "api-server": ["airflow", "api-server", "--port", str(self.api_port), "--host", "127.0.0.1"],
+                "scheduler": ["airflow", "scheduler"],
+                "dag-processor": ["airflow", "dag-processor"],
+                "worker": ["airflow", "celery", "worker", "--queues", "default,gpu", "--concurrency", "2"],
+            }.items():
+                self.services.start(name, [*entrypoint, *command], airflow_env)
+            self._wait_until_ready()
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_PREFIXES)}
+        return {
+            **env,
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "GX_ANALYTICS_ENABLED": "False",
+        }
+
+    def _mlflow_env(self, base: dict[str, str]) -> dict[str, str]:
+        return {
+            **base,
+            "MLFLOW_BACKEND_STORE_URI": f"{POSTGRES}/{self.databases[1]}",
+            "MLFLOW_AUTH_DATABASE_URI": f"{POSTGRES}/{self.databases[2]}",
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{self.bucket}/mlflow",
+            "MLFLOW_S3_ENDPOINT_URL": self.proxy.url,
+            "MLFLOW_AUTH_ADMIN_USERNAME": self.mlflow_user[0], "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_user[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.mlflow_port), "MLFLOW_WORKERS": "1",
+        }
+
+    def _airflow_env(self, base: dict[str, str]) -> dict[str, str]:
+        from cryptography.fernet import Fernet
+
+        database = f"{POSTGRES}/{self.databases[0]}"
+        return {
+            **base,
+            "AIRFLOW_HOME": str(self.workdir / "airflow"),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{database}",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+            "AIRFLOW__API__BASE_URL": self.api_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(32),
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_port),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.airflow_user[0]}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.workdir / "airflow" / "passwords.json"),
+            "AIRFLOW_ADMIN_USERNAME": self.airflow_user[0], "AIRFLOW_ADMIN_PASSWORD": self.airflow_user[1],
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # Unpausing a DAG would start its latest weekly run too; here only triggered runs run.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "PIPELINE_HOME": str(self.workdir / "pipeline-home"),
+            "PIPELINE_STORAGE_URI": f"s3://{self.bucket}/pipeline",
+            "PIPELINE_SOURCE_URI": f"s3://{self.bucket}/datasets/a",
+            "PIPELINE_TRAIN_QUEUE": "gpu",
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0], "MLFLOW_TRACKING_PASSWORD": self.mlflow_user[1],
+            "AWS_ENDPOINT_URL": self.proxy.url,
+        }
+
+    def _wait_until_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        for port in (self.mlflow_port, self.api_port):
+            while not _answers(f"http://127.0.0.1:{port}/health" if port == self.mlflow_port
+                               else f"http://127.0.0.1:{port}/api/v2/monitor/health"):
+                self.services.check_alive()
+                assert time.monotonic() < deadline, f"port {port} not ready after {timeout}s"
+                time.sleep(1)
+        self.api = AirflowApi(self.api_url, *self.airflow_user)
+        while True:
+            self.services.check_alive()
+            answer = self.api.session.get(f"{self.api_url}/api/v2/dags/{DAG_ID}", timeout=30)
+            if answer.ok:
+                break
+            errors = self.api.call("GET", "/importErrors")
+            assert not errors["import_errors"], errors
+            assert time.monotonic() < deadline, f"{DAG_ID} not parsed after {timeout}s"
+            time.sleep(2)
+        self.api.call("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+
+    # --- use -----------------------------------------------------------------------------------
+
+    def upload_dataset(self, prefix: str, folder: Path) -> str:
+        for name in IDX_FILES.values():
+            self.s3.upload_file(str(folder / name), self.bucket, f"{prefix}/{name}")
+        return f"s3://{self.bucket}/{prefix}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    def wait_for_run(self, run_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while (run := self.api.run(run_id))["state"] not in ("success", "failed"):
+            self.services.check_alive()
+            assert time.monotonic() < deadline, f"{run_id} still {run['state']} after {timeout}s: {self.states(run_id)}"
+            time.sleep(3)
+        return run
+
+    def states(self, run_id: str) -> dict[str, str]:
+        return {task: ti["state"] for task, ti in self.api.task_instances(run_id).items()}
+
+    def failures(self, run_id: str) -> str:
+        """Every task's state and the end of each failed task's last log, for assertion messages."""
+        tis = self.api.task_instances(run_id)
+        report = [str({task: ti["state"] for task, ti in tis.items()})]
+        for task, ti in tis.items():
+            if ti["state"] == "failed":
+                report.append(f"--- {task}, try {ti['try_number']}:\n{self.api.log(run_id, task, ti['try_number'])[-3000:]}")
+        return "\n".join(report)
+
+    def mlflow_client(self, monkeypatch: pytest.MonkeyPatch):
+        from mlflow import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", self.mlflow_user[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", self.mlflow_user[1])
+        return MlflowClient(tracking_uri=self.mlflow_url, registry_uri=self.mlflow_url)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every process; drop the databases, the Redis database and the bucket."""
+        if self._closed:
+            return
+        self._closed = True
+        self.leftovers = self.services.stop()
+        self.proxy.stop()
+        with contextlib.suppress(Exception):
+            self._drop_databases()
+        with contextlib.suppress(Exception):
+            import redis
+
+            redis.Redis(host="127.0.0.1", port=6379, db=self.redis_db).flushdb()
+        with contextlib.suppress(Exception):
+            for key in self.keys(""):
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+            self.s3.delete_bucket(Bucket=self.bucket)
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.api_port, self.mlflow_port, self.log_port, self.proxy.port]
+
+    def _create_databases(self) -> None:
+        with _postgres() as cursor:
+            for name in self.databases:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+
+    def _drop_databases(self) -> None:
+        with _postgres() as cursor:
+            for name in self.databases:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    @staticmethod
+    def _free_redis_db() -> int:
+        import redis
+
+        for db in np.random.default_rng().permutation(range(1, 16)):
+            if redis.Redis(host="127.0.0.1", port=6379, db=int(db)).dbsize() == 0:
+                return int(db)
+        raise RuntimeError("no empty Redis database among 1-15 for the Celery broker")
+
+
+@contextlib.contextmanager
+def _postgres() -> Iterator:
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        connection.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def stack(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    the_stack = Stack(tmp_path_factory.mktemp("stack"), int(moto_endpoint.rsplit(":", 1)[1])).open()
+    try:
+        yield the_stack
+    finally:
+        the_stack.close()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory, real_splits) -> dict[str, Path]:
+    """Three small real subsets with different content (so each one is fetched and stored anew)."""
+    (xtr, ytr), (xte, yte) = real_splits["train"], real_splits["t10k"]
+    folders = {}
+    for i, name in enumerate("abc"):
+        train, test = slice(2000 * i, 2000 * (i + 1)), slice(500 * i, 500 * (i + 1))
+        splits = {"train": (xtr[train], ytr[train]), "t10k": (xte[test], yte[test])}
+        folders[name] = write_dataset(tmp_path_factory.mktemp(f"subset-{name}"), splits)
+    return folders
+
+
+def raw_objects(stack: Stack) -> dict[str, list[str]]:
+    """The stored raw datasets: {dataset hash: file names under raw/<hash>/}."""
+    by_hash: dict[str, list[str]] = {}
+    for key in stack.keys("pipeline/raw/"):
+        digest, name = key.removeprefix("pipeline/raw/").split("/", 1)
+        by_hash.setdefault(digest, []).append(name)
+    return by_hash
+
+
+EXPECTED_RAW = sorted([*IDX_FILES.values(), "MANIFEST.json"])
+
+
+def test_a_triggered_run_trains_on_the_gpu_queue_and_registers_on_the_mlflow_server(stack, datasets, monkeypatch):
+    source = stack.upload_dataset("datasets/a", datasets["a"])
+
+    run_id = stack.api.trigger({"source_uri": source, **QUICK})
+    run = stack.wait_for_run(run_id, timeout=900)
+
+    tis = stack.api.task_instances(run_id)
+    assert run["state"] == "success", stack.failures(run_id)
+    assert tis["train"]["queue"] == "gpu" and tis["acquire"]["queue"] == "default"
+    assert tis["promote"]["state"] == "skipped"  # auto_promote is off: the run stops at staging
+    client = stack.mlflow_client(monkeypatch)
+    version = client.get_model_version_by_alias("fashion-mnist-classifier", "staging")
+    mlflow_run = client.get_run(version.run_id)
+    assert mlflow_run.data.tags["airflow.run_id"] == run_id
+    assert version.tags["gate.decision"] == "passed" and version.tags["infra_validation"] == "passed"
+    # The server keeps artifacts in S3 (clients only see mlflow-artifacts:/ URIs) ...
+    assert mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    artifacts = stack.keys("mlflow/")
+    assert any(key.endswith("evaluation/model_card.md") for key in artifacts)
+    assert any(key.endswith("/MLmodel") for key in artifacts)
+    # ... and answers no one without credentials.
+    assert requests.get(f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/search", timeout=30).status_code == 401
+    # The pipeline's own objects are in S3 under their content hashes.
+    digest = version.tags["dataset_hash"]
+    assert sorted(raw_objects(stack)[digest]) == EXPECTED_RAW
+    assert f"pipeline/checkpoints/{version.run_id}/best.ckpt" in stack.keys("pipeline/checkpoints/")
+    assert any(key.endswith("/train.npz") for key in stack.keys("pipeline/processed/"))
+
+
+def test_an_s3_outage_during_acquisition_is_retried_and_the_data_is_stored_once(stack, datasets, monkeypatch):
+    source = stack.upload_dataset("datasets/b", datasets["b"])
+    before = raw_objects(stack)
+    # The first 64 KiB of the downloads pass; then the endpoint goes away mid-transfer for 20 s.
+    stack.proxy.cut_after(64 * 1024)
+
+    run_id = stack.api.trigger({"source_uri": source, **QUICK})
+    assert stack.proxy.cut.wait(timeout=300), f"no S3 traffic from acquire: {stack.states(run_id)}"
+    assert stack.api.task_instances(run_id)["acquire"]["state"] in ("running", "up_for_retry", "failed")
+    time.sleep(20)
+    stack.proxy.start()
+    run = stack.wait_for_run(run_id, timeout=900)
+
+    acquire = stack.api.task_instances(run_id)["acquire"]
+    assert run["state"] == "success", stack.failures(run_id)
+    assert acquire["try_number"] >= 2, "acquire should have failed once and been retried"
+    first_try = stack.api.log(run_id, "acquire", 1)
+    assert "SourceUnavailableError" in first_try and stack.proxy.url in first_try, first_try[-2000:]
+    # Stored once: the new dataset's four files and manifest, nothing else new, no upload left open.
+    stored = raw_objects(stack)
+    new = set(stored) - set(before)
+    assert len(new) == 1 and sorted(stored[new.pop()]) == EXPECTED_RAW
+    assert not stack.s3.list_multipart_uploads(Bucket=stack.bucket).get("Uploads")
+    client = stack.mlflow_client(monkeypatch)
+    staged = client.get_model_version_by_alias("fashion-mnist-classifier", "staging")
+    assert client.get_run(staged.run_id).data.tags["airflow.run_id"] == run_id
+
+
+def test_with_s3_down_for_good_the_run_fails_naming_the_endpoint_and_registers_nothing(stack, datasets, monkeypatch):
+    source = stack.upload_dataset("datasets/c", datasets["c"])
+    client = stack.mlflow_client(monkeypatch)
+    versions_before = len(client.search_model_versions("name = 'fashion-mnist-classifier'"))
+    stack.proxy.stop()
+    try:
+        run_id = stack.api.trigger({"source_uri": source, **QUICK})
+        # Three tries of acquire, each bounded by boto3's retries (5 attempts, 5 s connect
+        # timeout), with Airflow's backoff (30 s, then 60 s) between them.
+        run = stack.wait_for_run(run_id, timeout=600)
+    finally:
+        stack.proxy.start()
+
+    tis = stack.api.task_instances(run_id)
+    assert run["state"] == "failed"
+    assert tis["acquire"]["state"] == "failed" and tis["acquire"]["try_number"] == 3
+    assert {tis[task]["state"] for task in ("validate", "train", "register")} == {"upstream_failed"}
+    last_try = stack.api.log(run_id, "acquire", 3)
+    assert f"expected a reachable S3 endpoint at {stack.proxy.url}" in last_try, last_try[-2000:]
+    assert len(client.search_model_versions("name = 'fashion-mnist-classifier'")) == versions_before
+
+
+def test_stopping_the_stack_leaves_no_process_or_port_behind(stack):
+    stack.close()
+
+    assert stack.leftovers == []
+    assert [port for port in stack.ports if not port_is_free(port)] == []
+    with _postgres() as cursor:
+        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"stack_{stack.id}_%",))
+        assert cursor.fetchall() == []
+
