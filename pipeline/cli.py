@@ -24,13 +24,25 @@ from pipeline.config import (
     OPTIMIZERS,
     PRECISIONS,
     STRATEGIES,
+    TUNABLE,
     AcquireConfig,
     GatePolicy,
     Settings,
     TrainConfig,
+    TuneConfig,
     run_config_from_params,
 )
 from pipeline.errors import ConfigError, PipelineError
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, found {text!r} ({exc.msg})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, found {text!r}")
+    return value
 
 
 def _pairs(flag: str, shape: str, values: list[str] | None) -> dict[str, str]:
@@ -55,10 +67,12 @@ TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_
 
 #: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``).
 GATE_FLAGS = ("gate_min_accuracy", "gate_max_accuracy_drop", "gate_max_class_drop", "gate_min_improvement")
+TUNE_FLAGS = ("tune", "tune_space", "tune_method", "tune_trials", "tune_sample_cap", "tune_epochs")
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", "auto_promote", *TRAIN_FLAGS, *GATE_FLAGS)
+    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", "auto_promote", *TRAIN_FLAGS, *GATE_FLAGS,
+            *TUNE_FLAGS)
     params = {k: getattr(args, k, None) for k in keys}
     params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
     return params
@@ -327,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_flags(p)
     gate_flags(p)
     p.add_argument("--auto-promote", action="store_true", help="move production to the new version when it passes")
+    t = TuneConfig()
+    p.add_argument("--tune", action="store_true", default=None,
+                   help="search training configs on a sample first (MLflow child runs) and train with the best")
+    p.add_argument("--tune-space", type=_json_object, metavar="JSON",
+                   help=f'{{"field": [values]}} over {", ".join(TUNABLE)} ({json.dumps(t.space)})')
+    p.add_argument("--tune-method", choices=("grid", "random"), help=f"search method ({t.method})")
+    p.add_argument("--tune-trials", type=int, help=f"random search: trials ({t.trials})")
+    p.add_argument("--tune-sample-cap", type=int, help=f"images per trial ({t.sample_cap})")
+    p.add_argument("--tune-epochs", type=int, help=f"epochs per trial ({t.trial_epochs})")
     p = add("acquire", cmd_acquire, "fetch the four IDX files into content-addressed storage")
     source_flags(p)
     p = add("validate", cmd_validate, "check an acquired dataset with the Great Expectations suites")

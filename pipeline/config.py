@@ -319,6 +319,9 @@ class TuneConfig:
         if not 1 <= self.trial_epochs <= 200:
             raise ConfigError("tune_epochs", "an integer in [1, 200]", repr(self.trial_epochs))
 
+    def fingerprint(self) -> str:
+        return _fingerprint(self)
+
 
 @dataclass(frozen=True)
 class GatePolicy:

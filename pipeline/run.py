@@ -1,12 +1,14 @@
 """The whole chain without Airflow: the same stage functions the DAG calls, in the same order.
 
-``acquire -> validate -> preprocess -> train -> evaluate -> register -> gate -> infra_validate``
-(alias ``staging``) and, with ``auto_promote``, ``promote`` (alias ``production``); a failing
-stage raises and nothing after it runs.
+``acquire -> validate -> preprocess -> [tune] -> train -> evaluate -> register -> gate ->
+infra_validate`` (alias ``staging``) and, with ``auto_promote``, ``promote`` (alias
+``production``); a failing stage raises and nothing after it runs. With tuning on, the search
+runs its trials one after another and ``train`` uses the best one's configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pipeline.config import RunConfig, Settings
@@ -29,7 +31,13 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     raw = acquire(config.acquire, storage)
     validation = validate_raw(raw, storage)
     processed = preprocess(raw, storage, config.preprocess)
-    trained = train(processed, storage, config.train, settings, force=config.force, tags=tags)
+    chosen = {}
+    if config.tune.enabled:
+        from pipeline.tune import run_study
+
+        chosen = run_study(raw, storage, config.tune, config.train, config.preprocess, settings)
+    train_config = dataclasses.replace(config.train, **chosen)
+    trained = train(processed, storage, train_config, settings, force=config.force, tags=tags)
     if not is_global_rank_zero():
         return {}  # a DDP rank Lightning launched by re-running this command: its part is done
     evaluation = evaluate(trained, processed, storage, settings)
@@ -43,6 +51,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "acquire": raw.to_dict(),
         "validate": validation.to_dict(),
         "preprocess": processed.to_dict(),
+        "tune": {"overrides": chosen} if config.tune.enabled else None,
         "train": trained.to_dict(),
         "evaluate": evaluation.to_dict(),
         "register": version.to_dict(),

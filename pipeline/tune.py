@@ -9,7 +9,8 @@ UI shows the trials side by side under it. The best trial by validation accuracy
 overrides that the full training then uses.
 
 In Airflow each trial is one mapped task instance (dynamic task mapping), so trials run in
-parallel on as many workers as there are.
+parallel on as many workers as there are; ``pipeline run --tune`` runs them one after another
+(:func:`run_study`).
 """
 
 from __future__ import annotations
@@ -100,3 +101,25 @@ def choose(trials: Sequence[Mapping[str, Any]], settings: Settings | None = None
         client.log_dict(parent_run_id, {"best": best, "trials": list(trials)}, "tune/trials.json")
         client.set_terminated(parent_run_id, "FINISHED")
     return dict(best["overrides"])
+
+
+def study_name(raw: RawDatasetRef, config: TuneConfig, base: TrainConfig, preprocess: PreprocessConfig) -> str:
+    """A name that is the same for the same data and search, so a rerun finds its study (and
+    its finished trials) again instead of starting over."""
+    return f"pipeline-run/{raw.dataset_hash[:12]}/{config.fingerprint()}-{base.fingerprint()}-{preprocess.fingerprint()}"
+
+
+def run_study(
+    raw: RawDatasetRef,
+    storage: Storage,
+    config: TuneConfig,
+    base: TrainConfig,
+    preprocess: PreprocessConfig,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The whole search in this process, trial after trial; return the best trial's overrides."""
+    found = candidates(config, base)
+    sample = sample_data(raw, storage, config, preprocess)
+    parent = start_study(settings, study_name(raw, config, base, preprocess), config, base)
+    trials = [run_trial(sample, storage, base, overrides, config, settings, parent) for overrides in found]
+    return choose(trials, settings, parent)

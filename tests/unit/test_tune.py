@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.config import TrainConfig, TuneConfig, run_config_from_params
@@ -49,3 +51,33 @@ def test_choose_takes_the_best_and_the_first_of_a_tie():
               for a, v in ((0.001, 0.8), (0.002, 0.9), (0.004, 0.9))]
     assert choose(trials) == {"learning_rate": 0.002}
     assert choose([]) == {}
+
+
+@pytest.mark.slow
+def test_pipeline_run_tunes_on_a_sample_then_trains_with_the_best_trial(small_dataset, settings, capsys):
+    from pipeline.cli import main
+    from pipeline.tracking import tracking_client
+
+    # A learning rate of 1e-7 learns nothing in one epoch: the search must pick 0.002 (not the default
+    # 0.004). One epoch at 0.002 reaches about 0.45, hence the low gate floor.
+    argv = ["run", "--source", str(small_dataset), "--epochs", "1", "--batch-size", "64", "--gate-min-accuracy", "0.3", "--tune",
+            "--tune-space", '{"learning_rate": [1e-7, 0.002]}', "--tune-sample-cap", "500", "--tune-epochs", "1",
+            "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    assert result["tune"] == {"overrides": {"learning_rate": 0.002}}
+    client = tracking_client(settings)
+    trained = client.get_run(result["train"]["run_id"])
+    assert float(trained.data.params["learning_rate"]) == 0.002 and result["register"]["version"]
+    trials = client.search_runs([trained.info.experiment_id], filter_string="tags.`pipeline.tune_trial` = 'true'")
+    parents = {run.data.tags["mlflow.parentRunId"] for run in trials}
+    assert len(trials) == 2 and len(parents) == 1
+    study = client.get_run(parents.pop())
+    assert study.data.metrics["best_val_accuracy"] == max(run.data.metrics["val_accuracy"] for run in trials)
+
+    # The same data and search again: the study and its trials are found, nothing is retrained.
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["train"]["run_id"] == result["train"]["run_id"] and again["train"]["reused"]
+    assert len(client.search_runs([trained.info.experiment_id], filter_string="tags.`pipeline.tune_trial` = 'true'")) == 2
