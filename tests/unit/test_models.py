@@ -107,8 +107,9 @@ def test_usable_cpus_respects_the_affinity():
 def test_the_launcher_command_carries_the_whole_config():
     # Several devices from an Airflow task: `pipeline train` in a subprocess must train exactly
     # the config the task was given.
-    from pipeline.cli import _params as params_of
-    from pipeline.cli import build_parser, run_config_from_params
+    from pipeline.cli import build_parser
+    from pipeline.commands import _params as params_of
+    from pipeline.config import run_config_from_params
     from pipeline.train import needs_launcher, train_command
 
     config = TrainConfig(architecture="seed_cnn", augment=False, compile=True, devices="0,1", strategy="ddp",
