@@ -40,13 +40,13 @@ def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed
     import torch
     from torch.nn import functional as F
 
-    from pipeline.models import random_crop_flip
+    from pipeline.models import make_optimizer, random_crop_flip
 
     torch.manual_seed(seed)
     hp = module.hparams
     net = module.net
     net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = make_optimizer(net.parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
     steps = epochs_total * ((len(labels) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.learning_rate, total_steps=steps)
     order = torch.randperm(len(labels))
@@ -56,7 +56,7 @@ def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed
         x, y = images[index], labels[index]
         if hp.augment:
             x = random_crop_flip(x, hp.crop_padding)
-        loss = F.cross_entropy(net(module.normalise(x)), y)
+        loss = F.cross_entropy(net(module.normalise(x)), y, label_smoothing=hp.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,7 +126,7 @@ def main() -> None:
         module = ImageClassifier(architecture=config.architecture, learning_rate=config.learning_rate,
                                  weight_decay=config.weight_decay, optimizer=config.optimizer,
                                  lr_schedule=config.lr_schedule, augment=config.augment,
-                                 mean=processed.mean, std=processed.std)
+                                 label_smoothing=config.label_smoothing, mean=processed.mean, std=processed.std)
         data = ProcessedDataModule(processed, storage, config.batch_size, config.seed)
         return module, data
 

@@ -120,7 +120,9 @@ RETRY_POLICY = ExceptionRetryPolicy(
             description="For a global batch of 128 images; scaled linearly with batch size x devices x nodes.",
         ),
         "weight_decay": Param(0.0005, type="number", minimum=0, maximum=1, title="Weight decay"),
-        "optimizer": Param("adamw", type="string", enum=["adamw", "adam"], title="Optimizer"),
+        "optimizer": Param("adamw", type="string", enum=["adamw", "adam", "sgd"], title="Optimizer",
+                           description="sgd: Nesterov momentum 0.9."),
+        "label_smoothing": Param(0.0, type="number", minimum=0, maximum=0.5, title="Label smoothing"),
         "lr_schedule": Param("onecycle", type="string", enum=["onecycle", "cosine", "constant"], title="LR schedule"),
         "augment": Param(True, type="boolean", title="Augment (random crop with padding, horizontal flip)"),
         "early_stopping_patience": Param(
@@ -146,7 +148,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
             type="object",
             title="Search space",
             description="{field: [values]} over architecture, batch_size, learning_rate, weight_decay, "
-            "optimizer, lr_schedule, augment.",
+            "optimizer, label_smoothing, lr_schedule, augment.",
         ),
         "tune_method": Param("grid", type="string", enum=["grid", "random"], title="Search method"),
         "tune_trials": Param(4, type="integer", minimum=1, maximum=256, title="Random search: trials"),

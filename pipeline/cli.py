@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"scaled linearly with the global batch ({d.learning_rate})")
         p.add_argument("--weight-decay", type=float, help=f"weight decay ({d.weight_decay})")
         p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer ({d.optimizer})")
+        p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the training loss ({d.label_smoothing})")
         p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
         p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                        help="random crop with padding and horizontal flip (on)")

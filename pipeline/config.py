@@ -38,7 +38,7 @@ FASHION_MNIST_CLASSES = (
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 ARCHITECTURES = ("resnet_small", "simple_cnn", "seed_cnn")
-OPTIMIZERS = ("adamw", "adam")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
@@ -195,10 +195,14 @@ class TrainConfig:
     batch (``batch_size`` x devices x nodes), so a larger batch on a GPU keeps the recipe."""
 
     weight_decay: float = 5e-4
-    """Decoupled weight decay for ``adamw``, L2 penalty for ``adam``."""
+    """Decoupled weight decay for ``adamw``, L2 penalty for ``adam`` and ``sgd``."""
 
     optimizer: str = "adamw"
-    """``adamw`` or ``adam`` (the original design's)."""
+    """``adamw``, ``adam`` (the original design's) or ``sgd`` (Nesterov momentum 0.9)."""
+
+    label_smoothing: float = 0.0
+    """Share of each training label's probability spread over the other classes (0: none).
+    Validation and test losses are always against the plain labels."""
 
     lr_schedule: str = "onecycle"
     """``onecycle`` (warm-up, then cosine decay to ~0 over all epochs), ``cosine`` or ``constant``."""
@@ -256,6 +260,7 @@ class TrainConfig:
         _check_range("batch_size", self.batch_size, 8, 8192)
         _check_range("learning_rate", self.learning_rate, 1e-7, 1.0)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
         _check_range("early_stopping_patience", self.early_stopping_patience, 0, 500)
         _check_range("num_nodes", self.num_nodes, 1, 1024)
         _check_range("num_threads", self.num_threads, 0, 1024)
@@ -273,7 +278,8 @@ class TrainConfig:
 
 
 #: TrainConfig fields a search may vary: what changes the model, not where or how fast it runs.
-TUNABLE = ("architecture", "batch_size", "learning_rate", "weight_decay", "optimizer", "lr_schedule", "augment")
+TUNABLE = ("architecture", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing", "lr_schedule",
+           "augment")
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,7 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
             learning_rate=_typed(p, "learning_rate", float, train.learning_rate),
             weight_decay=_typed(p, "weight_decay", float, train.weight_decay),
             optimizer=_typed(p, "optimizer", str, train.optimizer),
+            label_smoothing=_typed(p, "label_smoothing", float, train.label_smoothing),
             lr_schedule=_typed(p, "lr_schedule", str, train.lr_schedule),
             augment=_typed(p, "augment", bool, train.augment),
             early_stopping_patience=_typed(p, "early_stopping_patience", int, train.early_stopping_patience),

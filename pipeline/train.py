@@ -374,6 +374,7 @@ def _fit(
         optimizer=config.optimizer,
         lr_schedule=config.lr_schedule,
         augment=config.augment,
+        label_smoothing=config.label_smoothing,
         mean=processed.mean,
         std=processed.std,
         num_classes=len(processed.classes),

@@ -69,6 +69,25 @@ def test_learning_rate_schedules_reach_the_optimizer():
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 0.01
 
 
+def test_sgd_and_label_smoothing_reach_the_training_step():
+    config = run_config_from_params({"optimizer": "sgd", "label_smoothing": 0.1, "learning_rate": 0.1}).train
+    model = ImageClassifier(optimizer=config.optimizer, label_smoothing=config.label_smoothing,
+                            learning_rate=config.learning_rate, lr_schedule="constant")
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+    # The training loss is against smoothed labels (augmentation is off, so the step sees these images).
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8), torch.arange(8)
+    model.trainer = type("T", (), {"num_training_batches": 10})()
+    with torch.no_grad():
+        logits = model(images)
+    smoothed = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    loss = model.training_step((images, labels), 0).item()
+    assert loss == pytest.approx(smoothed.item(), rel=1e-5) and abs(loss - plain.item()) > 1e-3
+
+
 def test_training_settings_from_params_name_the_bad_field():
     config = run_config_from_params({"devices": "2", "strategy": "ddp", "num_nodes": 2, "augment": False}).train
     assert config.trainer_devices() == 2 and world_size(config) == 4 and config.augment is False
@@ -80,6 +99,8 @@ def test_training_settings_from_params_name_the_bad_field():
         ({"augment": "yes"}, "augment"),
         ({"precision": "fp8"}, "precision"),
         ({"num_nodes": 0}, "num_nodes"),
+        ({"label_smoothing": 0.9}, "label_smoothing"),
+        ({"optimizer": "lion"}, "optimizer"),
     ):
         with pytest.raises(ConfigError, match=f"^{field}: expected "):
             run_config_from_params(params)
