@@ -1,7 +1,7 @@
 """Benchmark: our serving endpoint against ``mlflow models serve``, same model, same load.
 
-One invocation, one machine, one registered model (a ``resnet_small`` serving model logged as a
-pt2 program, the default architecture; its weights do not change the cost):
+One invocation, one machine, one registered model (a serving model of the default recipe's
+architecture and test-time flip, logged as a pt2 program; its weights do not change the cost):
 
 * ``pipeline serve --model-uri models:/<name>@production`` (as production runs it: micro-batching,
   the registry watcher polling, one process);
@@ -38,16 +38,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def register_model(settings) -> str:
-    """A resnet_small serving model, logged as pt2 and registered as version 1."""
+    """A serving model as the default recipe registers it, logged as pt2 and registered as version 1."""
     import mlflow
     import numpy as np
     import torch
 
+    from pipeline.config import TrainConfig
     from pipeline.models import ServingModel, build_network
     from pipeline.tracking import experiment_id, tracking_client
 
     torch.manual_seed(0)
-    model = ServingModel(build_network("resnet_small"), 0.286, 0.353).eval()
+    recipe = TrainConfig()
+    model = ServingModel(build_network(recipe.architecture), 0.286, 0.353, recipe.test_time_flip).eval()
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     client = tracking_client(settings)
     with mlflow.start_run(experiment_id=experiment_id(client, settings, "serve_bench")):

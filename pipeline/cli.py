@@ -135,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
         p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                        help="random crop with padding and horizontal flip (on)")
+        p.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction,
+                       help="predict the mean of the image's and its mirror's probabilities (on)")
         p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping (0: off)")
         p.add_argument("--accelerator", choices=ACCELERATORS, help="Lightning accelerator (auto)")
         p.add_argument("--devices", help="devices per node: auto, a count, or ids like 0,1 (auto)")
         p.add_argument("--num-nodes", type=int, help="machines in one training (1)")
         p.add_argument("--strategy", choices=STRATEGIES, help="distributed strategy (auto)")
-        p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU that has it, else 32-true")
+        p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU or AMX CPU that has it, else 32-true")
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network (off)")
         p.add_argument("--num-threads", type=int, help="CPU threads for torch (0: the CPUs this process may use)")
         p.add_argument("--force", action="store_true", help="train and register again even if this data and "

@@ -27,8 +27,8 @@ def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
 
 #: TrainConfig fields that are CLI flags (and DAG Params) of the same name.
 TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing",
-               "lr_schedule", "augment", "early_stopping_patience", "accelerator", "devices", "num_nodes", "strategy",
-               "precision", "compile", "num_threads")
+               "lr_schedule", "augment", "test_time_flip", "early_stopping_patience", "accelerator", "devices",
+               "num_nodes", "strategy", "precision", "compile", "num_threads")
 
 
 #: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``), and TuneConfig fields as ``--tune...``.

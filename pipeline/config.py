@@ -37,7 +37,7 @@ FASHION_MNIST_CLASSES = (
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-ARCHITECTURES = ("resnet_small", "simple_cnn", "seed_cnn")
+ARCHITECTURES = ("resnet_small", "resnet_wide", "simple_cnn", "seed_cnn")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
@@ -179,10 +179,11 @@ class TrainConfig:
     optimizer="adam", lr_schedule="constant", augment=False, learning_rate=0.001``.
     """
 
-    architecture: str = "resnet_small"
-    """``resnet_small`` (a compact residual CNN with batch norm, the default), ``simple_cnn`` (two
-    conv blocks with batch norm) or ``seed_cnn`` (the original design: one 3x3 conv with 32
-    filters, 2x2 max-pool, 128-unit dense layer)."""
+    architecture: str = "resnet_wide"
+    """``resnet_wide`` (a compact residual CNN with batch norm, 48 and 96 channels; the default),
+    ``resnet_small`` (the same with 32 and 64), ``simple_cnn`` (two conv blocks with batch norm)
+    or ``seed_cnn`` (the original design: one 3x3 conv with 32 filters, 2x2 max-pool, 128-unit
+    dense layer)."""
 
     epochs: int = 15
     """Number of epochs (the learning-rate schedule spans them all)."""
@@ -190,17 +191,17 @@ class TrainConfig:
     batch_size: int = 128
     """Images per optimizer step on each device."""
 
-    learning_rate: float = 4e-3
+    learning_rate: float = 0.1
     """Peak learning rate for a global batch of 128 images; scaled linearly with the global
     batch (``batch_size`` x devices x nodes), so a larger batch on a GPU keeps the recipe."""
 
     weight_decay: float = 5e-4
     """Decoupled weight decay for ``adamw``, L2 penalty for ``adam`` and ``sgd``."""
 
-    optimizer: str = "adamw"
+    optimizer: str = "sgd"
     """``adamw``, ``adam`` (the original design's) or ``sgd`` (Nesterov momentum 0.9)."""
 
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     """Share of each training label's probability spread over the other classes (0: none).
     Validation and test losses are always against the plain labels."""
 
@@ -210,6 +211,11 @@ class TrainConfig:
     augment: bool = True
     """Random crop (zero padding of 2 pixels) and horizontal flip of training images. Both keep
     the label of every Fashion-MNIST class; vertical flips and rotations would not."""
+
+    test_time_flip: bool = True
+    """Predict (in validation, evaluation and the served model) the mean of the class
+    probabilities for the image and for its mirror image. Costs a second forward pass per
+    prediction; adds about 0.3-0.4 points of test accuracy to the default recipe."""
 
     early_stopping_patience: int = 0
     """Epochs without validation-loss improvement before training stops; 0 turns early
@@ -233,7 +239,8 @@ class TrainConfig:
     ``ddp_spawn``."""
 
     precision: str = "auto"
-    """``auto`` is bf16 mixed precision on a GPU that supports it, else 32-bit."""
+    """``auto`` is bf16 mixed precision on a GPU that supports it or on a CPU that multiplies
+    bf16 in hardware (Intel AMX), else 32-bit."""
 
     compile: bool = False
     """``torch.compile`` the network for training (pays off on a GPU for long runs)."""
@@ -279,7 +286,7 @@ class TrainConfig:
 
 #: TrainConfig fields a search may vary: what changes the model, not where or how fast it runs.
 TUNABLE = ("architecture", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing", "lr_schedule",
-           "augment")
+           "augment", "test_time_flip")
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,7 @@ class TuneConfig:
     """Run the search before the full training (DAG Param ``tune``)."""
 
     space: dict[str, list[Any]] = field(
-        default_factory=lambda: {"learning_rate": [0.002, 0.004, 0.008], "weight_decay": [0.0001, 0.0005]}
+        default_factory=lambda: {"learning_rate": [0.05, 0.1, 0.2], "weight_decay": [0.0001, 0.0005]}
     )
     """``{TrainConfig field: [values to try]}``; fields outside :data:`TUNABLE` are refused."""
 
@@ -412,6 +419,7 @@ def run_config_from_params(params: Mapping[str, Any], settings: Settings | None 
             label_smoothing=_typed(p, "label_smoothing", float, train.label_smoothing),
             lr_schedule=_typed(p, "lr_schedule", str, train.lr_schedule),
             augment=_typed(p, "augment", bool, train.augment),
+            test_time_flip=_typed(p, "test_time_flip", bool, train.test_time_flip),
             early_stopping_patience=_typed(p, "early_stopping_patience", int, train.early_stopping_patience),
             seed=_typed(p, "seed", int, train.seed),
             accelerator=_typed(p, "accelerator", str, train.accelerator),

@@ -1,7 +1,7 @@
 """Tune: try candidate training configurations on a capped sample, keep the best.
 
 A search (:class:`~pipeline.config.TuneConfig`) names :class:`~pipeline.config.TrainConfig` fields and the values to try, for
-example ``{"learning_rate": [0.002, 0.004, 0.008], "weight_decay": [0.0001, 0.0005]}``.
+example ``{"learning_rate": [0.05, 0.1, 0.2], "weight_decay": [0.0001, 0.0005]}``.
 ``grid`` tries every combination; ``random`` draws ``trials`` of them (seeded, without
 repeats). Each trial is a short training (``trial_epochs``) on a stratified sample of
 ``sample_cap`` images, tracked as an MLflow child run of one parent run per study, so the MLflow

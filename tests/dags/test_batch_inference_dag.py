@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recipes import SMALL_RECIPE
 
 from pipeline.config import TrainConfig
 from pipeline.idx import write_idx
@@ -29,7 +30,7 @@ def production_model(small_dataset, settings, storage):
     raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
     validation = validate_raw(raw, storage)
     processed = preprocess(raw, storage, PreprocessConfig())
-    trained = train(processed, storage, TrainConfig(epochs=1, batch_size=64), settings)
+    trained = train(processed, storage, TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64), settings)
     version = register(trained, evaluate(trained, processed, storage, settings), validation, processed, storage, settings)
     move_alias(settings, PRODUCTION, version.version, "promote", "test", "batch inference test")
     return version

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recipes import SMALL_RECIPE
 
 from pipeline.idx import write_idx
 
@@ -75,7 +76,7 @@ def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(dags, small_
     from pipeline.tracking import tracking_client
 
     training, monitor = dags
-    trained = training.test(run_conf={"source_uri": str(small_dataset), "epochs": 1, "batch_size": 64,
+    trained = training.test(run_conf={"source_uri": str(small_dataset), **SMALL_RECIPE, "epochs": 1, "batch_size": 64,
                                       "gate_min_accuracy": 0.5})  # one epoch on 1,800 images: about 0.55
     assert trained.state == "success"
     unpause("training_pipeline")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from defects import DEFECTS, broken_copy
+from recipes import SMALL_RECIPE
 from services import RecordingServer
 
 from pipeline.config import Settings
@@ -13,7 +14,7 @@ from pipeline.tracking import tracking_client
 
 pytestmark = pytest.mark.slow
 # One epoch on 1,800 images reaches about 0.7: the gate's floor is lowered to match.
-QUICK = {"epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5}
+QUICK = {**SMALL_RECIPE, "epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5}
 
 
 @pytest.fixture(scope="module")

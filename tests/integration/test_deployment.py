@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from recipes import SMALL_RECIPE
 
 from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, GatePolicy, PreprocessConfig, TrainConfig
@@ -35,9 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # rule itself is tested exactly in tests/unit/test_gate.py.
 POLICY = GatePolicy(min_accuracy=0.5, max_accuracy_drop=0.01, max_class_drop=0.3)
 RECIPES = {
-    "v1": TrainConfig(epochs=1, batch_size=64),
-    "v2": TrainConfig(epochs=3, batch_size=64),
-    "v3": TrainConfig(epochs=1, batch_size=64, learning_rate=1e-7),
+    "v1": TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64),
+    "v2": TrainConfig(**SMALL_RECIPE, epochs=3, batch_size=64),
+    "v3": TrainConfig(**{**SMALL_RECIPE, "learning_rate": 1e-7}, epochs=1, batch_size=64),
 }
 ACTOR = "airflow:training_pipeline/manual__test"
 

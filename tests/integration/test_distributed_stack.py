@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import requests
 from defects import write_dataset
+from recipes import SMALL_RECIPE
 from services import ProcessGroup, TcpProxy, free_port, port_is_free
 
 from pipeline.config import IDX_FILES
@@ -36,7 +37,7 @@ BIN = Path(sys.executable).parent
 DAG_ID = "training_pipeline"
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 # One epoch on 1,800 images reaches about 0.7: the gate's floor is lowered to match.
-QUICK = {"epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5}
+QUICK = {**SMALL_RECIPE, "epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5}
 # The environment a service gets is built from scratch for these: nothing of the test
 # process's own Airflow, pipeline, MLflow or AWS set-up leaks into the stack.
 OWN_PREFIXES = ("AIRFLOW", "PIPELINE_", "MLFLOW_", "AWS_", "GX_")

@@ -6,6 +6,7 @@ import uuid
 
 import boto3
 import pytest
+from recipes import SMALL_RECIPE
 
 from pipeline.config import IDX_FILES, Settings, run_config_from_params
 from pipeline.run import run_pipeline
@@ -24,7 +25,7 @@ def test_run_with_s3_source_and_s3_storage(s3_env, small_dataset, pipeline_home,
     settings = Settings.from_env()
     # One epoch of 14 steps reaches about 0.3 (chance is 0.1): the gate's floor is lowered to match.
     config = run_config_from_params(
-        {"source_uri": f"s3://{bucket}/incoming", "epochs": 1, "gate_min_accuracy": 0.2}, settings
+        {"source_uri": f"s3://{bucket}/incoming", **SMALL_RECIPE, "epochs": 1, "gate_min_accuracy": 0.2}, settings
     )
 
     result = run_pipeline(config, settings)

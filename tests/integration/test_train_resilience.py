@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipes import SMALL_RECIPE, recipe_flags
 from services import run_cli
 
 from pipeline.acquire import acquire
@@ -145,7 +146,7 @@ def test_same_seed_and_config_give_the_same_metrics(prepared):
 def test_two_process_ddp_on_the_cpu(private):
     env, settings = private["env"], private["settings"]
     out = run_cli("train", "-v", "--processed", private["processed"], "--accelerator", "cpu",
-                  "--devices", "2", "--strategy", "ddp", "--epochs", "2", "--batch-size", "32",
+                  "--devices", "2", "--strategy", "ddp", *recipe_flags(), "--epochs", "2", "--batch-size", "32",
                   "--num-threads", "1", "--json", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     # Each rank trains its half of the training images (DistributedSampler rounds up).
@@ -156,7 +157,7 @@ def test_two_process_ddp_on_the_cpu(private):
     [run] = runs_of(settings)  # only rank 0 created a run and logged to it
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2"
-    assert float(run.data.params["effective_learning_rate"]) == pytest.approx(TrainConfig().learning_rate / 2)
+    assert float(run.data.params["effective_learning_rate"]) == pytest.approx(SMALL_RECIPE["learning_rate"] / 2)
     assert 0.5 < run.data.metrics["val_accuracy"] <= 1 and run.data.metrics["epochs"] == 2
     checkpoints = sorted(str(p.relative_to(private["root"])) for p in private["root"].glob("checkpoints/**/*.ckpt"))
     assert checkpoints == [f"checkpoints/{run.info.run_id}/best.ckpt", f"checkpoints/{run.info.run_id}/last.ckpt"]

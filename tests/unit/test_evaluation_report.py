@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from recipes import SMALL_RECIPE
 
 from pipeline.acquire import acquire
 from pipeline.config import FASHION_MNIST_CLASSES, AcquireConfig, PreprocessConfig, TrainConfig
@@ -207,7 +208,7 @@ def test_evaluation_logs_the_report_figures_and_model_card(small_dataset, settin
     raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
     validate_raw(raw, storage)
     processed = preprocess(raw, storage, PreprocessConfig())
-    trained = train(processed, storage, TrainConfig(epochs=1, batch_size=64), settings)
+    trained = train(processed, storage, TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64), settings)
     evaluation = evaluate(trained, processed, storage, settings)
 
     client = tracking_client(settings)

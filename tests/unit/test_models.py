@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig, run_config_from_params
+from pipeline.config import ARCHITECTURES, TrainConfig, run_config_from_params
 from pipeline.errors import ConfigError
-from pipeline.models import ImageClassifier, build_network, random_crop_flip
-from pipeline.train import is_global_rank_zero, usable_cpus, world_size
+from pipeline.evaluate import predict
+from pipeline.models import ImageClassifier, build_network, random_crop_flip, serving_model
+from pipeline.train import cpu_has_bf16_matmul, is_global_rank_zero, resolve_precision, usable_cpus, world_size
 
 
 def test_seed_cnn_is_the_original_design():
@@ -24,7 +26,7 @@ def test_seed_cnn_is_the_original_design():
     assert sum(p.numel() for p in net.parameters()) == 693_962
 
 
-@pytest.mark.parametrize("architecture", ["resnet_small", "simple_cnn", "seed_cnn"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_network_maps_uint8_images_to_logits(architecture):
     model = ImageClassifier(architecture=architecture, mean=0.29, std=0.35).eval()
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
@@ -37,6 +39,49 @@ def test_resnet_small_has_residual_blocks_and_batch_norm():
     net = build_network("resnet_small")
     names = {type(m).__name__ for m in net.modules()}
     assert {"ResidualBlock", "BatchNorm2d", "AdaptiveAvgPool2d"} <= names
+
+
+def test_resnet_wide_is_resnet_small_with_one_and_a_half_times_the_channels():
+    def widths(architecture):
+        return [m.out_channels for m in build_network(architecture).modules() if isinstance(m, nn.Conv2d)]
+
+    assert widths("resnet_small") == [32, 32, 32, 64, 64, 64]
+    assert widths("resnet_wide") == [48, 48, 48, 96, 96, 96]
+
+
+def test_test_time_flip_predicts_the_mean_of_the_image_and_its_mirror_offline_and_served():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    model = ImageClassifier(architecture="resnet_small", test_time_flip=True, mean=0.29, std=0.35).eval()
+    with torch.inference_mode():
+        plain, mirrored = (torch.softmax(model.net(model.normalise(x)), 1) for x in (images, images.flip(-1)))
+    averaged = predict(model, images.numpy())
+    assert np.allclose(averaged, ((plain + mirrored) / 2).numpy(), atol=1e-6)
+    assert not np.allclose(averaged, plain.numpy(), atol=1e-3)
+    # An image and its mirror get the same answer; the served module (what register logs)
+    # gives the offline answer.
+    assert np.allclose(predict(model, images.flip(-1).numpy()), averaged, atol=1e-6)
+    served = serving_model(model)
+    with torch.inference_mode():
+        assert np.allclose(served(images[:, None].float() / 255.0).numpy(), averaged, atol=1e-6)
+    # Training steps see the plain network (in train mode, batch statistics, on both sides).
+    with torch.no_grad():
+        assert torch.equal(model.train()(images), model.net(model.normalise(images)))
+    # Without the setting, predictions are the plain network's.
+    model = ImageClassifier(architecture="resnet_small", mean=0.29, std=0.35).eval()
+    with torch.inference_mode():
+        assert np.allclose(predict(model, images.numpy()), torch.softmax(model.net(model.normalise(images)), 1).numpy())
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_and_32_bit_without(monkeypatch):
+    assert resolve_precision(TrainConfig(accelerator="cpu")) == ("bf16-mixed" if cpu_has_bf16_matmul() else "32-true")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision(TrainConfig(accelerator="cpu")) == "bf16-mixed"
+    assert resolve_precision(TrainConfig(accelerator="cpu", precision="32-true")) == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision(TrainConfig(accelerator="cpu")) == "32-true"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert resolve_precision(TrainConfig(accelerator="cpu")) == "32-true"
 
 
 def test_crop_and_flip_give_shifted_copies_of_each_image():
@@ -97,6 +142,7 @@ def test_training_settings_from_params_name_the_bad_field():
         ({"strategy": "horovod"}, "strategy"),
         ({"lr_schedule": "step"}, "lr_schedule"),
         ({"augment": "yes"}, "augment"),
+        ({"test_time_flip": "no"}, "test_time_flip"),
         ({"precision": "fp8"}, "precision"),
         ({"num_nodes": 0}, "num_nodes"),
         ({"label_smoothing": 0.9}, "label_smoothing"),

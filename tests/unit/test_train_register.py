@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from recipes import SMALL_RECIPE
 
 from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig, TrainConfig
@@ -14,11 +15,11 @@ from pipeline.preprocess import load_split, preprocess
 from pipeline.register import register
 from pipeline.storage import storage_for
 from pipeline.tracking import TAG_DATASET, tracking_client
-from pipeline.train import train
+from pipeline.train import resolve_precision, train
 from pipeline.validate import validate_raw
 
 pytestmark = pytest.mark.slow
-CONFIG = TrainConfig(epochs=2, batch_size=64)
+CONFIG = TrainConfig(**SMALL_RECIPE, epochs=2, batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def test_run_has_params_per_epoch_metrics_and_lineage(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["architecture"] == "resnet_small" and run.data.params["epochs"] == "2"
     assert run.data.params["data_train"] == str(trained["processed"].counts["train"])
+    # What ran, not only what was asked: `auto` resolved for this machine; predictions flip-averaged.
+    assert run.data.params["effective_precision"] == resolve_precision(CONFIG)
+    assert run.data.params["test_time_flip"] == "True"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) == 2
     assert run.data.tags[TAG_DATASET] == trained["raw"].dataset_hash
@@ -114,7 +118,7 @@ def test_same_data_and_config_reuse_the_run_and_the_version(trained):
 
 def test_force_trains_and_registers_a_new_version(trained):
     settings, storage = trained["settings"], trained["storage"]
-    config = TrainConfig(epochs=1, batch_size=64)
+    config = TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64)
     first = train(trained["processed"], storage, config, settings)
     forced = train(trained["processed"], storage, config, settings, force=True)
     assert not forced.reused and forced.run_id != first.run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from recipes import recipe_flags
 
 from pipeline.config import TrainConfig, TuneConfig, run_config_from_params
 from pipeline.errors import ConfigError
@@ -60,7 +61,8 @@ def test_pipeline_run_tunes_on_a_sample_then_trains_with_the_best_trial(small_da
 
     # A learning rate of 1e-7 learns nothing in one epoch: the search must pick 0.002 (not the default
     # 0.004). One epoch at 0.002 reaches about 0.45, hence the low gate floor.
-    argv = ["run", "--source", str(small_dataset), "--epochs", "1", "--batch-size", "64", "--gate-min-accuracy", "0.3", "--tune",
+    argv = ["run", "--source", str(small_dataset), *recipe_flags(), "--epochs", "1", "--batch-size", "64",
+            "--gate-min-accuracy", "0.3", "--tune",
             "--tune-space", '{"learning_rate": [1e-7, 0.002]}', "--tune-sample-cap", "500", "--tune-epochs", "1",
             "--json"]
     assert main(argv) == 0
