@@ -179,7 +179,7 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.config import Settings
+    from pipeline.config import Settings, TrainConfig
     from pipeline.tracking import tracking_client
 
     home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -235,7 +235,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "model": "resnet_small ServingModel, pt2, registered version 1", "requests": args.requests, "rows": rows,
+        "model": f"{TrainConfig().architecture} ServingModel (test_time_flip={TrainConfig().test_time_flip}), pt2, "
+                 "registered version 1",
+        "requests": args.requests, "rows": rows,
         "rounds": rounds,
     }, indent=2))
     print(f"saved {out}")

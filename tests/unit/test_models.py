@@ -41,12 +41,19 @@ def test_resnet_small_has_residual_blocks_and_batch_norm():
     assert {"ResidualBlock", "BatchNorm2d", "AdaptiveAvgPool2d"} <= names
 
 
-def test_resnet_wide_is_resnet_small_with_one_and_a_half_times_the_channels():
+def test_residual_networks_have_their_stages_widths_and_resolutions():
     def widths(architecture):
         return [m.out_channels for m in build_network(architecture).modules() if isinstance(m, nn.Conv2d)]
 
     assert widths("resnet_small") == [32, 32, 32, 64, 64, 64]
     assert widths("resnet_wide") == [48, 48, 48, 96, 96, 96]
+    assert widths("resnet_deep") == [32, 32, 32, 64, 64, 64, 128, 128, 128]
+    # resnet_deep's third stage works at 4x4: the feature map its classifier pools.
+    features = build_network("resnet_deep")[:-3](torch.zeros(1, 1, 28, 28))
+    assert features.shape == (1, 128, 4, 4)
+    # Checkpoints of the two-stage networks written before the stage table keep their keys.
+    assert "4.body.0.weight" in build_network("resnet_small").state_dict()
+    assert "11.weight" in build_network("resnet_wide").state_dict()
 
 
 def test_test_time_flip_predicts_the_mean_of_the_image_and_its_mirror_offline_and_served():
