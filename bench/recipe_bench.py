@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from plain_loop import plain_optimizer, plain_step
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,7 +56,7 @@ def main() -> None:
 
     from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings
-    from pipeline.models import ImageClassifier, make_optimizer, random_crop_flip
+    from pipeline.models import ImageClassifier, random_crop_flip
     from pipeline.preprocess import load_split, preprocess
     from pipeline.storage import storage_for
     from pipeline.train import usable_cpus
@@ -69,9 +71,8 @@ def main() -> None:
     train_y, test_y = train_y.long(), test_y.long()
     module = ImageClassifier(architecture=args.architecture, mean=processed.mean, std=processed.std)
     net = module.net
-    optimizer = make_optimizer(net.parameters(), args.optimizer, args.learning_rate, args.weight_decay)
     steps = args.epochs * ((len(train_y) + args.batch_size - 1) // args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, total_steps=steps)
+    optimizer, schedule = plain_optimizer(net, args.optimizer, args.learning_rate, args.weight_decay, steps)
 
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
@@ -89,13 +90,8 @@ def main() -> None:
                 half = args.cutout // 2
                 hole = ((rows - cy).abs() <= half) & ((cols - cx).abs() <= half) & (torch.rand(n, 1, 1) < 0.5)
                 x = x.masked_fill(hole, 0)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
-                logits = net(module.normalise(x))
-            loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            plain_step(net, module.normalise, x, train_y[index], optimizer, schedule, args.precision,
+                       args.label_smoothing)
             if ema is not None:
                 ema.update_parameters(net)
         print(f"epoch {epoch + 1}/{args.epochs}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from plain_loop import plain_optimizer, plain_step
+
 ROOT = Path(__file__).resolve().parent.parent
 # The original design's recipe. Precision is left to ``auto``, as for the default recipe: each
 # network gets this machine's fastest arithmetic, so the equal-time comparison is not tilted.
@@ -41,17 +43,15 @@ SEED_RECIPE = {"architecture": "seed_cnn", "epochs": 10, "optimizer": "adam", "l
 def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed: int, precision: str) -> float:
     """One epoch of a hand-written loop doing what our LightningModule's training step does."""
     import torch
-    from torch.nn import functional as F
 
-    from pipeline.models import make_optimizer, random_crop_flip
+    from pipeline.models import random_crop_flip
 
     torch.manual_seed(seed)
     hp = module.hparams
     net = module.net
     net.train()
-    optimizer = make_optimizer(net.parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
     steps = epochs_total * ((len(labels) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.learning_rate, total_steps=steps)
+    optimizer, schedule = plain_optimizer(net, hp.optimizer, hp.learning_rate, hp.weight_decay, steps)
     order = torch.randperm(len(labels))
     start = time.perf_counter()
     for i in range(0, len(labels), batch_size):
@@ -59,13 +59,7 @@ def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed
         x, y = images[index], labels[index]
         if hp.augment:
             x = random_crop_flip(x, hp.crop_padding)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = net(module.normalise(x))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=hp.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        plain_step(net, module.normalise, x, y, optimizer, schedule, precision, hp.label_smoothing)
     return time.perf_counter() - start
 
 
