@@ -191,9 +191,9 @@ class TrainConfig:
 
     batch_size: int = 64
     """Images per optimizer step on each device. 64 rather than 128 on the CPU: the smaller
-    batch's extra optimizer steps cost 10% more time per epoch and gave 0.2 points more test
-    accuracy (bench/recipe_bench.py, docs/BENCHMARKS.md). On a GPU, raise it with the device's
-    memory; ``learning_rate`` follows."""
+    batch's extra optimizer steps cost 10% more time per epoch and gave 0.2 points more
+    flip-averaged test accuracy in two plain-loop runs (bench/recipe_bench.py,
+    docs/BENCHMARKS.md). On a GPU, raise it with the device's memory; ``learning_rate`` follows."""
 
     learning_rate: float = 0.1
     """Peak learning rate for a global batch of 128 images; scaled linearly with the global

@@ -50,10 +50,10 @@ class ResidualBlock(nn.Module):
 
 # The residual networks' stages: (channels, residual blocks) each. The first stage works at 14x14
 # (a 3x3 stem at 28x28, then max-pooling); each later one starts with a strided 3x3 convolution
-# that halves the resolution (14 -> 7 -> 4). On 2 CPU cores resnet_deep trains at 1.3x
-# resnet_wide's speed with equal or better test accuracy (docs/BENCHMARKS.md): its third stage
-# adds depth and parameters where the feature maps are small, and its channel counts are
-# multiples of 32, which oneDNN's bf16 kernels run faster than 48 or 80.
+# that halves the resolution (14 -> 7 -> 4). On 2 CPU cores resnet_deep trains at 1.25x (fp32)
+# to 1.3x (bf16) resnet_wide's speed with equal or better test accuracy (docs/BENCHMARKS.md): its
+# third stage adds depth and parameters where the feature maps are small, and its channel counts
+# are multiples of 32, which oneDNN ran faster than 48 or 80 in the same probe.
 RESNET_STAGES: dict[str, tuple[tuple[int, int], ...]] = {
     "resnet_deep": ((32, 1), (64, 1), (128, 1)),
     "resnet_small": ((32, 1), (64, 1)),
