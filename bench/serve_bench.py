@@ -182,6 +182,7 @@ def main() -> None:
     from pipeline.config import Settings, TrainConfig
     from pipeline.tracking import tracking_client
 
+    recipe = TrainConfig()  # what register_model registers
     home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="serve-bench")
     model_uri = register_model(settings)
@@ -235,8 +236,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "model": f"{TrainConfig().architecture} ServingModel (test_time_flip={TrainConfig().test_time_flip}), pt2, "
-                 "registered version 1",
+        "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2, registered version 1",
         "requests": args.requests, "rows": rows,
         "rounds": rounds,
     }, indent=2))
