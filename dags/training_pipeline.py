@@ -105,10 +105,11 @@ RETRY_POLICY = ExceptionRetryPolicy(
         "architecture": Param(
             "resnet_deep",
             type="string",
-            enum=["resnet_deep", "resnet_small", "resnet_wide", "simple_cnn", "seed_cnn"],
+            enum=["resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn"],
             title="Network",
             description="resnet_deep: residual CNN in three stages (default); resnet_small: its first two; "
             "resnet_wide: resnet_small with 1.5x the channels; "
+            "resnet_large: for a GPU, 27x resnet_deep's arithmetic; "
             "seed_cnn: the original design's baseline.",
         ),
         "epochs": Param(15, type="integer", minimum=1, maximum=200, title="Epochs"),

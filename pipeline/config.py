@@ -37,7 +37,7 @@ FASHION_MNIST_CLASSES = (
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-ARCHITECTURES = ("resnet_deep", "resnet_small", "resnet_wide", "simple_cnn", "seed_cnn")
+ARCHITECTURES = ("resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
@@ -182,8 +182,9 @@ class TrainConfig:
     architecture: str = "resnet_deep"
     """``resnet_deep`` (a residual CNN with batch norm, stages of 32, 64 and 128 channels at
     14x14, 7x7 and 4x4; the default), ``resnet_small`` (its first two stages), ``resnet_wide``
-    (``resnet_small`` with 48 and 96 channels), ``simple_cnn`` (two conv blocks with batch norm)
-    or ``seed_cnn`` (the original design: one 3x3 conv with 32 filters, 2x2 max-pool, 128-unit
+    (``resnet_small`` with 48 and 96 channels), ``resnet_large`` (for a GPU: two blocks per stage
+    of 64, 128 and 256 channels at 28x28, 14x14 and 7x7), ``simple_cnn`` (two conv blocks with
+    batch norm) or ``seed_cnn`` (the original design: one 3x3 conv with 32 filters, 2x2 max-pool, 128-unit
     dense layer)."""
 
     epochs: int = 15

@@ -5,6 +5,8 @@
   average pooling); the default.
 * ``resnet_small``: its first two stages only.
 * ``resnet_wide``: ``resnet_small`` with 48 and 96 channels.
+* ``resnet_large``: for a GPU; two residual blocks per stage with 64, 128 and 256 channels at
+  28x28, 14x14 and 7x7 (no max-pool after the stem).
 * ``simple_cnn``: two convolution blocks with batch norm and dropout.
 * ``seed_cnn``: the original design's network (one 3x3 convolution with 32 filters, 2x2
   max-pooling, a 128-unit dense layer), kept as the baseline.
@@ -21,6 +23,7 @@ in; class probabilities out. It needs nothing but torch and this module to load.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -48,25 +51,38 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.body(x))
 
 
-# The residual networks' stages: (channels, residual blocks) each. The first stage works at 14x14
-# (a 3x3 stem at 28x28, then max-pooling); each later one starts with a strided 3x3 convolution
-# that halves the resolution (14 -> 7 -> 4). On 2 CPU cores resnet_deep trains at 1.25x (fp32)
-# to 1.3x (bf16) resnet_wide's speed with equal or better test accuracy (docs/BENCHMARKS.md): its
-# third stage adds depth and parameters where the feature maps are small, and its channel counts
-# are multiples of 32, which oneDNN ran faster than 48 or 80 in the same probe.
-RESNET_STAGES: dict[str, tuple[tuple[int, int], ...]] = {
-    "resnet_deep": ((32, 1), (64, 1), (128, 1)),
-    "resnet_small": ((32, 1), (64, 1)),
-    "resnet_wide": ((48, 1), (96, 1)),
+class ResNetSpec(NamedTuple):
+    """A residual network of :func:`_resnet`: a 3x3 stem, then stages of residual blocks."""
+
+    stages: tuple[tuple[int, int], ...]
+    """(channels, residual blocks) per stage. Each stage after the first starts with a strided
+    3x3 convolution that halves the resolution."""
+
+    pool_stem: bool = True
+    """Max-pool after the stem, so that the first stage works at 14x14 (a quarter of the
+    arithmetic, for the CPU); without, it works at the full 28x28."""
+
+
+# On 2 CPU cores resnet_deep trains at 1.25x (fp32) to 1.3x (bf16) resnet_wide's speed with
+# equal or better test accuracy (docs/BENCHMARKS.md): its third stage adds depth and parameters
+# where the feature maps are small (14 -> 7 -> 4), and its channel counts are multiples of 32,
+# which oneDNN ran faster than 48 or 80 in the same probe. resnet_large is for a GPU: twice the
+# blocks and channels per stage, the first stage at 28x28 (28 -> 14 -> 7), 27x the arithmetic.
+RESNETS: dict[str, ResNetSpec] = {
+    "resnet_deep": ResNetSpec(((32, 1), (64, 1), (128, 1))),
+    "resnet_small": ResNetSpec(((32, 1), (64, 1))),
+    "resnet_wide": ResNetSpec(((48, 1), (96, 1))),
+    "resnet_large": ResNetSpec(((64, 2), (128, 2), (256, 2)), pool_stem=False),
 }
 
 
-def _resnet(stages: tuple[tuple[int, int], ...], num_classes: int) -> nn.Sequential:
+def _resnet(spec: ResNetSpec, num_classes: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = 1
-    for index, (width, blocks) in enumerate(stages):
+    for index, (width, blocks) in enumerate(spec.stages):
         if index == 0:
-            layers += [*_conv_bn_relu(channels, width), nn.MaxPool2d(2)]  # 28 -> 14
+            layers += _conv_bn_relu(channels, width)
+            layers += [nn.MaxPool2d(2)] if spec.pool_stem else []  # 28 -> 14
         else:
             layers += _conv_bn_relu(channels, width, stride=2)
         layers += [ResidualBlock(width) for _ in range(blocks)]
@@ -76,8 +92,8 @@ def _resnet(stages: tuple[tuple[int, int], ...], num_classes: int) -> nn.Sequent
 
 def build_network(architecture: str, num_classes: int = 10) -> nn.Module:
     """Logits from normalised images ``(n, 1, 28, 28)``."""
-    if architecture in RESNET_STAGES:
-        return _resnet(RESNET_STAGES[architecture], num_classes)
+    if architecture in RESNETS:
+        return _resnet(RESNETS[architecture], num_classes)
     if architecture == "seed_cnn":
         return nn.Sequential(
             nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),

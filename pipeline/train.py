@@ -29,6 +29,8 @@ import math
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,13 @@ def cpu_has_bf16_matmul() -> bool:
     return bool(check and check())
 
 
+def trains_on_gpu(config: TrainConfig) -> bool:
+    """Whether Lightning will put this training on CUDA devices."""
+    import torch
+
+    return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(config: TrainConfig) -> str:
     """``auto``: bf16 mixed precision on a GPU that supports it, or on a CPU with AMX when
     training there; else 32-bit."""
@@ -97,8 +106,7 @@ def resolve_precision(config: TrainConfig) -> str:
 
     if config.precision != "auto":
         return config.precision
-    gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if gpu:
+    if trains_on_gpu(config):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_has_bf16_matmul() else "32-true"
 
@@ -109,8 +117,7 @@ def world_size(config: TrainConfig) -> int:
 
     devices = config.trainer_devices()
     if devices in ("auto", -1):
-        gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        per_node = torch.cuda.device_count() if gpu else 1
+        per_node = torch.cuda.device_count() if trains_on_gpu(config) else 1
     elif isinstance(devices, list):
         per_node = len(devices)
     else:
@@ -156,12 +163,16 @@ def _callbacks(storage: Storage | None, run_id: str, on_saved: Any) -> list[Any]
             log.info("rank %d of %d: training on %d images per epoch from epoch %d",
                      trainer.global_rank, trainer.world_size, sampler.num_samples, trainer.current_epoch + 1)
 
+        def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.started = time.perf_counter()
+
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             # Runs after the epoch's validation, so both train and val metrics are this epoch's.
             if trainer.is_global_zero:
                 shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("loss", "accuracy"))}
-                log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,
-                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+                log.info("epoch %d/%d: %s (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs,
+                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())),
+                         time.perf_counter() - self.started)
 
     class StorageCheckpoints(pl.Callback):
         """``last.ckpt`` every epoch and on SIGTERM, ``best.ckpt`` when validation accuracy
@@ -352,9 +363,11 @@ def _fit(
     workdir: str,
     resume_from: Path | None,
     on_saved: Any,
+    extra_callbacks: Sequence[Any] = (),
 ) -> tuple[Any, Any]:
     """Build the module, data and Trainer and fit. ``on_saved`` is None on ranks other than 0,
-    which then neither log nor write to storage."""
+    which then neither log nor write to storage (nor does bench/gpu_bench.py, which fits
+    without MLflow); ``extra_callbacks`` go to the Trainer too."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
@@ -397,11 +410,12 @@ def _fit(
         compile=config.compile,
     )
     data = ProcessedDataModule(processed, storage, config.batch_size, config.seed)
-    callbacks = _callbacks(storage if owner else None, run_id, on_saved)
+    callbacks = [*_callbacks(storage if owner else None, run_id, on_saved), *extra_callbacks]
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    gpu = trains_on_gpu(config)
     trainer = pl.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
@@ -413,7 +427,10 @@ def _fit(
         callbacks=callbacks,
         enable_checkpointing=False,  # StorageCheckpoints does it, to storage
         use_distributed_sampler=False,  # ProcessedDataModule shards the training set itself
-        deterministic="warn",
+        # Same seed, same metrics on the CPU. On a GPU, speed instead: deterministic kernels
+        # and no cuDNN autotuning would make the convolutions slower.
+        deterministic=False if gpu else "warn",
+        benchmark=True if gpu else None,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         log_every_n_steps=50,

@@ -49,7 +49,7 @@ def test_empty_source_falls_back_to_the_settings():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"architecture": "resnet999"}, "architecture: expected one of ['resnet_deep', 'resnet_small', 'resnet_wide', 'simple_cnn', 'seed_cnn'], found 'resnet999'"),
+        ({"architecture": "resnet999"}, "architecture: expected one of ['resnet_deep', 'resnet_small', 'resnet_wide', 'resnet_large', 'simple_cnn', 'seed_cnn'], found 'resnet999'"),
         ({"epochs": 0}, "epochs: expected a value in [1, 200], found 0"),
         ({"learning_rate": -1}, "learning_rate: expected a value in [1e-07, 1.0], found -1.0"),
         ({"batch_size": "many"}, "batch_size: expected an integer, found 'many'"),

@@ -11,7 +11,14 @@ from pipeline.config import ARCHITECTURES, TrainConfig, run_config_from_params
 from pipeline.errors import ConfigError
 from pipeline.evaluate import predict
 from pipeline.models import ImageClassifier, build_network, random_crop_flip, serving_model
-from pipeline.train import cpu_has_bf16_matmul, is_global_rank_zero, resolve_precision, usable_cpus, world_size
+from pipeline.train import (
+    cpu_has_bf16_matmul,
+    is_global_rank_zero,
+    resolve_precision,
+    trains_on_gpu,
+    usable_cpus,
+    world_size,
+)
 
 
 def test_seed_cnn_is_the_original_design():
@@ -51,6 +58,11 @@ def test_residual_networks_have_their_stages_widths_and_resolutions():
     # resnet_deep's third stage works at 4x4: the feature map its classifier pools.
     features = build_network("resnet_deep")[:-3](torch.zeros(1, 1, 28, 28))
     assert features.shape == (1, 128, 4, 4)
+    # resnet_large keeps 28x28 through its first stage (no max-pool), two blocks per stage.
+    assert widths("resnet_large") == [64] * 5 + [128] * 5 + [256] * 5
+    large = build_network("resnet_large")
+    assert not any(isinstance(m, nn.MaxPool2d) for m in large.modules())
+    assert large[:-3](torch.zeros(1, 1, 28, 28)).shape == (1, 256, 7, 7)
     # Checkpoints of the two-stage networks written before the stage table keep their keys.
     assert "4.body.0.weight" in build_network("resnet_small").state_dict()
     assert "11.weight" in build_network("resnet_wide").state_dict()
@@ -89,6 +101,16 @@ def test_auto_precision_is_bf16_on_a_cpu_with_amx_and_32_bit_without(monkeypatch
     assert resolve_precision(TrainConfig(accelerator="cpu")) == "32-true"
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert resolve_precision(TrainConfig(accelerator="cpu")) == "32-true"
+
+
+def test_a_gpu_is_used_when_there_is_one_unless_the_cpu_is_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert trains_on_gpu(TrainConfig()) and trains_on_gpu(TrainConfig(accelerator="gpu"))
+    assert resolve_precision(TrainConfig()) == "bf16-mixed"
+    assert not trains_on_gpu(TrainConfig(accelerator="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not trains_on_gpu(TrainConfig())
 
 
 def test_crop_and_flip_give_shifted_copies_of_each_image():
