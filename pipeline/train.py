@@ -159,6 +159,9 @@ def _callbacks(storage: Storage | None, run_id: str, on_saved: Any) -> list[Any]
         """One line per epoch (the progress bar is off in Airflow task logs)."""
 
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            # Also set here: a run resumed in the middle of an epoch starts without
+            # on_train_epoch_start for it.
+            self.started = time.perf_counter()
             sampler = trainer.train_dataloader.sampler.sampler
             log.info("rank %d of %d: training on %d images per epoch from epoch %d",
                      trainer.global_rank, trainer.world_size, sampler.num_samples, trainer.current_epoch + 1)
