@@ -5,9 +5,10 @@ Logs to the training run, under ``evaluation/``:
 * metrics ``test_accuracy``, ``test_macro_f1``, ``test_ece`` (expected calibration error over 15
   equal-width confidence bins), ``test_worst_class_gap`` (best minus worst per-class recall) and
   per-class precision, recall and F1 (``test_f1_<class>``, ...);
-* ``report.json``: every number (overall, per class, the per-bin calibration table, the worst
-  class, the confusion matrix, the most confused class pairs, the test-split indices of the most
-  confident mistakes and of the explained images); ``per_class_metrics.json``: the per-class table;
+* ``report.json``: every number (overall, per class, the per-bin calibration table and the
+  temperature the predictions were scaled by, the worst class, the confusion matrix, the most
+  confused class pairs, the test-split indices of the most confident mistakes and of the
+  explained images); ``per_class_metrics.json``: the per-class table;
 * figures: ``confusion_matrix.png``, ``reliability_diagram.png``, ``confident_mistakes.png`` (the
   16 wrong predictions made with the highest confidence) and ``attributions.png`` (integrated
   gradients, with Captum, for 8 test images: 2 correct ones and the 6 most confident mistakes);
@@ -227,6 +228,8 @@ def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Stor
                  "counts": processed.counts, "removed": processed.removed, "classes": classes},
         **build_report(probabilities, labels, classes),
     }
+    # The temperature the training stage fitted on the validation split (1: none; older runs).
+    report["calibration"]["temperature"] = float(model.hparams.get("temperature", 1.0))
     mistakes = [item["index"] for item in report["mistakes"]["most_confident"]]
     correct = np.flatnonzero(probabilities.argmax(axis=1) == labels)
     shown = mistakes[:EXPLAINED_MISTAKES]

@@ -72,7 +72,9 @@ def _metrics(report: dict[str, Any]) -> Section:
             ("Macro F1", _f(overall["macro_f1"]), "mean of the per-class F1 scores: every class counts the same"),
             ("Expected calibration error", _f(overall["ece"]),
              f"mean gap between confidence and accuracy over {report['calibration']['bins']} confidence bins, "
-             "weighted by the images in each; 0 is perfectly calibrated"),
+             "weighted by the images in each; 0 is perfectly calibrated"
+             + (f" (logits divided by a temperature of {report['calibration']['temperature']:.3f}, fitted on the "
+                "validation split)" if report["calibration"].get("temperature", 1.0) != 1.0 else "")),
             ("Worst-class recall gap", _f(worst["gap"]), "best per-class recall minus the worst"),
         ]),
     ])

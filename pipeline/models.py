@@ -152,7 +152,9 @@ class ImageClassifier(pl.LightningModule):
     batch); ``test_time_flip`` makes predictions outside training (validation, evaluation and,
     through :func:`serving_model`, serving) average those for the image and its mirror;
     ``lr_schedule`` is ``onecycle`` (warm-up then cosine decay over the whole run, per
-    step), ``cosine`` (decay from the start, per step) or ``constant``.
+    step), ``cosine`` (decay from the start, per step) or ``constant``; ``temperature`` divides
+    the logits of those predictions (1 while training; the training stage sets the one fitted on
+    the validation split in ``best.ckpt``, see :func:`fit_temperature`).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class ImageClassifier(pl.LightningModule):
         std: float = 1.0,
         num_classes: int = 10,
         compile: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         # Kept in checkpoints; the training stage logs the run's parameters itself (the
@@ -192,8 +195,9 @@ class ImageClassifier(pl.LightningModule):
         x = self.normalise(images)
         if self.training:
             return (self._compiled if self._compiled is not None else self.net)(x)
-        # .get: checkpoints written before the setting existed lack it.
-        return flip_averaged_logits(self.net, x) if self.hparams.get("test_time_flip") else self.net(x)
+        # .get: checkpoints written before the settings existed lack them.
+        logits = flip_averaged_logits(self.net, x) if self.hparams.get("test_time_flip") else self.net(x)
+        return logits / self.hparams.get("temperature", 1.0)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums: torch.Tensor | None = None
@@ -249,20 +253,52 @@ class ServingModel(nn.Module):
     """Pixels in [0, 1], ``(n, 1, 28, 28)`` float32 -> class probabilities ``(n, classes)``.
 
     With ``test_time_flip`` the probabilities are the mean of those for the image and its
-    mirror, as in the trained module's evaluation, so served and offline answers agree.
+    mirror, and ``temperature`` divides the logits, as in the trained module's evaluation, so
+    served and offline answers agree.
     """
 
-    def __init__(self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False) -> None:
+    def __init__(self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.test_time_flip = test_time_flip
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels - self.mean) / self.std
         logits = flip_averaged_logits(self.net, x) if self.test_time_flip else self.net(x)
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature ``T`` that minimises the negative log-likelihood of ``softmax(logits / T)``
+    on held-out ``labels`` (temperature scaling, Guo et al. 2017). One scalar for all classes:
+    every prediction keeps its class and only its confidence moves. Label smoothing and flip
+    averaging leave the default recipe underconfident (``T`` below 1 sharpens).
+
+    The likelihood is unimodal in ``log T``, so a golden-section search over [0.05, 20] finds the
+    minimum to about 1e-4, deterministically and without gradients."""
+    logits, labels = logits.detach().double(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    low, high = math.log(0.05), math.log(20.0)
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    nll_a, nll_b = nll(a), nll(b)
+    while high - low > 1e-5:
+        if nll_a < nll_b:
+            high, b, nll_b = b, a, nll_a
+            a = high - ratio * (high - low)
+            nll_a = nll(a)
+        else:
+            low, a, nll_a = a, b, nll_b
+            b = low + ratio * (high - low)
+            nll_b = nll(b)
+    return round(math.exp((low + high) / 2.0), 4)
 
 
 def load_checkpoint(path: str) -> ImageClassifier:
@@ -276,7 +312,8 @@ def load_checkpoint(path: str) -> ImageClassifier:
 def serving_model(model: ImageClassifier) -> ServingModel:
     # Served inputs arrive NCHW-contiguous; plain weights keep the exported graph simple.
     net = model.net.to(memory_format=torch.contiguous_format)
-    return ServingModel(net, model.hparams.mean, model.hparams.std, bool(model.hparams.get("test_time_flip"))).eval()
+    return ServingModel(net, model.hparams.mean, model.hparams.std, bool(model.hparams.get("test_time_flip")),
+                        float(model.hparams.get("temperature", 1.0))).eval()
 
 
 def load_registered(model_uri: str) -> nn.Module:

@@ -290,6 +290,7 @@ def train(
             trainer, module = _fit(processed, storage, config, settings, run_id, workdir, resume_from, on_saved)
         best = next(cb for cb in trainer.callbacks if type(cb).__name__ == "StorageCheckpoints")
         checkpoint_uri = storage.uri(f"checkpoints/{run_id}/best.ckpt")
+        temperature = _calibrate(processed, storage, run_id)
         metrics = {
             "val_accuracy": float(best.best),
             # Absent when a resumed run had already saved its last epoch (nothing left to fit).
@@ -299,6 +300,7 @@ def train(
         client.log_metric(run_id, "epochs", metrics["epochs"])
         client.log_metric(run_id, "best_val_accuracy", metrics["val_accuracy"])
         client.log_metric(run_id, "best_epoch", best.best_epoch)
+        client.log_metric(run_id, "temperature", temperature)
         client.set_tag(run_id, TAG_CHECKPOINT, checkpoint_uri)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
@@ -322,6 +324,37 @@ def train(
         config_hash=lineage[TAG_CONFIG],
         metrics=metrics,
     )
+
+
+def _calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str) -> float:
+    """Fit the temperature of ``best.ckpt``'s predictions on the validation split and write it
+    into that checkpoint's hyperparameters, so that evaluation, registration and serving all
+    use it (:func:`pipeline.models.fit_temperature`). Rewritten whole through storage, so a
+    reader sees the old checkpoint or the new one."""
+    import io
+
+    import torch
+
+    from pipeline.data import split_tensors
+    from pipeline.models import ImageClassifier, fit_temperature
+
+    key = f"checkpoints/{run_id}/best.ckpt"
+    checkpoint = torch.load(io.BytesIO(storage.get_bytes(key)), map_location="cpu", weights_only=True)
+    # Temperature 1 for the logits to fit on, also when a rerun finds the checkpoint calibrated.
+    model = ImageClassifier(**{**checkpoint["hyper_parameters"], "temperature": 1.0})
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    val = split_tensors(processed, storage, "val")
+    with torch.inference_mode():
+        logits = torch.cat([model(val.images[i : i + 2048]) for i in range(0, len(val), 2048)])
+    temperature = fit_temperature(logits, val.labels)
+    checkpoint["hyper_parameters"]["temperature"] = temperature
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+        local = Path(tmp) / "best.ckpt"
+        torch.save(checkpoint, local)
+        storage.put_file(local, key)
+    log.info("temperature %.4f (fitted on %d validation images)", temperature, len(val))
+    return temperature
 
 
 def _last_key(run_id: str) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.config import ARCHITECTURES, TrainConfig, run_config_from_params
 from pipeline.errors import ConfigError
 from pipeline.evaluate import predict
-from pipeline.models import ImageClassifier, build_network, random_crop_flip, serving_model
+from pipeline.models import ImageClassifier, build_network, fit_temperature, random_crop_flip, serving_model
 from pipeline.train import (
     cpu_has_bf16_matmul,
     is_global_rank_zero,
@@ -90,6 +90,35 @@ def test_test_time_flip_predicts_the_mean_of_the_image_and_its_mirror_offline_an
     model = ImageClassifier(architecture="resnet_small", mean=0.29, std=0.35).eval()
     with torch.inference_mode():
         assert np.allclose(predict(model, images.numpy()), torch.softmax(model.net(model.normalise(images)), 1).numpy())
+
+
+def test_fitted_temperature_undoes_a_known_scaling_of_the_logits():
+    # Labels drawn from softmax(z) are calibrated for z; logits z * s are not, and the fit finds
+    # T = s (within sampling error), whether the model is under- (s < 1) or over-confident.
+    generator = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(20_000, 10, generator=generator)
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=generator).squeeze(1)
+    for scale in (0.4, 1.0, 2.5):
+        assert fit_temperature(z * scale, labels) == pytest.approx(scale, rel=0.05)
+
+
+def test_temperature_changes_confidence_not_the_answer_offline_and_served():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    plain = ImageClassifier(architecture="resnet_small", test_time_flip=True, mean=0.29, std=0.35).eval()
+    scaled = ImageClassifier(architecture="resnet_small", test_time_flip=True, mean=0.29, std=0.35, temperature=0.5)
+    scaled.load_state_dict(plain.state_dict())
+    scaled.eval()
+    probabilities, base = predict(scaled, images.numpy()), predict(plain, images.numpy())
+    # softmax(logits / 0.5) is p ** 2 renormalised, for p = softmax(logits).
+    assert np.allclose(probabilities, base**2 / (base**2).sum(1, keepdims=True), atol=1e-5)
+    assert (probabilities.argmax(1) == base.argmax(1)).all()
+    assert probabilities.max(1).mean() > base.max(1).mean()  # T < 1 sharpens
+    with torch.inference_mode():
+        assert np.allclose(serving_model(scaled)(images[:, None].float() / 255.0).numpy(), probabilities, atol=1e-6)
+    # Training steps ignore it: the fit happens after training, on the validation split.
+    with torch.no_grad():
+        assert torch.equal(scaled.train()(images), scaled.net(scaled.normalise(images)))
 
 
 def test_auto_precision_is_bf16_on_a_cpu_with_amx_and_32_bit_without(monkeypatch):

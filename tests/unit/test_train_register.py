@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,26 @@ def test_checkpoint_is_in_storage_and_loads_without_pickled_code(trained):
     with torch.inference_mode():
         accuracy = (model(torch.from_numpy(images)).argmax(1).numpy() == labels).mean()
     assert accuracy == pytest.approx(trained["train"].metrics["val_accuracy"], abs=1e-4)
+
+
+def test_best_checkpoint_carries_the_temperature_fitted_on_the_validation_split(trained):
+    run_id = trained["train"].run_id
+    model = load_checkpoint(str(trained["storage"].local_path(f"checkpoints/{run_id}/best.ckpt")))
+    temperature = model.hparams.temperature
+    assert tracking_client(trained["settings"]).get_run(run_id).data.metrics["temperature"] == temperature
+    images, labels = load_split(trained["processed"], trained["storage"], "val")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(images)) * temperature  # undo it: the uncalibrated logits
+    labels = torch.from_numpy(labels.astype(np.int64))
+
+    def nll(t):
+        return torch.nn.functional.cross_entropy(logits / t, labels).item()
+
+    # The fitted temperature is the likelihood's minimum: better than none, and than its neighbours.
+    assert temperature != 1.0 and nll(temperature) < nll(1.0)
+    assert nll(temperature) <= min(nll(temperature * 0.9), nll(temperature * 1.1))
+    report = tracking_client(trained["settings"]).download_artifacts(run_id, "evaluation/report.json")
+    assert json.loads(open(report).read())["calibration"]["temperature"] == temperature
 
 
 def test_evaluation_is_logged_and_readable(trained):
