@@ -3,7 +3,8 @@
 One MLflow run per training: parameters, per-epoch metrics (``train_loss``, ``val_loss``,
 ``val_accuracy``, ``lr``) and lineage tags (dataset and processed-data hashes, config hash,
 code version). The best checkpoint (by validation accuracy) ends up under
-``checkpoints/<run_id>/best.ckpt``.
+``checkpoints/<run_id>/best.ckpt``, with the temperature that calibrates its probabilities,
+fitted on the validation split after the last epoch (metric ``temperature``).
 
 Fault tolerance: after every epoch (and when the process gets SIGTERM, as Airflow sends on a
 timeout or when a task is marked failed) the full training state is written atomically to
@@ -290,7 +291,7 @@ def train(
             trainer, module = _fit(processed, storage, config, settings, run_id, workdir, resume_from, on_saved)
         best = next(cb for cb in trainer.callbacks if type(cb).__name__ == "StorageCheckpoints")
         checkpoint_uri = storage.uri(f"checkpoints/{run_id}/best.ckpt")
-        temperature = _calibrate(processed, storage, run_id)
+        temperature = _calibrate(processed, storage, run_id, "cuda" if trains_on_gpu(config) else "cpu")
         metrics = {
             "val_accuracy": float(best.best),
             # Absent when a resumed run had already saved its last epoch (nothing left to fit).
@@ -326,7 +327,7 @@ def train(
     )
 
 
-def _calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str) -> float:
+def _calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str, device: str) -> float:
     """Fit the temperature of ``best.ckpt``'s predictions on the validation split and write it
     into that checkpoint's hyperparameters, so that evaluation, registration and serving all
     use it (:func:`pipeline.models.fit_temperature`). Rewritten whole through storage, so a
@@ -343,10 +344,10 @@ def _calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str) ->
     # Temperature 1 for the logits to fit on, also when a rerun finds the checkpoint calibrated.
     model = ImageClassifier(**{**checkpoint["hyper_parameters"], "temperature": 1.0})
     model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
+    model.to(device).eval()
     val = split_tensors(processed, storage, "val")
     with torch.inference_mode():
-        logits = torch.cat([model(val.images[i : i + 2048]) for i in range(0, len(val), 2048)])
+        logits = torch.cat([model(val.images[i : i + 2048].to(device)).cpu() for i in range(0, len(val), 2048)])
     temperature = fit_temperature(logits, val.labels)
     checkpoint["hyper_parameters"]["temperature"] = temperature
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
