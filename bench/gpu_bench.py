@@ -6,7 +6,8 @@ rule). Each run goes through the ``train`` stage's own fitting path (``pipeline.
 the Lightning module, data module, Trainer settings, per-epoch checkpoints) but without
 MLflow, which the GPU machines this was run on do not have; the test accuracy is the trained
 module's on the test split, with the flip-averaged predictions that evaluation and serving
-use. After the seeds asked for, ``--compile-epochs`` epochs with ``torch.compile`` time the
+use, and its expected calibration error before and after the temperature that the ``train``
+stage fits (``pipeline.train._calibrate``, run on the training device). After the seeds asked for, ``--compile-epochs`` epochs with ``torch.compile`` time the
 compiled network against the eager one; ``--also`` adds runs with other epochs.
 
 A run is started only if it should end within ``--budget-s`` seconds of the start (estimated
@@ -72,9 +73,10 @@ def main() -> None:
 
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
     from pipeline.data import split_tensors
+    from pipeline.evaluate import calibration_bins, expected_calibration_error
     from pipeline.preprocess import load_processed_ref
     from pipeline.storage import storage_for
-    from pipeline.train import _fit, resolve_precision, trains_on_gpu, usable_cpus
+    from pipeline.train import _calibrate, _fit, resolve_precision, trains_on_gpu, usable_cpus
 
     settings = Settings.from_env()
     storage = storage_for(settings)
@@ -115,13 +117,27 @@ def main() -> None:
 
     def test_accuracy(module) -> dict[str, float]:
         module = module.to(device).eval()
-        correct_flip = correct_plain = 0
+        correct_plain, probabilities = 0, []
         with torch.inference_mode():
             for i in range(0, len(test), 2048):
                 images, labels = test.images[i:i + 2048].to(device), test.labels[i:i + 2048].to(device)
-                correct_flip += (module(images).argmax(1) == labels).sum().item()  # as evaluated and served
+                probabilities.append(torch.softmax(module(images), 1).cpu())  # as evaluated and served
                 correct_plain += (module.net(module.normalise(images)).argmax(1) == labels).sum().item()
-        return {"test_accuracy": correct_flip / len(test), "test_accuracy_without_flip": correct_plain / len(test)}
+        confidence, predicted = torch.cat(probabilities).max(1)
+        correct = (predicted == test.labels).numpy()
+        return {"test_accuracy": float(correct.mean()), "test_accuracy_without_flip": correct_plain / len(test),
+                "test_ece": expected_calibration_error(calibration_bins(confidence.numpy(), correct))}
+
+    def calibrated(module, name: str) -> dict[str, float]:
+        """The ``train`` stage's calibration (``_calibrate``, on the training device) of the final
+        weights, and the test split's figures with the fitted temperature."""
+        checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            torch.save(checkpoint, Path(tmp) / "best.ckpt")
+            storage.put_file(Path(tmp) / "best.ckpt", f"checkpoints/{name}/best.ckpt")
+        module.hparams.temperature = _calibrate(processed, storage, name, device.type)
+        return {"temperature": module.hparams.temperature,
+                **{f"calibrated_{k}": v for k, v in test_accuracy(module).items() if k != "test_accuracy_without_flip"}}
 
     def run(config: TrainConfig) -> dict:
         clock = Clock()
@@ -139,6 +155,7 @@ def main() -> None:
             "train_img_per_s": round(processed.counts["train"] / steady),
             "val_accuracy_last_epoch": round(float(trainer.callback_metrics["val_accuracy"]), 4),
             **{k: round(v, 4) for k, v in test_accuracy(module).items()},
+            **{k: round(v, 4) for k, v in calibrated(module, f"run{len(result['runs'])}").items()},
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         }
 
@@ -169,11 +186,13 @@ def main() -> None:
 
     print(f"\n{result['machine']['gpu'] or 'CPU'}, torch {torch.__version__}, {result['precision']}, "
           f"{recipe.architecture}, batch {recipe.batch_size}, data prepared in {result['data_prep_seconds']} s")
-    header = ("seed", "compile", "epochs", "train s", "s/epoch", "first epoch s", "img/s", "test acc", "no flip")
+    header = ("seed", "compile", "epochs", "train s", "s/epoch", "first epoch s", "img/s", "test acc", "no flip",
+              "ECE", "T", "ECE with T")
     print("  ".join(f"{h:>13}" for h in header))
     for r in result["runs"]:
         cells = (r["seed"], r["compile"], r["epochs"], r["train_seconds"], r["median_epoch_seconds"],
-                 r["first_epoch_seconds"], r["train_img_per_s"], r["test_accuracy"], r["test_accuracy_without_flip"])
+                 r["first_epoch_seconds"], r["train_img_per_s"], r["test_accuracy"], r["test_accuracy_without_flip"],
+                 r["test_ece"], r["temperature"], r["calibrated_test_ece"])
         print("  ".join(f"{c!s:>13}" for c in cells))
     print(f"saved {args.out}", file=sys.stderr)
 
