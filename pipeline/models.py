@@ -301,12 +301,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return round(math.exp((low + high) / 2.0), 4)
 
 
-def load_checkpoint(path: str) -> ImageClassifier:
-    """Rebuild the trained module from a Lightning checkpoint without executing pickled code."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = ImageClassifier(**checkpoint["hyper_parameters"])
+def classifier_from_checkpoint(checkpoint: dict, **overrides: object) -> ImageClassifier:
+    """The trained module, in eval mode, from a loaded checkpoint's hyperparameters (with
+    ``overrides``) and weights."""
+    model = ImageClassifier(**{**checkpoint["hyper_parameters"], **overrides})
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
+
+
+def load_checkpoint(path: str) -> ImageClassifier:
+    """Rebuild the trained module from a Lightning checkpoint without executing pickled code."""
+    return classifier_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def serving_model(model: ImageClassifier) -> ServingModel:

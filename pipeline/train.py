@@ -337,14 +337,12 @@ def _calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str, de
     import torch
 
     from pipeline.data import split_tensors
-    from pipeline.models import ImageClassifier, fit_temperature
+    from pipeline.models import classifier_from_checkpoint, fit_temperature
 
     key = f"checkpoints/{run_id}/best.ckpt"
     checkpoint = torch.load(io.BytesIO(storage.get_bytes(key)), map_location="cpu", weights_only=True)
     # Temperature 1 for the logits to fit on, also when a rerun finds the checkpoint calibrated.
-    model = ImageClassifier(**{**checkpoint["hyper_parameters"], "temperature": 1.0})
-    model.load_state_dict(checkpoint["state_dict"])
-    model.to(device).eval()
+    model = classifier_from_checkpoint(checkpoint, temperature=1.0).to(device)
     val = split_tensors(processed, storage, "val")
     with torch.inference_mode():
         logits = torch.cat([model(val.images[i : i + 2048].to(device)).cpu() for i in range(0, len(val), 2048)])
