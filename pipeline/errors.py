@@ -107,6 +107,11 @@ class PromotionRefusedError(BadInputError):
     there is no earlier production version to roll back to."""
 
 
+class UnsafeModelError(BadInputError):
+    """A model in the registry is not in a format that loads without running code (a pickle
+    rather than a torch.export program): it is refused, not loaded, and retrying cannot help."""
+
+
 class StorageUnavailableError(PipelineError):
     """The pipeline's storage (an S3 endpoint) could not be reached after boto3's own retries.
     Not the user's input: Airflow retries it with backoff, and a stage that hits it has written

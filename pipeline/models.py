@@ -23,6 +23,9 @@ in; class probabilities out. It needs nothing but torch and this module to load.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -321,14 +324,72 @@ def serving_model(model: ImageClassifier) -> ServingModel:
                         float(model.hparams.get("temperature", 1.0))).eval()
 
 
+PT2_FILE = "model.pt2"
+"""The file of a torch.export program inside a logged model's ``data/`` folder."""
+
+
+def forbid_pickle() -> None:
+    """Make MLflow refuse pickled models in this process and its children.
+
+    MLflow 3 defaults ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` to true, which lets whoever can
+    write to the registry run code on every machine that loads a model. With it false, MLflow's
+    own loader also checks that a pt2 archive holds no pickled record.
+    """
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
+def model_format(model_dir: Path) -> str:
+    """``pt2`` for a torch.export program; otherwise what the logged model holds instead."""
+    data = model_dir / "data"
+    if not (model_dir / "MLmodel").is_file():
+        return "no MLmodel file"
+    if (data / PT2_FILE).is_file() and not (data / "model.pth").exists():
+        return "pt2"
+    if (data / "model.pth").exists():
+        return "pickle (data/model.pth)"
+    return "no torch.export program (data/model.pt2)"
+
+
+def _download_checked(model_uri: str, into: str) -> Path:
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.errors import UnsafeModelError
+
+    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=into))
+    found = model_format(local)
+    if found != "pt2":
+        raise UnsafeModelError(model_uri, "a torch.export program (pt2), which loads without running code", found)
+    return local
+
+
+def require_loadable_format(model_uri: str) -> None:
+    """Raise :class:`~pipeline.errors.UnsafeModelError` unless ``model_uri`` is a pt2 program."""
+    with tempfile.TemporaryDirectory(prefix="model-check-") as tmp:
+        _download_checked(model_uri, tmp)
+
+
 def load_registered(model_uri: str) -> nn.Module:
     """A registered model (``models:/<name>/<version>`` or ``models:/<name>@<alias>``) on the CPU.
 
-    Versions are logged as torch.export programs (pt2): loading runs no pickled code.
+    Only torch.export programs (pt2) load: a pickle-format version (which would run whatever code
+    its pickle names) is refused with :class:`~pipeline.errors.UnsafeModelError` before anything
+    is deserialised, and MLflow's pickle switch is off for anything else.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    from pipeline.errors import UnsafeModelError
+
+    forbid_pickle()
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+        local = _download_checked(model_uri, tmp)
+        try:
+            return mlflow.pytorch.load_model(str(local), map_location="cpu")
+        except MlflowException as exc:
+            if "pickle" not in str(exc):
+                raise
+            first = str(exc).split(". ")[0]
+            raise UnsafeModelError(model_uri, "a pt2 program free of pickled records", first) from exc
 
 
 def serving_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:

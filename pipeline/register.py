@@ -94,6 +94,8 @@ def register_version(
     """
     import mlflow
 
+    from pipeline.models import require_loadable_format
+
     client = tracking_client(settings)
     name = settings.model_name
     # Under the lock: two attempts for one run (a retry beside a zombie, the CLI beside the DAG)
@@ -103,6 +105,7 @@ def register_version(
         if existing:
             version, created = str(existing[0].version), False
         else:
+            require_loadable_format(model_uri)  # a pickle would run code wherever it is loaded
             version, created = str(mlflow.register_model(model_uri, name).version), True
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)

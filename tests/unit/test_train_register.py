@@ -12,7 +12,7 @@ from recipes import SMALL_RECIPE
 from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig, TrainConfig
 from pipeline.evaluate import ARTIFACTS, CONFUSION, evaluate
-from pipeline.models import load_checkpoint
+from pipeline.models import load_checkpoint, load_registered
 from pipeline.preprocess import load_split, preprocess
 from pipeline.register import register
 from pipeline.storage import storage_for
@@ -116,7 +116,8 @@ def test_registered_version_has_alias_tags_and_predicts_like_the_checkpoint(trai
     report = {a.path for a in client.list_artifacts(version.run_id, "data_report")}
     assert {"data_report/index.html", "data_report/raw_profile.html", "data_report/validation.json"} <= report
 
-    served = mlflow.pytorch.load_model(f"models:/{settings.model_name}@candidate")
+    # The loader every stage uses, with pickles forbidden: the real model is a pickle-free program.
+    served = load_registered(f"models:/{settings.model_name}@candidate")
     images, _ = load_split(trained["processed"], trained["storage"], "test")
     pixels = torch.from_numpy(images[:16, None].astype(np.float32) / 255.0)
     checkpoint = load_checkpoint(str(trained["storage"].local_path(f"checkpoints/{version.run_id}/best.ckpt")))
