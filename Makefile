@@ -38,7 +38,7 @@ dataset: ## make sure the Fashion-MNIST files are on disk (Debian package, else 
 # The same script the compose stack's airflow-init service runs (migrations, the promotions pool);
 # it is safe to run again, so a changed script or a reinstalled venv (new migrations) runs it again.
 $(AIRFLOW_HOME)/init.done: scripts/airflow-init.sh $(BIN)/.installed
-	@mkdir -p $(AIRFLOW_HOME)
+	@install -d -m 700 $(RUNTIME) && mkdir -p $(AIRFLOW_HOME)
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/airflow-init.sh > $(AIRFLOW_HOME)/init.log 2>&1 \
 	  || { tail -20 $(AIRFLOW_HOME)/init.log; exit 1; }
 	@touch $@
@@ -46,7 +46,7 @@ $(AIRFLOW_HOME)/init.done: scripts/airflow-init.sh $(BIN)/.installed
 airflow-init: $(AIRFLOW_HOME)/init.done ## create or upgrade the Airflow metadata DB (SQLite) and its pools
 
 run: venv airflow-init ## train on the full dataset through Airflow, then print the model version
-	@mkdir -p $(RUNTIME) && source_uri=$${PIPELINE_SOURCE_URI:-$$(scripts/get_dataset.sh)} && \
+	@install -d -m 700 $(RUNTIME) && source_uri=$${PIPELINE_SOURCE_URI:-$$(scripts/get_dataset.sh)} && \
 	  echo "running DAG training_pipeline on $$source_uri (log: $(RUNTIME)/last-run.log)" && \
 	  PIPELINE_SOURCE_URI=$$source_uri $(BIN)/airflow dags test training_pipeline > $(RUNTIME)/last-run.log 2>&1 \
 	  || { grep -E "error|Error" $(RUNTIME)/last-run.log | tail -5; echo "DAG run failed; see $(RUNTIME)/last-run.log"; exit 1; }
@@ -61,8 +61,8 @@ test-fast: venv dataset ## the tests not marked slow or integration
 lint: venv ## ruff on everything, with Airflow's AIR rules on dags/
 	$(BIN)/ruff check .
 
-airflow-ui: venv airflow-init ## Airflow UI on this checkout's stores at http://127.0.0.1:8080 (no login)
-	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True airflow standalone
+airflow-ui: venv airflow-init ## Airflow UI on this checkout's stores at http://127.0.0.1:8080 (loopback only, no login)
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/airflow-ui.sh
 
 mlflow-ui: venv ## MLflow UI on this checkout's store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
