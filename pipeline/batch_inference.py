@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.errors import ReferenceNotFoundError
+from pipeline.redact import redact_uri
 from pipeline.refs import Ref
 from pipeline.storage import Storage
 
@@ -87,7 +88,8 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
     if images.shape[1:] != (28, 28) or not len(images):
         from pipeline.errors import IdxFormatError
 
-        raise IdxFormatError(f"{source_uri}/images-idx3-ubyte.gz", "one or more 28x28 images", f"shape {images.shape}")
+        raise IdxFormatError(f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz", "one or more 28x28 images",
+                             f"shape {images.shape}")
     name = settings.model_name
     try:
         facts = resolve(f"models:/{name}@{alias}", settings)
@@ -114,7 +116,7 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
 
     numbers = summary(probabilities, facts["classes"], labels)
     run = client.create_run(experiment, run_name=f"predict-{batch_hash[:8]}-v{version}", tags={
-        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": source_uri, "model_name": name, "model_version": version,
+        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": redact_uri(source_uri), "model_name": name, "model_version": version,
         "model_alias": alias, "predictions_uri": uri,
     })
     for key_, value in numbers.items():

@@ -144,6 +144,63 @@ class AcquireConfig:
                 raise ConfigError(f"expected_sha256[{name}]", "64 hex digits", repr(digest))
 
 
+def _env_limit(env: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
+    """``env[name]`` as an int or float (``default`` when unset); a bad value names the variable."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(name, "an integer" if kind is int else "a number", repr(text)) from exc
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    """What reading a dataset source may cost: operator settings read by :meth:`from_env`, never
+    trigger-form Params (whoever can trigger a DAG must not be able to lift them). Every source
+    and reader takes ``SourceLimits.from_env()`` when not given limits."""
+
+    max_dataset_bytes: int = 4 << 30
+    """``PIPELINE_MAX_DATASET_BYTES``: uncompressed bytes of one dataset (all its files
+    together, headers included; default 4 GiB). An IDX header declaring more is refused before
+    anything is allocated; a stream that decompresses to more is stopped."""
+
+    max_download_bytes: int = 4 << 30
+    """``PIPELINE_MAX_DOWNLOAD_BYTES``: bytes of one file as served (compressed; default 4 GiB).
+    A larger announced size is refused before the download; a body that runs past it is stopped."""
+
+    download_deadline_s: float = 1800.0
+    """``PIPELINE_DOWNLOAD_DEADLINE_S``: seconds one file's download may take from the request to
+    its last byte (default 30 min), however steadily the server trickles bytes."""
+
+    redirect_hosts: tuple[str, ...] = ()
+    """``PIPELINE_REDIRECT_HOSTS``: comma-separated host names (or ``host:port``) an HTTP source
+    may redirect to besides its own scheme, host and port (default none)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_dataset_bytes", "max_download_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"PIPELINE_{name.upper()}", "a positive integer number of bytes", repr(value))
+        if not 0 < self.download_deadline_s < float("inf"):
+            raise ConfigError("PIPELINE_DOWNLOAD_DEADLINE_S", "a positive number of seconds", repr(self.download_deadline_s))
+        for host in self.redirect_hosts:
+            if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+                raise ConfigError("PIPELINE_REDIRECT_HOSTS", "host names or host:port, comma-separated", repr(host))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SourceLimits:
+        env = os.environ if environ is None else environ
+        hosts = tuple(h.strip().lower() for h in env.get("PIPELINE_REDIRECT_HOSTS", "").split(",") if h.strip())
+        return cls(
+            max_dataset_bytes=_env_limit(env, "PIPELINE_MAX_DATASET_BYTES", int, cls.max_dataset_bytes),
+            max_download_bytes=_env_limit(env, "PIPELINE_MAX_DOWNLOAD_BYTES", int, cls.max_download_bytes),
+            download_deadline_s=_env_limit(env, "PIPELINE_DOWNLOAD_DEADLINE_S", float, cls.download_deadline_s),
+            redirect_hosts=hosts,
+        )
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How raw data becomes train/validation/test splits. Part of the processed data's hash."""

@@ -61,6 +61,12 @@ class IdxFormatError(BadInputError):
     """A file does not follow the IDX layout (magic, dimensions, payload size, counts, labels)."""
 
 
+class SourceLimitError(BadInputError):
+    """A source broke a limit the operator set (:class:`~pipeline.config.SourceLimits`): a file
+    larger than the download or dataset size allows, a download past its deadline, a redirect to
+    a host not allowed. The message names the setting; retrying cannot help."""
+
+
 class DataValidationError(BadInputError):
     """A Great Expectations suite failed: the data must not reach training.
 

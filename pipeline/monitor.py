@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.acquire import dataset_hash, fetch_file
-from pipeline.config import Settings
+from pipeline.config import Settings, SourceLimits
 from pipeline.drift import DriftConfig, OutputStatistics, compute_drift, drift_report_html
 from pipeline.errors import ReferenceNotFoundError, SourceNotFoundError
+from pipeline.redact import redact_uri
 from pipeline.refs import Ref
 from pipeline.storage import Storage
 
@@ -54,12 +55,19 @@ class MonitorResult(Ref):
     """The MLflow run (experiment ``drift_monitor``) holding the report and its numbers."""
 
 
-def fetch_batch(source_uri: str, storage: Storage) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """uint8 images, labels or None, and the batch's content hash; stored once by content."""
+def fetch_batch(
+    source_uri: str, storage: Storage, limits: SourceLimits | None = None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """uint8 images, labels or None, and the batch's content hash; stored once by content.
+
+    Fetched and read within ``limits`` (default :meth:`SourceLimits.from_env`), as ``acquire``
+    and ``validate`` read a dataset: the two files' content together within
+    ``max_dataset_bytes``, each header's declared size checked before anything is allocated."""
     from pipeline.idx import read_idx
     from pipeline.sources import open_source
 
-    source = open_source(source_uri)
+    limits = limits or SourceLimits.from_env()
+    source = open_source(source_uri, limits)
     source.fingerprint(BATCH_IMAGES)  # fails early, with the file's name, if there are no images
     try:
         source.fingerprint(BATCH_LABELS)
@@ -67,19 +75,24 @@ def fetch_batch(source_uri: str, storage: Storage) -> tuple[np.ndarray, np.ndarr
     except SourceNotFoundError:
         names = [BATCH_IMAGES]
     with tempfile.TemporaryDirectory(prefix="batch-") as staging:
-        files = {name: fetch_file(source, name, Path(staging) / name) for name in names}
+        files, budget = {}, limits.max_dataset_bytes
+        for name in names:
+            files[name] = fetch_file(source, name, Path(staging) / name, limits, budget)
+            budget -= files[name]["content_size"]
         digest = dataset_hash({name: info["content_sha256"] for name, info in files.items()})
         for name in names:
             if not storage.exists(f"incoming/{digest}/{name}"):
                 storage.put_file(Path(staging) / name, f"incoming/{digest}/{name}")
-        images = read_idx(Path(staging) / BATCH_IMAGES, ndim=3, dtype=np.dtype(np.uint8))
+        images = read_idx(Path(staging) / BATCH_IMAGES, ndim=3, dtype=np.dtype(np.uint8),
+                          max_bytes=limits.max_dataset_bytes)
         labels = None
         if BATCH_LABELS in files:
-            labels = read_idx(Path(staging) / BATCH_LABELS, ndim=1, dtype=np.dtype(np.uint8))
+            labels = read_idx(Path(staging) / BATCH_LABELS, ndim=1, dtype=np.dtype(np.uint8),
+                              max_bytes=max(1, limits.max_dataset_bytes - images.nbytes))
     if labels is not None and len(labels) != len(images):
         from pipeline.errors import IdxFormatError
 
-        raise IdxFormatError(f"{source_uri}/{BATCH_LABELS}", f"{len(images)} labels", f"{len(labels)}")
+        raise IdxFormatError(source.file_uri(BATCH_LABELS), f"{len(images)} labels", f"{len(labels)}")
     return images, labels, digest
 
 
@@ -114,7 +127,8 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
         profile["label"] = np.nan
     validation = run_suite(ephemeral_context(), load_suite("incoming_profile"), profile, "incoming_profile")
     if not validation.success:
-        files = {"incoming_images": f"{source_uri}/{BATCH_IMAGES}", "incoming_labels": f"{source_uri}/{BATCH_LABELS}"}
+        shown = redact_uri(source_uri.rstrip("/"))
+        files = {"incoming_images": f"{shown}/{BATCH_IMAGES}", "incoming_labels": f"{shown}/{BATCH_LABELS}"}
         raise failure_error("incoming_profile", validation, profile, files)
 
     client = tracking_client(settings)
@@ -139,7 +153,7 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     report_uri = storage.put_bytes(page.encode(), f"{prefix}/report.html")
 
     run = client.create_run(experiment_id(client, settings, EXPERIMENT), run_name=f"drift-{batch_hash[:8]}", tags={
-        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": source_uri, "drifted": str(report.drifted).lower(),
+        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": redact_uri(source_uri), "drifted": str(report.drifted).lower(),
         "model_version": str(version.version), "model_alias": alias,
     })
     metrics = {f"psi_{name}": values["psi"] for name, values in report.features.items()}

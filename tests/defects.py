@@ -182,7 +182,7 @@ class Defect:
 
 DEFECTS = [
     Defect("truncated_gzip", truncated_gzip, "validate", (TRAIN_IMAGES, "complete gzip stream", "truncated")),
-    Defect("wrong_magic", wrong_magic, "validate", (TRAIN_IMAGES, "magic", "0x08080803")),
+    Defect("wrong_magic", wrong_magic, "validate", (TRAIN_IMAGES, "magic", "not an IDX magic")),
     Defect("wrong_dimensions", wrong_dimensions, "validate", (TRAIN_IMAGES, "3 dimension(s)", "found 2")),
     Defect("truncated_payload", truncated_payload, "validate", (TRAIN_IMAGES, "payload bytes")),
     Defect("count_mismatch", count_mismatch, "validate", (TRAIN_LABELS, "labels", "one per image")),
@@ -205,4 +205,27 @@ DEFECTS = [
 def broken_copy(source: Path, dest: Path, defect: Defect) -> Path:
     shutil.copytree(source, dest)
     defect.apply(dest)
+    return dest
+
+
+def gzip_bomb(path: Path, declared_images: int = 10**9, zeros: int = 1 << 30) -> Path:
+    """An IDX ``.gz`` of about a megabyte whose header declares ``declared_images`` 28x28 images
+    and whose deflate stream expands to ``zeros`` zero bytes after the header."""
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    with path.open("wb") as out:
+        out.write(compressor.compress(struct.pack(">HBBIII", 0, 8, 3, declared_images, 28, 28)))
+        for _ in range(zeros >> 20):
+            out.write(compressor.compress(block))
+        out.write(compressor.flush())
+    return path
+
+
+def dataset_with(source: Path, dest: Path, name: str, make: Callable[[Path], object]) -> Path:
+    """A copy of the dataset at ``source`` whose file ``name`` is made by ``make(path)``."""
+    shutil.copytree(source, dest)
+    (dest / name).unlink()
+    make(dest / name)
     return dest

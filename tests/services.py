@@ -283,3 +283,39 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class ScriptedServer:
+    """A loopback HTTP server whose every request (GET or HEAD) is answered by
+    ``respond(handler, server)``: for servers that misbehave on purpose (an endless body, a
+    redirect elsewhere). ``server.closing`` is set on exit; a ``respond`` that loops must watch
+    it (and bound itself), so that the server always stops."""
+
+    def __init__(self, respond, host: str = "127.0.0.1") -> None:
+        self.closing = threading.Event()
+        self.requests: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append((self.command, self.path))
+                respond(self, server)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

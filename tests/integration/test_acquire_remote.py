@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from services import RecordingServer, free_port
+from services import RecordingServer, ScriptedServer, free_port
 
 from pipeline.acquire import acquire
 from pipeline.config import IDX_FILES, AcquireConfig
-from pipeline.errors import ChecksumMismatchError, SourceNotFoundError, SourceUnavailableError, StorageUnavailableError
+from pipeline.errors import (
+    ChecksumMismatchError,
+    SourceLimitError,
+    SourceNotFoundError,
+    SourceUnavailableError,
+    StorageUnavailableError,
+)
 from pipeline.storage import open_storage
 
 pytestmark = pytest.mark.integration
@@ -157,3 +167,139 @@ def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path, monkeypatch):
     again = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
     assert again.fetched == [] and again.dataset_hash == ref.dataset_hash
     assert not {"PutObject", "CreateMultipartUpload", "UploadPart"} & set(calls), calls
+
+
+# --- Bounded sources (issue 16) ---------------------------------------------------------------
+
+def endless_body(block: int, pause: float, most_bytes: int, most_seconds: float):
+    """A ``respond`` for :class:`ScriptedServer`: 200 and a body without length that goes on
+    until the client hangs up, the server closes, or the bounds of the test are reached."""
+
+    def respond(handler, server) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        sent, stop = 0, time.monotonic() + most_seconds
+        try:
+            while sent < most_bytes and time.monotonic() < stop and not server.closing.is_set():
+                handler.wfile.write(bytes(block))
+                sent += block
+                time.sleep(pause)
+        except OSError:
+            pass  # the client hung up: what a bounded download does
+
+    return respond
+
+
+@pytest.fixture
+def staging_root(tmp_path, monkeypatch) -> Path:
+    """The temporary folder acquire stages downloads in, watched by the test."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_finding_endless_http_body_stops_at_the_download_size_limit(storage, staging_root, monkeypatch):
+    monkeypatch.setenv("PIPELINE_MAX_DOWNLOAD_BYTES", str(4 << 20))
+    with ScriptedServer(endless_body(64 << 10, 0, most_bytes=256 << 20, most_seconds=30)) as server, pytest.raises(
+        SourceLimitError, match=r"expected at most 4194304 bytes \(PIPELINE_MAX_DOWNLOAD_BYTES\), found more than"
+    ) as info:
+        acquire(AcquireConfig(source_uri=server.url), storage)
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"{server.url}/")
+    assert list(staging_root.iterdir()) == []
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+
+def test_finding_endless_http_body_stops_at_the_download_deadline(storage, staging_root, monkeypatch):
+    # A trickle: each read returns within the per-read timeout, the whole never ends.
+    monkeypatch.setenv("PIPELINE_DOWNLOAD_DEADLINE_S", "1")
+    with ScriptedServer(endless_body(1024, 0.02, most_bytes=64 << 20, most_seconds=5)) as server, pytest.raises(
+        SourceLimitError, match=r"expected a download within 1 s \(PIPELINE_DOWNLOAD_DEADLINE_S\), found \d+ bytes"
+    ):
+        acquire(AcquireConfig(source_uri=server.url), storage)
+    assert list(staging_root.iterdir()) == []
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+
+def redirect_to(target: str):
+    def respond(handler, server) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", f"{target}{handler.path.removeprefix('/moved')}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return respond
+
+
+def test_finding_redirect_to_another_host_is_refused(small_dataset, storage, monkeypatch):
+    monkeypatch.delenv("PIPELINE_REDIRECT_HOSTS", raising=False)
+    with RecordingServer(small_dataset) as other, ScriptedServer(redirect_to(other.url)) as server:
+        with pytest.raises(SourceLimitError) as info:
+            acquire(AcquireConfig(source_uri=server.url), storage)
+        assert str(info.value) == (
+            f"{server.url}/{TRAIN_IMAGES}: expected redirects to the same scheme, host and port, or to a host in "
+            f"PIPELINE_REDIRECT_HOSTS, found a redirect to {other.url}/{TRAIN_IMAGES}"
+        )
+        assert other.requests == []
+        assert not storage.exists("raw") and not storage.exists("sources")
+
+        # The host named in the setting is followed (by name: localhost is not 127.0.0.1).
+        monkeypatch.setenv("PIPELINE_REDIRECT_HOSTS", "example.invalid, localhost")
+        elsewhere = other.url.replace("127.0.0.1", "localhost")
+        with ScriptedServer(redirect_to(elsewhere)) as allowed:
+            ref = acquire(AcquireConfig(source_uri=allowed.url), storage)
+    assert sorted(ref.fetched) == sorted(IDX_FILES.values())
+
+
+def test_a_redirect_on_the_same_host_is_followed(small_dataset, storage):
+    class Moved(RecordingServer):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            handler, url = self.httpd.RequestHandlerClass, self.url
+
+            def send_head(self):
+                if self.path.startswith("/moved/"):
+                    self.send_response(301)
+                    self.send_header("Location", f"{url}{self.path.removeprefix('/moved')}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                return http_send_head(self)
+
+            http_send_head = handler.send_head
+            handler.send_head = send_head
+
+    with Moved(small_dataset) as server:
+        ref = acquire(AcquireConfig(source_uri=f"{server.url}/moved/"), storage)
+    assert sorted(ref.fetched) == sorted(IDX_FILES.values())
+
+
+SECRET = "s3cr3t-only-in-this-test"
+
+
+def secret_anywhere(storage_root: Path, texts: list[str]) -> list[str]:
+    found = [f"text {i}" for i, text in enumerate(texts) if SECRET in text]
+    return found + [str(p) for p in storage_root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def test_finding_credentials_in_the_source_uri_are_redacted(http_server, storage, caplog):
+    # A password in the URL and a token in its query: used for the requests, shown nowhere.
+    caplog.set_level(logging.DEBUG)
+    host = http_server.url.removeprefix("http://")
+    uri = f"http://reader:{SECRET}@{host}/?token={SECRET}&X-Amz-Signature={SECRET}"
+    ref = acquire(AcquireConfig(source_uri=uri), storage)
+    assert sorted(ref.fetched) == sorted(IDX_FILES.values())
+    assert ref.source_uri == f"http://***@{host}/?token=***&X-Amz-Signature=***"
+    assert ("GET", f"/{TRAIN_IMAGES}?token={SECRET}&X-Amz-Signature={SECRET}") in http_server.requests
+    again = acquire(AcquireConfig(source_uri=uri), storage)  # the record is found by the full URI
+    assert again.fetched == []
+
+    with pytest.raises(SourceNotFoundError) as info:
+        acquire(AcquireConfig(source_uri=uri.replace("/?", "/missing/?")), storage)
+    assert str(info.value).startswith(f"http://***@{host}/missing/{TRAIN_IMAGES}?token=***&X-Amz-Signature=***: ")
+    texts = [str(info.value), json.dumps(ref.to_dict()), json.dumps(again.to_dict()), caplog.text,
+             *(str(r.args) for r in caplog.records)]
+    assert secret_anywhere(storage.root, texts) == []

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from defects import DEFECTS, TRAIN_IMAGES, broken_copy
+from defects import DEFECTS, TRAIN_IMAGES, TRAIN_LABELS, broken_copy, dataset_with, gzip_bomb
 
 from pipeline.acquire import acquire, dataset_hash, load_raw_splits
 from pipeline.config import IDX_FILES, AcquireConfig
-from pipeline.errors import ChecksumMismatchError, CorruptFileError, SourceNotFoundError
+from pipeline.errors import (
+    BadInputError,
+    ChecksumMismatchError,
+    CorruptFileError,
+    IdxFormatError,
+    SourceNotFoundError,
+)
 
 
 def stored_files(root: Path) -> dict[str, int]:
@@ -129,3 +139,166 @@ def test_config_refuses_malformed_checksums():
         AcquireConfig(expected_sha256={"t10k-images-idx3-ubyte.gz": "abc"})
     with pytest.raises(ConfigError, match="expected_sha256: expected keys among"):
         AcquireConfig(expected_sha256={"other.gz": "0" * 64})
+
+
+# --- Bounded sources (issue 16) ---------------------------------------------------------------
+
+#: Runs the CLI with the address space limited to what the imports took plus argv[1] bytes, so
+#: that a reader which expands a file into memory fails (MemoryError, exit 1) instead of passing.
+LIMITED_CLI = """
+import resource, sys
+import pipeline.acquire, pipeline.validate, pipeline.cli
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+limit = size + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(pipeline.cli.main(sys.argv[2:]))
+"""
+HEADROOM = 384 << 20
+
+
+def limited_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(HEADROOM), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bomb_dataset(tmp_path_factory, small_dataset) -> Path:
+    """The small dataset with a 0.5 MB train-images file that declares 10^9 images and expands to 512 MiB."""
+    return dataset_with(small_dataset, tmp_path_factory.mktemp("bomb") / "src", TRAIN_IMAGES,
+                        lambda path: gzip_bomb(path, zeros=512 << 20))
+
+
+def test_finding_gzip_bomb_ends_with_exit_2_and_one_line_without_expanding(bomb_dataset, storage, monkeypatch):
+    # acquire reads the header as the bytes stream in and stops at once.
+    refused = limited_cli("acquire", "--source", str(bomb_dataset))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.count("\n") == 1 and "PIPELINE_MAX_DATASET_BYTES" in refused.stderr, refused.stderr
+    assert TRAIN_IMAGES in refused.stderr
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+    # One stored before the limit existed (or under a higher one): validate refuses it the same way.
+    monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(10**13))
+    ref = acquire(AcquireConfig(source_uri=str(bomb_dataset)), storage)
+    monkeypatch.delenv("PIPELINE_MAX_DATASET_BYTES")
+    refused = limited_cli("validate", "--dataset", ref.dataset_hash)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.count("\n") == 1 and "PIPELINE_MAX_DATASET_BYTES" in refused.stderr, refused.stderr
+    assert f"{10**9 * 784} payload bytes" in refused.stderr
+
+
+def test_finding_gzip_content_past_the_dataset_limit_is_stopped(tmp_path, small_dataset, storage, monkeypatch):
+    # The header is honest but small; what follows it decompresses to far more than it declared.
+    def lying(path: Path) -> None:
+        gzip_bomb(path, declared_images=10, zeros=64 << 20)
+
+    folder = dataset_with(small_dataset, tmp_path / "src", TRAIN_IMAGES, lying)
+    monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(16 << 20))
+    with pytest.raises(BadInputError, match="PIPELINE_MAX_DATASET_BYTES") as info:
+        acquire(AcquireConfig(source_uri=str(folder)), storage)
+    assert TRAIN_IMAGES in str(info.value)
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+
+def test_finding_raw_idx_past_the_dataset_limit_is_stopped(tmp_path, small_dataset, storage, monkeypatch):
+    def raw(path: Path) -> None:
+        path.write_bytes(struct.pack(">HBBI", 0, 8, 1, 3 << 20) + bytes(3 << 20))
+
+    folder = dataset_with(small_dataset, tmp_path / "src", TRAIN_LABELS, raw)
+    monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(2 << 20))
+    with pytest.raises(BadInputError, match="PIPELINE_MAX_DATASET_BYTES"):
+        acquire(AcquireConfig(source_uri=str(folder)), storage)
+    monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(64 << 20))
+    monkeypatch.setenv("PIPELINE_MAX_DOWNLOAD_BYTES", str(1 << 20))
+    with pytest.raises(BadInputError, match="PIPELINE_MAX_DOWNLOAD_BYTES"):
+        acquire(AcquireConfig(source_uri=str(folder)), storage)
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+
+PASSWD = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+def test_finding_symlink_out_of_the_source_root_is_not_followed(tmp_path, small_dataset, storage):
+    outside = tmp_path / "passwd"
+    outside.write_bytes(PASSWD)
+    folder = dataset_with(small_dataset, tmp_path / "src", TRAIN_LABELS, lambda path: path.symlink_to(outside))
+    with pytest.raises(SourceNotFoundError) as info:
+        acquire(AcquireConfig(source_uri=str(folder)), storage)
+    assert str(info.value) == (f"{folder / TRAIN_LABELS}: expected a file inside the source folder, "
+                               "found a symbolic link to a file outside it")
+    assert not storage.exists("raw") and not storage.exists("sources")
+
+    # A link that stays inside the root is followed (a dataset that shares one file between names).
+    (folder / TRAIN_LABELS).unlink()
+    (folder / "labels.gz").write_bytes((small_dataset / TRAIN_LABELS).read_bytes())
+    (folder / TRAIN_LABELS).symlink_to("labels.gz")
+    ref = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    assert ref.files[TRAIN_LABELS]["sha256"] == hashlib.sha256((small_dataset / TRAIN_LABELS).read_bytes()).hexdigest()
+
+
+def test_finding_parse_error_does_not_echo_the_file_content(tmp_path, small_dataset, storage):
+    # A text file where a dataset file belongs (what a followed symlink to /etc/passwd gave).
+    folder = dataset_with(small_dataset, tmp_path / "src", TRAIN_LABELS, lambda path: path.write_bytes(PASSWD))
+    ref = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    with pytest.raises(IdxFormatError) as info:
+        load_raw_splits(ref, storage)
+    message = str(info.value)
+    assert TRAIN_LABELS in message and "text" in message, message
+    assert info.value.found == "4 bytes of text, not an IDX magic"
+    assert PASSWD[:4].hex() not in message, message
+
+
+SECRET = "s3cr3t-only-in-this-test"
+
+
+def test_finding_credentials_in_a_local_error_are_redacted(storage):
+    with pytest.raises(SourceNotFoundError) as info:
+        acquire(AcquireConfig(source_uri=f"ftp://user:{SECRET}@127.0.0.1/data?token={SECRET}"), storage)
+    assert SECRET not in str(info.value) and "ftp://***@127.0.0.1/data?token=***" in str(info.value)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://user:pw@host:8443/a/b", "https://***@host:8443/a/b"),
+    ("https://tok@host/a", "https://***@host/a"),
+    ("https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab&X-Amz-Security-Token=t&v=1",
+     "https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&v=1"),
+    ("https://h/f?Signature=x&Expires=1&AWSAccessKeyId=k", "https://h/f?Signature=***&Expires=1&AWSAccessKeyId=***"),
+    ("https://h/p?sv=1&sig=abc&token=t&access_token=u", "https://h/p?sv=1&sig=***&token=***&access_token=***"),
+    ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist"),
+    ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ("http://127.0.0.1:8000/data", "http://127.0.0.1:8000/data"),
+])
+def test_redact_uri_masks_passwords_and_signatures(uri, shown):
+    from pipeline.redact import redact_text, redact_uri
+
+    assert redact_uri(uri) == shown
+    assert redact_text(f"fetching {uri}: failed") == f"fetching {shown}: failed"
+
+
+def test_source_limits_come_from_the_environment_and_are_checked():
+    from pipeline.config import SourceLimits
+    from pipeline.errors import ConfigError
+
+    limits = SourceLimits.from_env({"PIPELINE_MAX_DATASET_BYTES": "1000", "PIPELINE_MAX_DOWNLOAD_BYTES": "10",
+                                    "PIPELINE_DOWNLOAD_DEADLINE_S": "2.5", "PIPELINE_REDIRECT_HOSTS": "a.example, B:81"})
+    assert limits == SourceLimits(1000, 10, 2.5, ("a.example", "b:81"))
+    assert SourceLimits.from_env({}) == SourceLimits()
+    for env, words in [({"PIPELINE_MAX_DATASET_BYTES": "4G"}, "PIPELINE_MAX_DATASET_BYTES: expected an integer"),
+                       ({"PIPELINE_MAX_DOWNLOAD_BYTES": "0"}, "PIPELINE_MAX_DOWNLOAD_BYTES: expected a positive"),
+                       ({"PIPELINE_DOWNLOAD_DEADLINE_S": "-1"}, "PIPELINE_DOWNLOAD_DEADLINE_S: expected a positive"),
+                       ({"PIPELINE_REDIRECT_HOSTS": "https://x/"}, "PIPELINE_REDIRECT_HOSTS: expected host names")]:
+        with pytest.raises(ConfigError, match=words):
+            SourceLimits.from_env(env)
+
+
+def test_finding_gzip_bomb_in_a_monitored_batch_is_refused(tmp_path, storage):
+    # The drift monitor and batch inference fetch and read new data through the same bounds.
+    from pipeline.errors import SourceLimitError
+    from pipeline.monitor import BATCH_IMAGES, fetch_batch
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    gzip_bomb(batch / BATCH_IMAGES, zeros=1 << 20)
+    with pytest.raises(SourceLimitError, match=f"{BATCH_IMAGES}: .*PIPELINE_MAX_DATASET_BYTES.*a header declaring"):
+        fetch_batch(str(batch), storage)
+    assert not storage.exists("incoming")
