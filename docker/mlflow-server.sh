@@ -9,7 +9,8 @@
 #   MLFLOW_AUTH_ADMIN_USERNAME    the admin created on first start ...
 #   MLFLOW_AUTH_ADMIN_PASSWORD    ... with this password (MLflow ships none; neither do we)
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  signs the UI's session and CSRF cookies
-#   MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_AUTH_DEFAULT_PERMISSION (READ)
+#   MLFLOW_HOST (default 127.0.0.1; the compose stack sets 0.0.0.0 inside its network),
+#   MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_AUTH_DEFAULT_PERMISSION (READ)
 set -euo pipefail
 
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql+psycopg2://...)}"
@@ -34,4 +35,4 @@ INI
 )
 
 exec mlflow server --app-name basic-auth \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-2}" "$@"
+  --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-2}" "$@"

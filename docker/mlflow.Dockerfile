@@ -19,7 +19,7 @@ WORKDIR /opt/pipeline
 COPY requirements.lock ./
 RUN pip install -c requirements.lock "mlflow[auth]" boto3 psycopg2-binary
 
-COPY docker/mlflow-server.sh docker/
+COPY docker/mlflow-server.sh docker/mlflow-users.sh docker/
 
 WORKDIR /home/mlflow
 USER mlflow

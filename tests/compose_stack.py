@@ -30,16 +30,16 @@ INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}|\$([A-Za
 TOOLS = ("airflow", "pipeline", "mlflow")
 
 SERVICES = {
-    "postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
+    "postgres", "redis", "minio", "minio-init", "mlflow", "mlflow-init", "airflow-init", "airflow-apiserver",
     "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
     "airflow-worker-gpu", "serving",
 }
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a variable holds a secret: access key ids count (half of a credential), a
-    ``*_FILE`` path to one does not."""
-    return bool(re.search(r"PASSWORD|SECRET|KEY", name)) and not name.endswith("_FILE")
+    """Whether a variable holds a secret: access key ids count (half of a credential), tokens do,
+    a ``*_FILE`` path to one does not."""
+    return bool(re.search(r"PASSWORD|SECRET|KEY|TOKEN", name)) and not name.endswith("_FILE")
 
 
 def env_example() -> dict[str, str]:

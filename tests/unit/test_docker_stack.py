@@ -269,3 +269,20 @@ def test_commands_of_our_images_exist(stack):
             assert out.returncode == 0, f"{' '.join(words)} --help: exit {out.returncode}\n{out.stderr[-1500:]}"
             unknown = [o for o in to_ask[words] if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", out.stdout)]
             assert not unknown, f"{' '.join(words)}: options not in its --help: {unknown}"
+
+
+def test_finding_serving_container_has_the_mlflow_admin_credentials(stack):
+    services = stack["services"]
+    serving, admin = environment(services["serving"]), environment(services["airflow-worker"])
+    assert serving["MLFLOW_TRACKING_USERNAME"] != admin["MLFLOW_TRACKING_USERNAME"]
+    assert serving["MLFLOW_TRACKING_PASSWORD"] != admin["MLFLOW_TRACKING_PASSWORD"]
+    # The user is created by mlflow-init before serving starts, with the repo's script.
+    init = services["mlflow-init"]
+    assert serving["MLFLOW_TRACKING_USERNAME"] == environment(init)["MLFLOW_SERVING_USERNAME"]
+    assert services["serving"]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
+    files = image_files(DOCKER / "mlflow.Dockerfile")
+    assert PurePosixPath(init["entrypoint"][0]) in files
+    # Clients need the bearer token; nothing the stack loads may be a pickle.
+    assert serving["PIPELINE_SERVE_TOKEN"]
+    for name in ("serving", "airflow-worker", "airflow-scheduler"):
+        assert environment(services[name])["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false", name
