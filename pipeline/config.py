@@ -102,6 +102,14 @@ class Settings:
             incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
         )
 
+    def ensure_home(self) -> Path:
+        """Create the embedded home, readable by its owner only: it holds the MLflow and Airflow
+        databases and the data. A home that others could read is tightened."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.home.stat().st_mode & 0o077:
+            self.home.chmod(0o700)
+        return self.home
+
     def to_env(self) -> dict[str, str]:
         """The environment that makes :meth:`from_env` in a child process give these settings."""
         return {

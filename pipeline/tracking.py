@@ -27,6 +27,8 @@ def tracking_client(settings: Settings) -> Any:
     import mlflow
     from mlflow import MlflowClient
 
+    if settings.tracking_uri.startswith("sqlite:"):
+        settings.ensure_home()  # the embedded store: its owner's only
     mlflow.set_tracking_uri(settings.tracking_uri)
     return MlflowClient(tracking_uri=settings.tracking_uri)
 
