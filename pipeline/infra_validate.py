@@ -73,8 +73,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _post(url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, payload: dict[str, Any], token: str | None = None) -> tuple[dict[str, Any], float]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers)
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -156,13 +157,17 @@ def offline_probabilities(run_id: str, storage: Storage, images: np.ndarray) -> 
 
 
 def served_probabilities(base: str, images: np.ndarray, version: str, where: str) -> tuple[np.ndarray, dict[str, float]]:
-    """Ask the server for every image (one batch) and for the first few one by one."""
+    """Ask the server for every image (one batch) and for the first few one by one (with the
+    bearer token the server reads from the same environment, when one is configured)."""
+    from pipeline.config import ServingSettings
+
+    token = ServingSettings.from_env().token
     singles, latencies = [], []
     for image in images[:SINGLE_REQUESTS]:
-        body, ms = _post(f"{base}/predict", {"image": image.tolist()})
+        body, ms = _post(f"{base}/predict", {"image": image.tolist()}, token)
         singles.append(body["predictions"][0]["probabilities"])
         latencies.append(ms)
-    batch, batch_ms = _post(f"{base}/predict", {"instances": images.tolist()})
+    batch, batch_ms = _post(f"{base}/predict", {"instances": images.tolist()}, token)
     if batch["model_version"] != version:
         raise InfraValidationError(where, f"answers from version {version}", f"version {batch['model_version']}")
     served = np.asarray([p["probabilities"] for p in batch["predictions"]], dtype=np.float32)

@@ -18,20 +18,29 @@ without a restart and without failing a request in flight (:mod:`pipeline.served
 
 Concurrent requests share forward passes (:mod:`pipeline.batching`); inference runs without
 autograd on every CPU the process may use, or on the GPU when there is one.
+
+Under abuse (:class:`~pipeline.config.ServingSettings`): with a token configured, every route but
+``/health``, ``/ready`` and the OpenAPI document needs ``Authorization: Bearer <token>`` (401);
+connections, requests in flight and buffered body bytes are capped (503 with ``Retry-After``
+beyond); a body that does not arrive within the body timeout gets 408 and its connection is
+closed, as are connections that send no complete headers in time or sit idle; bodies over 64 KiB
+are parsed in worker processes, so that the event loop (and ``/health``) never waits for one.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations
 # (``request: Request``) at runtime, and their names live inside create_app.
 import asyncio
+import hmac
+import json
 import logging
 import threading
 import time
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.config import Settings
-from pipeline.payload import MAX_BATCH, MAX_BODY_BYTES, RequestError, load_json, parse_images, parse_png
+from pipeline.config import ServingSettings, Settings
+from pipeline.payload import MAX_BODY_BYTES, RequestError, decode_body, png_schema, request_schema
 from pipeline.served_model import ModelSlot, ServedModel
 
 log = logging.getLogger(__name__)
@@ -41,23 +50,18 @@ POLL_S = 10.0
 ANSWER_TIMEOUT_S = 30.0
 """A request whose forward pass has not come back by then gets a 503 (a wedged device)."""
 PARSE_INLINE_BYTES = 64 * 1024
-"""Bodies up to this size are parsed on the event loop (a few hundred microseconds); larger
-ones in a thread, so that one big batch does not stall every other request."""
-
-
-Pixel = Annotated[float, Field(ge=0, le=255, description="An integer 0-255, or a float in [0, 1].")]
-Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
-Image = Annotated[list[Row], Field(min_length=28, max_length=28, description="28 rows of 28 pixels.")]
-
-
-class PredictRequest(BaseModel):
-    """JSON body of ``POST /predict``: ``instances`` or ``image``. In one image, integers are
-    pixels 0-255 and floats are pixels in [0, 1]."""
-
-    instances: Annotated[list[Image], Field(min_length=1, max_length=MAX_BATCH)] | None = Field(
-        None, description=f"1 to {MAX_BATCH} images (and at most {MAX_BODY_BYTES} bytes of JSON)."
-    )
-    image: Image | None = Field(None, description="One image.")
+"""Bodies up to this size are parsed on the event loop (about a millisecond); larger ones in a
+worker process: ``json.loads`` and ``np.asarray`` hold the GIL for their whole call (about 0.1 s
+for 8 MB), so a thread would still stall every other request, ``/health`` included."""
+PARSE_WORKERS = 2
+"""Worker processes for big bodies; more requests queue for them (their bodies are counted
+against ``max_buffered_bytes`` meanwhile)."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Request line and headers (h11's incomplete-event limit): beyond, 400 and the connection closed."""
+PROBES = frozenset({"/health", "/ready"})
+"""Routes that are never authenticated nor counted against ``max_in_flight``."""
+OPEN_DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+"""The interface description (no data, no model): open, so that clients can read it."""
 
 
 class Problem(BaseModel):
@@ -133,31 +137,166 @@ class CountRequests:
 PREDICT_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": PredictRequest.model_json_schema()},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": request_schema()},
+        "image/png": {"schema": png_schema()},
     },
 }
 
 
+DRAIN_S = 2.0
+"""A refused request's body is read and dropped for up to this long before the answer, so that
+the client, still sending, reads the 503 (or 401, 413) instead of a reset connection."""
+
+
+async def drain(scope: dict, receive: Any, seconds: float = DRAIN_S) -> None:
+    """Read and drop the request body (none kept) until it ends or ``seconds`` pass."""
+    headers = dict(scope["headers"])
+    if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except TimeoutError:
+            return
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+
+
+async def refuse(scope: dict, receive: Any, send: Any, status: int, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
+    await drain(scope, receive)
+    await send_problem(send, status, detail, headers)
+
+
+async def send_problem(send: Any, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """A JSON problem straight on the ASGI ``send`` (for middleware), closing the connection."""
+    body = json.dumps({"detail": detail}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), *((k.encode(), v.encode()) for k, v in (headers or {}).items())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequireToken:
+    """ASGI middleware: ``Authorization: Bearer <token>`` on every route but the probes and the
+    docs (and ``/metrics`` when opened); 401 with ``WWW-Authenticate: Bearer`` otherwise."""
+
+    def __init__(self, app: Any, token: str, open_paths: frozenset[str]) -> None:
+        self.app, self.token, self.open_paths = app, token.encode(), open_paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+                found = "no Authorization header" if not header else "a wrong or malformed one"
+                await refuse(scope, receive, send, 401, f"Authorization: expected a bearer token, found {found}",
+                             {"www-authenticate": 'Bearer realm="pipeline serve"'})
+                return
+        await self.app(scope, receive, send)
+
+
+class Admission:
+    """ASGI middleware: at most ``max_in_flight`` requests at once (the probes not counted);
+    beyond, 503 with ``Retry-After``. The event loop is single-threaded: a plain counter."""
+
+    def __init__(self, app: Any, serving: ServingSettings) -> None:
+        self.app, self.serving, self.in_flight = app, serving, 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.serving.max_in_flight:
+            await refuse(scope, receive, send, 503, f"requests in flight: expected at most {self.serving.max_in_flight}, found "
+                               "that many already; retry later", {"retry-after": str(self.serving.retry_after_s)})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class BodyDecoder:
+    """Decodes big bodies in worker processes (spawned on first use), so that the GIL they hold
+    is not the server's."""
+
+    def __init__(self, workers: int = PARSE_WORKERS) -> None:
+        self.workers = workers
+        self._pool: Any = None
+
+    def start(self) -> None:
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: the server process runs threads (torch, the registry watch).
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    async def decode(self, kind: str, body: bytes) -> Any:
+        from concurrent.futures.process import BrokenProcessPool
+
+        self.start()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, decode_body, kind, body)
+        except BrokenProcessPool:  # a worker died (killed for memory?): new ones for the next request
+            self._pool = None
+            raise
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
+    """Declare the bearer scheme, and 401, on every operation that needs the token."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                if path in open_paths:
+                    continue
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+                    operation["responses"]["401"] = {
+                        "description": "No bearer token, or a wrong one",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settings | None = None,
-               poll_s: float = POLL_S) -> Any:
-    """The ASGI app over ``slot``; with ``settings``, it loads the model and follows an alias."""
+               poll_s: float = POLL_S, serving: ServingSettings | None = None) -> Any:
+    """The ASGI app over ``slot``; with ``settings``, it loads the model and follows an alias.
+    ``serving`` holds the token and the limits (default: none, and the default limits)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response
 
     from pipeline.batching import MicroBatcher
 
     metrics = metrics or Metrics()
+    serving = serving or ServingSettings()
     batcher = MicroBatcher(slot, on_batch=metrics.batch.observe)
+    decoder = BodyDecoder()
+    buffered = [0]  # body bytes held by requests in flight (one event loop: no lock)
     stop = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         if settings is not None:
+            decoder.start()
             threading.Thread(target=slot.load_first, args=(settings,), daemon=True, name="model-loader").start()
             if slot.follows_alias():
                 def reloaded(result: str) -> None:
@@ -168,34 +307,43 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
         yield
         stop.set()
         await batcher.stop()
+        decoder.stop()
 
     app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__, lifespan=lifespan)
 
+    app.add_middleware(Admission, serving=serving)  # innermost: unauthenticated requests take no slot
+    if serving.token:
+        open_paths = PROBES | OPEN_DOCS | ({"/metrics"} if serving.metrics_open else set())
+        app.add_middleware(RequireToken, token=serving.token, open_paths=open_paths)
+        _secure_openapi(app, open_paths)
     app.add_middleware(CountRequests, metrics=metrics)
 
-    def problem(status: int, detail: str) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status)
+    def problem(status: int, detail: str, close: bool = False) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers={"connection": "close"} if close else None)
 
+    # async: answered on the event loop, never queued behind the thread pool.
     @app.get("/health", summary="The process is up")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/ready", summary="A model is loaded", responses={503: {"description": "Not loaded (yet)"}})
-    def ready() -> JSONResponse:
+    async def ready() -> JSONResponse:
         if not batcher.alive():
             return JSONResponse({"ready": False, "error": "the inference loop stopped"}, status_code=503)
         if slot.current is not None:
             return JSONResponse({"ready": True, "version": slot.current.version})
         return JSONResponse({"ready": False, "error": slot.error}, status_code=503)
 
-    @app.get("/metadata", summary="The model being served")
+    busy = {503: {"model": Problem, "description": "No model loaded yet, or too many requests (Retry-After)"}}
+
+    @app.get("/metadata", summary="The model being served", responses=busy)
     def metadata() -> JSONResponse:
         served = slot.current
         if served is None:
             return problem(503, "no model loaded yet")
         return JSONResponse(served.metadata)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=busy)
     def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -205,42 +353,68 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
         "/predict", summary="Classify one image or a batch", response_model=PredictResponse,
         openapi_extra={"requestBody": PREDICT_BODY},
         responses={code: {"model": Problem, "description": text} for code, text in (
-            (400, "Not JSON"), (413, "Body too large"), (415, "Neither JSON nor PNG"),
-            (422, "Wrong shape, type or range, or an empty batch"), (503, "No model loaded yet, or no answer in time"))},
+            (400, "Not UTF-8 JSON"), (408, "The body did not arrive in time (the connection is closed)"),
+            (413, "Body too large"), (415, "Neither JSON nor PNG"),
+            (422, "Wrong shape, type or range, an empty batch, or an unreadable PNG"),
+            (503, "No model loaded yet, no answer in time, or too many requests or bytes in flight (Retry-After)"))},
     )
     async def predict(request: Request) -> Response:
-        from starlette.requests import ClientDisconnect
-
         if not batcher.alive() or slot.current is None:
             return problem(503, "no model loaded yet" if batcher.alive() else "the inference loop stopped")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}")
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening; counted, not an error of ours
+            await drain(request.scope, request.receive)
+            return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}", close=True)
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if kind not in ("image/png", "application/json", ""):
             return problem(415, f"Content-Type: expected application/json or image/png, found {kind}")
+        reserved = [0]
+
+        def reserve(size: int) -> bool:
+            if buffered[0] + size > serving.max_buffered_bytes:
+                return False
+            buffered[0] += size
+            reserved[0] += size
+            return True
+
+        async def over_budget() -> Response:
+            await drain(request.scope, request.receive)
+            return JSONResponse({"detail": f"request bodies in memory: expected at most {serving.max_buffered_bytes} "
+                                 "bytes over all requests, found that many already; retry later"}, status_code=503,
+                                headers={"retry-after": str(serving.retry_after_s), "connection": "close"})
+
         try:
-            if kind == "image/png":
-                pixels = parse_png(bytes(body))
-            else:
+            if declared and declared.isdigit() and not reserve(int(declared)):
+                return await over_budget()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + serving.body_timeout_s
+            chunks, size = [], 0
+            while True:
                 try:
-                    payload = load_json(bytes(body))
-                except RequestError as exc:
-                    return problem(400, str(exc))
-                if len(body) > PARSE_INLINE_BYTES:
-                    pixels = await run_in_threadpool(parse_images, payload)
-                else:
-                    pixels = parse_images(payload)
-        except RequestError as exc:
-            return problem(422, str(exc))
+                    message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0))
+                except TimeoutError:
+                    return JSONResponse(
+                        {"detail": f"body: expected all of it within {serving.body_timeout_s:g} s, found {size} bytes "
+                                   "by then"}, status_code=408, headers={"connection": "close"})
+                if message["type"] == "http.disconnect":
+                    return Response(status_code=499)  # nobody is listening; counted, not an error of ours
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
+                if size > reserved[0] and not reserve(size - reserved[0]):  # chunked, or more than declared
+                    return await over_budget()
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            del chunks
+            try:
+                pixels = decode_body(kind, body) if size <= PARSE_INLINE_BYTES else await decoder.decode(kind, body)
+            except RequestError as exc:
+                return problem(exc.status, str(exc))
+        finally:
+            buffered[0] -= reserved[0]
         try:
             probabilities, served = await asyncio.wait_for(batcher.predict(pixels), ANSWER_TIMEOUT_S)
         except TimeoutError:
@@ -265,11 +439,10 @@ def serve(model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int
     from pipeline.train import usable_cpus
 
     torch.set_num_threads(usable_cpus())
+    serving = ServingSettings.from_env()
     metrics = Metrics()
     slot = ModelSlot(model_uri, on_swap=metrics.served)
-    config = uvicorn.Config(create_app(slot, metrics, settings, poll_s), host=host, port=port, log_level="warning",
-                            access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(slot, metrics, settings, poll_s, serving), serving, host, port))
 
     def stop_if_unloadable() -> None:
         while not slot.ready.wait(0.2):
@@ -281,3 +454,75 @@ def serve(model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int
     server.run()
     if slot.error:
         raise InfraValidationError(model_uri, "a model that loads", slot.error)  # the CLI exits 2
+
+
+def server_config(app: Any, serving: ServingSettings, host: str = "127.0.0.1", port: int = 8000) -> Any:
+    """The uvicorn configuration ``pipeline serve`` runs ``app`` with: h11 with its header limit,
+    the keep-alive timeout, and :func:`guarded_protocol` for the connection limit and timeouts."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=guarded_protocol(serving), timeout_keep_alive=serving.keep_alive_s,
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def guarded_protocol(serving: ServingSettings) -> type:
+    """uvicorn's h11 protocol, plus: a connection beyond ``max_connections`` gets 503 with
+    ``Retry-After`` and is closed; a connection that sends no complete request line and headers
+    within ``header_timeout_s`` (of its start, or of the previous answer) is closed; and a
+    connection whose request body was left unread by the answer (413, 401, 503) is closed
+    rather than kept reading it. (uvicorn's own ``limit_concurrency`` answers 503 without
+    ``Retry-After`` and counts the probes too.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.over_limit = len(self.connections) > serving.max_connections
+            self.header_timer: Any = None
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(serving.header_timeout_s, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.over_limit:
+                if not self.transport.is_closing():
+                    body = json.dumps({"detail": f"connections: expected at most {serving.max_connections}, found "
+                                                 "that many already; retry later"}).encode()
+                    self.transport.write(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        + f"retry-after: {serving.retry_after_s}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+                        + body)
+                    self.transport.close()
+                return
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def on_response_complete(self) -> None:
+            body_unread = self.conn.their_state is h11.SEND_BODY
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if body_unread:
+                self.transport.close()
+            elif self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

@@ -5,14 +5,15 @@ a promotion under load, is tested in tests/integration/test_deployment.py."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.payload import RequestError, parse_images, parse_png
-from pipeline.serve import Metrics, PredictRequest, PredictResponse, create_app
+from pipeline.payload import RequestError, load_json, parse_images, parse_png
+from pipeline.serve import Metrics, PredictResponse, create_app
 from pipeline.served_model import ModelSlot, ServedModel
 
 CLASSES = [f"class {i}" for i in range(10)]
@@ -60,7 +61,7 @@ def test_integers_floats_and_png_become_the_same_pixels():
     ("payload", "message"),
     [
         ([1, 2], "expected a JSON object"),
-        ({"images": []}, 'with "instances"'),
+        ({"images": []}, 'with one key, "instances"'),
         ({"instances": []}, "expected a non-empty list of 28x28 images, found an empty list"),
         ({"image": [[0] * 28] * 27}, "expected images of shape (28, 28), found (27, 28)"),
         ({"instances": [[[0] * 28] * 28, [[0] * 28] * 3]}, "expected images of shape (28, 28)"),
@@ -221,9 +222,10 @@ def test_openapi_schema_describes_what_the_service_does(client):
     assert predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/Problem")
     assert {"/health", "/ready", "/metadata", "/metrics"} <= set(schema["paths"])
     # What the schema says is what the service takes and gives.
-    PredictRequest.model_validate({"instances": [IMAGE]})
-    with pytest.raises(ValueError):
-        PredictRequest.model_validate({"image": [[0] * 28] * 27})
+    import jsonschema
+
+    body = jsonschema.Draft202012Validator(predict["requestBody"]["content"]["application/json"]["schema"])
+    assert body.is_valid({"instances": [IMAGE]}) and not body.is_valid({"image": [[0] * 28] * 27})
     PredictResponse.model_validate(client.post("/predict", json={"image": IMAGE}).json())
 
 
@@ -251,3 +253,121 @@ def test_a_dead_inference_loop_fails_waiting_requests_instead_of_hanging():
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` pixels, with a tiny IDAT (a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_finding_png_decompression_bomb_gets_a_4xx_not_a_500(client):
+    """400 M declared pixels (Pillow refuses beyond about 179 M with DecompressionBombError)."""
+    response = client.post("/predict", content=bomb_png(), headers={"content-type": "image/png"})
+    assert response.status_code in (413, 422)
+    detail = response.json()["detail"]
+    assert "28x28" in detail and "20000x20000" in detail and "\n" not in detail
+    with pytest.raises(RequestError):
+        parse_png(bomb_png(30_000, 30_000))
+    assert client.get("/health").status_code == 200
+
+
+def test_finding_utf16_body_slips_past_the_boolean_check(client):
+    image = [row[:] for row in IMAGE]
+    image[0][0] = True
+    for text in (json.dumps({"image": image}), json.dumps({"image": IMAGE})):
+        for encoding in ("utf-16", "utf-16-le", "utf-32"):
+            response = client.post("/predict", content=text.encode(encoding),
+                                   headers={"content-type": "application/json"})
+            assert response.status_code == 400, (encoding, response.text)
+            assert "UTF-8" in response.json()["detail"]
+    response = client.post("/predict", content=json.dumps({"image": image}).encode(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "literal true" in response.json()["detail"]
+    with pytest.raises(RequestError, match="UTF-8"):
+        load_json(b"\xef\xbb\xbf" + json.dumps({"image": IMAGE}).encode())  # a BOM is not UTF-8 JSON either
+
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+def test_finding_predict_metadata_and_metrics_need_no_authentication():
+    from fastapi.testclient import TestClient
+
+    from pipeline.config import ServingSettings
+
+    slot = ModelSlot("models:/m@production")
+    slot.swap(served("4"))
+    with TestClient(create_app(slot, serving=ServingSettings(token=TOKEN))) as client:
+        for method, path, kwargs in (("post", "/predict", {"json": {"image": IMAGE}}), ("get", "/metadata", {}),
+                                     ("get", "/metrics", {})):
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN},
+                            {"authorization": f"Basic {TOKEN}"}):
+                response = getattr(client, method)(path, headers=headers, **kwargs)
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"].startswith("Bearer")
+            good = getattr(client, method)(path, headers={"authorization": f"Bearer {TOKEN}"}, **kwargs)
+            assert good.status_code == 200, path
+        assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+        assert schema["paths"]["/predict"]["post"]["security"] == [{"bearer": []}]
+        assert "401" in schema["paths"]["/predict"]["post"]["responses"]
+        assert "security" not in schema["paths"]["/health"]["get"]
+    with TestClient(create_app(slot, serving=ServingSettings(token=TOKEN, metrics_open=True))) as client:
+        assert client.get("/metrics").status_code == 200 and client.get("/metadata").status_code == 401
+
+
+def test_serving_token_comes_from_the_environment_or_a_private_file(tmp_path):
+    from pipeline.config import ServingSettings
+    from pipeline.errors import ConfigError
+
+    assert ServingSettings.from_env({}).token is None
+    assert ServingSettings.from_env({"PIPELINE_SERVE_TOKEN": TOKEN}).token == TOKEN
+    assert TOKEN not in repr(ServingSettings.from_env({"PIPELINE_SERVE_TOKEN": TOKEN}))
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    assert ServingSettings.from_env({"PIPELINE_SERVE_TOKEN_FILE": str(path)}).token == TOKEN
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match="PIPELINE_SERVE_TOKEN_FILE"):
+        ServingSettings.from_env({"PIPELINE_SERVE_TOKEN_FILE": str(path)})
+    for environ in ({"PIPELINE_SERVE_TOKEN": "short"}, {"PIPELINE_SERVE_TOKEN_FILE": str(tmp_path / "missing")},
+                    {"PIPELINE_SERVE_TOKEN": TOKEN, "PIPELINE_SERVE_TOKEN_FILE": str(path)},
+                    {"PIPELINE_SERVE_MAX_IN_FLIGHT": "0"}, {"PIPELINE_SERVE_METRICS_OPEN": "maybe"}):
+        with pytest.raises(ConfigError):
+            ServingSettings.from_env(environ)
+    assert ServingSettings.from_env({"PIPELINE_SERVE_METRICS_OPEN": "true"}).metrics_open
+
+
+def request_schema(client) -> dict:
+    return client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_finding_openapi_schema_accepts_what_the_server_refuses(client):
+    import jsonschema
+
+    content = request_schema(client)
+    validator = jsonschema.Draft202012Validator(content["application/json"]["schema"])
+    floats = (np.asarray(IMAGE) / 255.0).tolist()
+    refused = [{}, {"image": [[200.5] * 28] * 28}, {"image": IMAGE, "instances": [IMAGE]},
+               {"image": None}, {"instances": None, "image": IMAGE}, {"image": IMAGE, "other": 1},
+               {"image": [[0] * 28] * 27}, {"image": [[0.5] * 28] * 27 + [[200] * 28]}, {"instances": []}]
+    for body in refused:
+        assert not validator.is_valid(body), body
+        assert client.post("/predict", json=body).status_code in (400, 422), body
+    for body in ({"image": IMAGE}, {"image": floats}, {"instances": [IMAGE, floats]},
+                 {"image": (np.asarray(IMAGE, dtype=float)).tolist()}):  # 200.0 is an integer in JSON Schema
+        assert validator.is_valid(body)
+        assert client.post("/predict", json=body).status_code == 200, body
+    png = content["image/png"]["schema"]
+    assert png["format"] == "binary" and "28x28" in png["description"] and png["maxLength"] == 8 * 1024 * 1024
+    tiny = client.post("/predict", content=png_bytes(np.zeros((1, 1))), headers={"content-type": "image/png"})
+    assert tiny.status_code == 422 and "found 1x1" in tiny.json()["detail"]
