@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def register_model(settings) -> str:
-    """A serving model as the default recipe registers it, logged as pt2 and registered as version 1."""
+def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> str:
+    """A serving model as the default recipe registers it (weights drawn with ``seed``), logged as
+    pt2 in a run of ``experiment`` and registered as the next version (1 in a fresh store)."""
     import mlflow
     import numpy as np
     import torch
@@ -47,12 +48,12 @@ def register_model(settings) -> str:
     from pipeline.models import ServingModel, build_network
     from pipeline.tracking import experiment_id, tracking_client
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     recipe = TrainConfig()
     model = ServingModel(build_network(recipe.architecture), 0.286, 0.353, recipe.test_time_flip).eval()
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     client = tracking_client(settings)
-    with mlflow.start_run(experiment_id=experiment_id(client, settings, "serve_bench")):
+    with mlflow.start_run(experiment_id=experiment_id(client, settings, experiment)):
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     version = mlflow.register_model(info.model_uri, settings.model_name).version
