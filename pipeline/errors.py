@@ -131,3 +131,23 @@ class StorageUnavailableError(PipelineError):
 
 class RegistryBusyError(PipelineError):
     """Another promotion held the registry lock longer than we could wait; try again."""
+
+
+class StorageFullError(PipelineError):
+    """The pipeline's storage (or the local temporary folder) ran out of space or quota while
+    writing an object. Not the user's input, and not forever: Airflow retries it (exit status 1)
+    after its delay, by when space may have been freed; the stage left nothing half-written."""
+
+    def __init__(self, uri: str, found: str) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: expected space to write it, found {found}; free some space and run again")
+
+
+class RegistryUnavailableError(PipelineError):
+    """The MLflow registry (its server, or the database behind it) did not answer, after MLflow's
+    own retries. Not the user's input: Airflow retries it; an alias move cut short by it is
+    completed or dropped by the next move under the registry lock, so nothing is half-written."""
+
+    def __init__(self, uri: str, found: str) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: expected a reachable MLflow registry, found {found}; try again")

@@ -7,7 +7,9 @@ checks the splits (every class in each, no duplicates, no image in two splits) b
 is written. The result is stored under
 ``processed/<processed_hash>/`` where the hash covers the raw dataset's hash and the
 preprocessing config, so the same inputs are processed once. Arrays stay uint8 (normalised on
-the fly in training); ``MANIFEST.json`` is written last.
+the fly in training); ``MANIFEST.json`` marks the folder complete and is written last, with
+:meth:`~pipeline.storage.Storage.put_folder`: a failure half-way (a full disk, an unreachable
+endpoint) leaves no partial ``processed/<hash>/`` behind.
 
 Returns a :class:`~pipeline.refs.ProcessedDatasetRef`.
 """
@@ -15,6 +17,7 @@ Returns a :class:`~pipeline.refs.ProcessedDatasetRef`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -26,7 +29,7 @@ from pipeline.config import FASHION_MNIST_CLASSES, PreprocessConfig
 from pipeline.errors import ReferenceNotFoundError
 from pipeline.profile import image_hashes
 from pipeline.refs import ProcessedDatasetRef, RawDatasetRef
-from pipeline.storage import Storage
+from pipeline.storage import Storage, space_for
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +129,13 @@ def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -
         classes=list(FASHION_MNIST_CLASSES),
     )
     with tempfile.TemporaryDirectory(prefix="preprocess-") as tmp:
-        for split, (images, labels) in arrays.items():
-            path = Path(tmp) / f"{split}.npz"
-            np.savez(path, images=images, labels=labels)
-            storage.put_file(path, f"{prefix}/{split}.npz")
-    storage.put_json(ref.to_dict(), f"{prefix}/{MANIFEST}")
+        with space_for(tmp):
+            for split, (images, labels) in arrays.items():
+                np.savez(Path(tmp) / f"{split}.npz", images=images, labels=labels)
+            (Path(tmp) / MANIFEST).write_text(json.dumps(ref.to_dict(), indent=2, sort_keys=True))
+        # Whole or not at all: a full disk or an unreachable endpoint half-way leaves no
+        # processed/<hash>/ that a later run could take for complete.
+        storage.put_folder(Path(tmp), prefix, last=MANIFEST)
     log.info("processed %s: %s, removed %s", ref.uri, ref.counts, removed)
     return ref
 

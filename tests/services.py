@@ -285,6 +285,147 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+class RequestCuttingProxy(TcpProxy):
+    """A :class:`TcpProxy` that can also go down at the worst moment for a client: once a request
+    containing a given byte string has reached the service, the service's answer to it is not
+    relayed and the proxy stops. The service did the work; the client never hears of it, and
+    retries into an outage."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._pattern: bytes | None = None
+        self._marked: set[socket.socket] = set()
+
+    def cut_at_request(self, pattern: bytes | None) -> None:
+        """Stop at the answer to the next request whose bytes contain ``pattern`` (None: do not);
+        ``self.cut`` is set when that happened."""
+        with self._lock:
+            self._pattern, self._marked = pattern, set()
+            if pattern is not None:
+                self.cut.clear()
+
+    def _pump(self, source: socket.socket, dest: socket.socket, downstream: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if downstream and self._answers_marked(source):
+                    self.stop()
+                    self.cut.set()
+                    return
+                dest.sendall(data)
+                if not downstream:
+                    self._mark(data, dest)
+        except OSError:
+            pass
+        _close(source)
+        _close(dest)
+
+    def _mark(self, data: bytes, upstream: socket.socket) -> None:
+        with self._lock:
+            if self._pattern is not None and self._pattern in data:
+                self._pattern = None
+                self._marked.add(upstream)
+
+    def _answers_marked(self, upstream: socket.socket) -> bool:
+        with self._lock:
+            return upstream in self._marked
+
+
+def kill_session(pid: int, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of the session ``pid`` leads (a service started with
+    ``start_new_session``), children that moved to process groups of their own included, as a
+    machine that loses power would; returns their pids once all are gone."""
+    import psutil
+
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        members = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == pid and proc.status() != psutil.STATUS_ZOMBIE:
+                    members.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        if not members:
+            return sorted(killed)
+        for proc in members:
+            try:
+                proc.kill()
+                killed.add(proc.pid)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(members, timeout=5)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes of session {pid} still alive after {timeout}s: {[p.pid for p in members]}")
+
+
+class PostgresCluster:
+    """A private PostgreSQL cluster (``initdb`` in a temporary folder, run as the ``postgres``
+    user when the tests run as root) on a free loopback port, which a test may restart or stop
+    without touching the machine's shared server. Skips the test where no PostgreSQL binaries
+    are installed."""
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        import pytest
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+        if not bins and not shutil.which("pg_ctl"):
+            pytest.skip("no PostgreSQL server binaries (pg_ctl, initdb) on this machine")
+        self.bin = Path(bins[-1]).parent if bins else Path(shutil.which("pg_ctl")).parent
+        self.root = Path(tempfile.mkdtemp(prefix="pytest-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
+        subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
+                       check=True, capture_output=True, timeout=timeout)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._pg_ctl("-o", options, "-l", str(self.root / "server.log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        status = subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "status"],
+                                capture_output=True, timeout=30)
+        return status.returncode == 0
+
+    def restart(self, mode: str = "fast") -> None:
+        """``fast``: sessions are ended and the server shut down cleanly; ``immediate``: killed
+        as in a crash, then recovered from the WAL when it starts."""
+        self.stop(mode)
+        self.start()
+
+    def __enter__(self) -> PostgresCluster:
+        subprocess.run([*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                        "-A", "trust", "--no-sync"], check=True, capture_output=True, timeout=120)
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        try:
+            if self.running():
+                self.stop("immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 class ScriptedServer:
     """A loopback HTTP server whose every request (GET or HEAD) is answered by
     ``respond(handler, server)``: for servers that misbehave on purpose (an endless body, a
@@ -317,5 +458,85 @@ class ScriptedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FullS3Proxy:
+    """An HTTP relay in front of an S3 API that answers object uploads as a full MinIO does
+    (507, ``XMinioStorageFull``) once ``allow_puts`` of them went through; every other request
+    is relayed as it is. ``allow_puts = None`` lets everything through (space freed)."""
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioStorageFull</Code><Message>Storage '
+            b"backend has reached its minimum free drive threshold. Please delete a few objects to proceed."
+            b"</Message></Error>")
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        from urllib.parse import urlparse
+
+        self.allow_puts: int | None = None
+        self.refused = 0
+        proxy, upstream = self, urlparse(target)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _relay(self) -> None:
+                body = self._body()
+                is_upload = self.command == "PUT" and self.path.split("?")[0].count("/") >= 2
+                if is_upload and proxy.allow_puts is not None:
+                    if proxy.allow_puts <= 0:
+                        proxy.refused += 1
+                        self.send_response(507)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(proxy.BODY)))
+                        self.end_headers()
+                        self.wfile.write(proxy.BODY)
+                        return
+                    proxy.allow_puts -= 1
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                    self.send_response(response.status)
+                    for key, value in response.getheaders():
+                        if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FullS3Proxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
