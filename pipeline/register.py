@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -101,12 +102,15 @@ def register_version(
     # Under the lock: two attempts for one run (a retry beside a zombie, the CLI beside the DAG)
     # must not both find nothing and both register.
     with registry_lock(client, name, actor):
-        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if existing:
-            version, created = str(existing[0].version), False
-        else:
+        version = _version_of_run(client, name, run_id)
+        created = version is None
+        if created:
             require_loadable_format(model_uri)  # a pickle would run code wherever it is loaded
-            version, created = str(mlflow.register_model(model_uri, name).version), True
+            registered = mlflow.register_model(model_uri, name)
+            # Not always the version it returns: creating one is not idempotent, and when the
+            # server's answer was lost, the client's retry created a second (MLflow retries every
+            # method).
+            version = _version_of_run(client, name, run_id) or str(registered.version)
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)
     if description and (created or not client.get_model_version(name, version).description):
@@ -115,6 +119,21 @@ def register_version(
     # reused an old training does not take `candidate` back from a newer version.
     move_alias(settings, CANDIDATE, version, "register", actor, f"registered from run {run_id}", forward_only=True)
     return version, created
+
+
+def _version_of_run(client: Any, name: str, run_id: str) -> str | None:
+    """The run's registry version: its first. Later ones from the same source that no alias
+    points at are duplicates (a creation retried after its answer was lost) and are deleted, so
+    that a run has one version whatever the network did."""
+    found = sorted(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"), key=lambda v: int(v.version))
+    if not found:
+        return None
+    for extra in found[1:]:
+        if extra.source == found[0].source and not client.get_model_version(name, extra.version).aliases:
+            log.warning("%s version %s duplicates version %s of run %s (a retried creation): deleted",
+                        name, extra.version, found[0].version, run_id)
+            client.delete_model_version(name, extra.version)
+    return str(found[0].version)
 
 
 def _log_data_report(client: object, run_id: str, validation: ValidationRef, storage: Storage) -> None:

@@ -3,10 +3,11 @@
 Airflow on PostgreSQL with the CeleryExecutor (Redis broker; one worker on queues ``default`` and
 ``gpu``, training routed to ``gpu``), an MLflow server with basic auth whose store is PostgreSQL
 and whose artifacts are in S3, and the pipeline's storage in S3. The S3 API is moto's server
-behind a TCP relay, which the fault tests take down. Every process is started with the command
-the compose stack in ``docker/`` runs (``docker/airflow-entrypoint.sh``, ``scripts/airflow-init.sh``,
-``docker/mlflow-server.sh``), configured through the environment only, and runs are triggered
-the way a team's script would: through Airflow's REST API.
+behind a TCP relay, and so is the MLflow server for the Airflow tasks: the fault tests take them
+down. Every process is started with the command the compose stack in ``docker/`` runs
+(``docker/airflow-entrypoint.sh``, ``scripts/airflow-init.sh``, ``docker/mlflow-server.sh``),
+configured through the environment only, and runs are triggered the way a team's script would:
+through Airflow's REST API.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 import requests
 from defects import write_dataset
 from recipes import SMALL_RECIPE
-from services import ProcessGroup, TcpProxy, free_port, port_is_free
+from services import ProcessGroup, RequestCuttingProxy, TcpProxy, free_port, kill_session, port_is_free
 
 from pipeline.config import IDX_FILES
 
@@ -41,6 +42,9 @@ QUICK = {**SMALL_RECIPE, "epochs": 1, "batch_size": 64, "gate_min_accuracy": 0.5
 # The environment a service gets is built from scratch for these: nothing of the test
 # process's own Airflow, pipeline, MLflow or AWS set-up leaks into the stack.
 OWN_PREFIXES = ("AIRFLOW", "PIPELINE_", "MLFLOW_", "AWS_", "GX_")
+ENTRYPOINT = ["bash", str(ROOT / "docker/airflow-entrypoint.sh")]
+HEARTBEAT_TIMEOUT_S = 30
+MODEL = "fashion-mnist-classifier"
 
 
 class AirflowApi:
@@ -99,6 +103,8 @@ class Stack:
         self.redis_db = self._free_redis_db()
         self.api_port, self.mlflow_port, self.log_port = free_port(), free_port(), free_port()
         self.api_url, self.mlflow_url = f"http://127.0.0.1:{self.api_port}", f"http://127.0.0.1:{self.mlflow_port}"
+        # What the Airflow tasks reach MLflow through (the tests' own client goes direct).
+        self.mlflow_proxy = RequestCuttingProxy(self.mlflow_port)
         self.airflow_user = ("operator", secrets.token_urlsafe(16))
         self.mlflow_user = ("admin", secrets.token_urlsafe(16))
         self.leftovers: list[str] = []
@@ -109,13 +115,13 @@ class Stack:
     def open(self) -> Stack:
         try:
             self.proxy.start()
+            self.mlflow_proxy.start()
             self.s3.create_bucket(Bucket=self.bucket)
             self._create_databases()
             base = self._base_env()
             self.services.start("mlflow", ["bash", str(ROOT / "docker/mlflow-server.sh")], self._mlflow_env(base))
-            airflow_env = self._airflow_env(base)
-            entrypoint = ["bash", str(ROOT / "docker/airflow-entrypoint.sh")]
-            init = self.services.start("airflow-init", [*entrypoint, "bash", str(ROOT / "scripts/airflow-init.sh")],
+            self.airflow_env = airflow_env = self._airflow_env(base)
+            init = self.services.start("airflow-init", [*ENTRYPOINT, "bash", str(ROOT / "scripts/airflow-init.sh")],
                                        airflow_env)
             assert init.wait(timeout=300) == 0, self.services.log_tail("airflow-init")
             del self.services.processes["airflow-init"]
@@ -123,14 +129,21 @@ class Stack:
                 "api-server": ["airflow", "api-server", "--port", str(self.api_port), "--host", "127.0.0.1"],
                 "scheduler": ["airflow", "scheduler"],
                 "dag-processor": ["airflow", "dag-processor"],
-                "worker": ["airflow", "celery", "worker", "--queues", "default,gpu", "--concurrency", "2"],
             }.items():
-                self.services.start(name, [*entrypoint, *command], airflow_env)
+                self.services.start(name, [*ENTRYPOINT, *command], airflow_env)
+            self.start_worker()
             self._wait_until_ready()
             return self
         except BaseException:
             self.close()
             raise
+
+    def start_worker(self) -> None:
+        """The Celery worker (again, after a test killed it: same name, queues and log port)."""
+        # No log server: Airflow binds it to every interface, and the API server reads the logs
+        # from the shared local folder here (the compose stack's workers do serve theirs).
+        command = ["airflow", "celery", "worker", "--queues", "default,gpu", "--concurrency", "2", "--skip-serve-logs"]
+        self.services.start("worker", [*ENTRYPOINT, *command], self.airflow_env)
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_PREFIXES)}
@@ -179,11 +192,16 @@ class Stack:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             # Unpausing a DAG would start its latest weekly run too; here only triggered runs run.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            # A task whose worker died is noticed after 30 s without a heartbeat (default 300 s),
+            # checked every 5 s; the task supervisor heartbeats every 5 s, six per window.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "5",
             "PIPELINE_HOME": str(self.workdir / "pipeline-home"),
             "PIPELINE_STORAGE_URI": f"s3://{self.bucket}/pipeline",
             "PIPELINE_SOURCE_URI": f"s3://{self.bucket}/datasets/a",
             "PIPELINE_TRAIN_QUEUE": "gpu",
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_proxy.url,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0], "MLFLOW_TRACKING_PASSWORD": self.mlflow_user[1],
             "AWS_ENDPOINT_URL": self.proxy.url,
         }
@@ -255,6 +273,7 @@ class Stack:
         self._closed = True
         self.leftovers = self.services.stop()
         self.proxy.stop()
+        self.mlflow_proxy.stop()
         with contextlib.suppress(Exception):
             self._drop_databases()
         with contextlib.suppress(Exception):
@@ -268,7 +287,7 @@ class Stack:
 
     @property
     def ports(self) -> list[int]:
-        return [self.api_port, self.mlflow_port, self.log_port, self.proxy.port]
+        return [self.api_port, self.mlflow_port, self.log_port, self.proxy.port, self.mlflow_proxy.port]
 
     def _create_databases(self) -> None:
         with _postgres() as cursor:
@@ -341,6 +360,25 @@ def raw_objects(stack: Stack) -> dict[str, list[str]]:
 
 
 EXPECTED_RAW = sorted([*IDX_FILES.values(), "MANIFEST.json"])
+
+
+def test_finding_test_services_listen_beyond_loopback(stack):
+    import ipaddress
+
+    import psutil
+
+    pids = set()
+    for process in stack.services.processes.values():
+        try:
+            parent = psutil.Process(process.pid)
+            pids |= {parent.pid, *(child.pid for child in parent.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            pass
+    sockets = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+               if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert sockets, "the stack's processes listen nowhere: the test looked at the wrong processes"
+    beyond = sorted(s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback)
+    assert beyond == [], f"listening beyond loopback: {beyond}"
 
 
 def test_a_triggered_run_trains_on_the_gpu_queue_and_registers_on_the_mlflow_server(stack, datasets, monkeypatch):
@@ -420,6 +458,105 @@ def test_with_s3_down_for_good_the_run_fails_naming_the_endpoint_and_registers_n
     last_try = stack.api.log(run_id, "acquire", 3)
     assert f"expected a reachable S3 endpoint at {stack.proxy.url}" in last_try, last_try[-2000:]
     assert len(client.search_model_versions("name = 'fashion-mnist-classifier'")) == versions_before
+
+
+def wait_for(probe, timeout: float, what: str, stack: Stack):
+    """``probe()``'s first truthy answer, polled every half second."""
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        stack.services.check_alive()
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.5)
+    return found
+
+
+def runs_of(client, dag_run_id: str) -> list:
+    """The MLflow runs a DAG run's training created (tagged with its id)."""
+    experiment = client.get_experiment_by_name("training_pipeline")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`airflow.run_id` = '{dag_run_id}'")
+
+
+@pytest.fixture(scope="module")
+def faulted_run(stack: Stack, datasets: dict[str, Path]) -> dict:
+    """One DAG run through two faults, one per task (one run, not two, to keep CI short): the
+    Celery worker SIGKILLed in train's second epoch, and MLflow unreachable for 20 s from the
+    moment the server created register's version (its answer lost, so the client retries)."""
+    source = stack.upload_dataset("datasets/a", datasets["a"])
+    before = set(stack.keys("pipeline/checkpoints/"))
+    seen: dict = {}
+    stack.mlflow_proxy.cut_at_request(b"/model-versions/create")
+    try:
+        # Three epochs: a config of its own (trained anew), and the kill lands in the second.
+        seen["run_id"] = run_id = stack.api.trigger({"source_uri": source, **QUICK, "epochs": 3})
+        seen["checkpoint"] = wait_for(lambda: next((key for key in stack.keys("pipeline/checkpoints/")
+                                                    if key.endswith("/last.ckpt") and key not in before), None),
+                                      timeout=600, what=f"epoch checkpoint from train: {stack.states(run_id)}",
+                                      stack=stack)
+        seen["train_at_kill"] = stack.api.task_instances(run_id)["train"]["state"]
+        # The worker, its pool, the task supervisor and the task itself (a process group of its own).
+        worker = stack.services.processes["worker"]
+        seen["killed"] = kill_session(worker.pid)
+        worker.wait(timeout=30)
+        stack.start_worker()
+        assert stack.mlflow_proxy.cut.wait(timeout=900), f"register never created a version: {stack.states(run_id)}"
+        seen["register_at_cut"] = stack.api.task_instances(run_id)["register"]["state"]
+        time.sleep(20)
+    finally:
+        stack.mlflow_proxy.cut_at_request(None)
+        if stack.mlflow_proxy.cut.is_set():
+            stack.mlflow_proxy.start()
+    seen["run"] = stack.wait_for_run(run_id, timeout=900)
+    return seen
+
+
+def test_fault_worker_sigkilled_during_train_is_rerun_resumes_and_registers_once(stack, faulted_run, monkeypatch):
+    run_id, mlflow_run_id = faulted_run["run_id"], faulted_run["checkpoint"].split("/")[2]
+    assert faulted_run["train_at_kill"] == "running" and len(faulted_run["killed"]) >= 4
+
+    assert faulted_run["run"]["state"] == "success", stack.failures(run_id)
+    assert stack.api.task_instances(run_id)["train"]["try_number"] == 2
+    noticed = stack.api.call("GET", "/eventLogs", params={"dag_id": DAG_ID, "run_id": run_id, "task_id": "train",
+                                                           "event": "heartbeat timeout"})
+    assert noticed["total_entries"] == 1, noticed
+    # The retry continued the killed try's MLflow run from its last checkpoint.
+    retry_log = stack.api.log(run_id, "train", 2)
+    assert f"resuming run {mlflow_run_id}" in retry_log, retry_log[-3000:]
+    client = stack.mlflow_client(monkeypatch)
+    [mlflow_run] = runs_of(client, run_id)
+    assert mlflow_run.info.run_id == mlflow_run_id and mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.metrics["epochs"] == 3
+    # Epoch 1 was saved before the kill (its metric may not have been logged); 2 and 3 ran once.
+    saved_epochs = [int(m.value) for m in client.get_metric_history(mlflow_run_id, "checkpoint_epoch")]
+    assert saved_epochs[-2:] == [2, 3] and saved_epochs.count(2) == 1, saved_epochs
+    assert len(client.search_model_versions(f"name = '{MODEL}' and run_id = '{mlflow_run_id}'")) == 1
+
+
+# What pipeline.register.register puts on every version it registers.
+VERSION_TAGS = {"dataset_hash", "processed_hash", "train_config_hash", "code_version", "run_id", "validation",
+                "data_report", "test_accuracy", "classes"}
+
+
+def test_fault_mlflow_down_20s_during_register_gives_exactly_one_complete_version(stack, faulted_run, monkeypatch):
+    from pipeline.promote import read_history
+
+    run_id, mlflow_run_id = faulted_run["run_id"], faulted_run["checkpoint"].split("/")[2]
+    assert faulted_run["register_at_cut"] == "running"
+
+    assert faulted_run["run"]["state"] == "success", stack.failures(run_id)
+    # MLflow's client retries (7, backoff factor 2: about 28 s before the fifth) outlast the
+    # outage; the first retry repeated the creation whose answer was lost.
+    assert stack.api.task_instances(run_id)["register"]["try_number"] == 1
+    register_log = stack.api.log(run_id, "register", 1)
+    assert "Remote end closed connection without response')': /api/2.0/mlflow/model-versions/create" in register_log
+    client = stack.mlflow_client(monkeypatch)
+    [version] = client.search_model_versions(f"name = '{MODEL}' and run_id = '{mlflow_run_id}'")
+    assert VERSION_TAGS <= set(version.tags), VERSION_TAGS - set(version.tags)
+    assert version.tags["run_id"] == mlflow_run_id and version.description
+    assert version.tags["infra_validation"] == "passed"  # the run's later tasks used this version
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == version.version
+    registered = [move for move in read_history(client, MODEL)
+                  if move.action == "register" and move.to_version == version.version]
+    assert len(registered) == 1, registered
 
 
 def test_stopping_the_stack_leaves_no_process_or_port_behind(stack):
