@@ -227,6 +227,14 @@ def configure_logging(verbosity: int) -> None:
     """Quiet by default so that a failure is one line on stderr; ``-v`` shows the stages' progress."""
     level = {0: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Below the level asked for, nothing is printed, whatever level a library gives its own logger
+    # (Great Expectations sets INFO on one of its loggers when it is imported).
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    if verbosity == 0:
+        # A store's database error is logged with its traceback before it is raised; the CLI
+        # says it in one line (RegistryUnavailableError).
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     if verbosity < 2:
         warnings.filterwarnings("ignore")
         # MLflow configures its own handler when imported; this is the way to quiet it.
