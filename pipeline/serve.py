@@ -33,6 +33,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -234,7 +235,8 @@ class BodyDecoder:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the server process runs threads (torch, the registry watch).
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_die_with_server, initargs=(os.getpid(),))
 
     async def decode(self, kind: str, body: bytes) -> Any:
         from concurrent.futures.process import BrokenProcessPool
@@ -250,6 +252,17 @@ class BodyDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _die_with_server(server_pid: int) -> None:
+    """In a decoder worker: end when the server process ends, even by SIGKILL. A pool's workers
+    hold both ends of their task queue, so they never see it close, and would wait for ever."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != server_pid:  # the server died before the line above
+        os._exit(0)
 
 
 def _secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
