@@ -60,6 +60,20 @@ def mutate(data: st.DataObject, document: object) -> object:
         st.just([document, document] if not isinstance(document, dict) else {**document, "extra": 1})))
 
 
+BYTE_ACTIONS = ("flip", "cut", "extend")
+
+
+def mutate_bytes(data: st.DataObject, body: bytearray, actions: list[str]) -> None:
+    """Flip a byte, cut the tail or append random bytes, in place, once per action."""
+    for action in actions:
+        if action == "flip" and body:
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+        elif action == "cut":
+            del body[data.draw(st.integers(0, len(body))):]
+        else:
+            body += data.draw(st.binary(max_size=64))
+
+
 def json_images(data: st.DataObject, images: np.ndarray) -> tuple[dict, bool]:
     """A real body, ints or floats, batch or one image, sometimes mutated; and whether it is valid."""
     chosen = images[data.draw(st.lists(st.integers(0, len(images) - 1), min_size=1, max_size=4))]
@@ -101,14 +115,7 @@ def test_parse_png_gives_pixels_or_a_request_error(real_images, data):
     image = real_images[data.draw(st.integers(0, len(real_images) - 1))]
     png = bytearray(png_bytes(image) if data.draw(st.booleans()) else bomb_png(*data.draw(
         st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)))))
-    for _ in range(data.draw(st.integers(0, 4))):  # flip, cut or extend bytes
-        action = data.draw(st.sampled_from(["flip", "cut", "extend"]))
-        if action == "flip" and png:
-            png[data.draw(st.integers(0, len(png) - 1))] = data.draw(st.integers(0, 255))
-        elif action == "cut":
-            del png[data.draw(st.integers(0, len(png))):]
-        else:
-            png += data.draw(st.binary(max_size=64))
+    mutate_bytes(data, png, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), max_size=4)))
     try:
         well_formed(parse_png(bytes(png)))
     except RequestError:
@@ -222,14 +229,8 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
             mode = data.draw(st.sampled_from(["L", "L", "RGB", "P"]))
             png = bytearray(png_bytes(np.resize(image, shape), mode))
             mutated = data.draw(st.booleans())
-            if mutated:  # flip, cut or extend bytes
-                for action in data.draw(st.lists(st.sampled_from(["flip", "cut", "extend"]), min_size=1, max_size=3)):
-                    if action == "flip" and png:
-                        png[data.draw(st.integers(0, len(png) - 1))] = data.draw(st.integers(0, 255))
-                    elif action == "cut":
-                        del png[data.draw(st.integers(0, len(png))):]
-                    else:
-                        png += data.draw(st.binary(max_size=64))
+            if mutated:
+                mutate_bytes(data, png, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), min_size=1, max_size=3)))
             response = session.post(f"{base}/predict", data=bytes(png), headers={"content-type": "image/png"},
                                     timeout=30)
             expected = pillow_reads_one_gray_image(bytes(png)) if mutated else shape == IMAGE_SHAPE and mode == "L"
