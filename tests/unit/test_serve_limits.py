@@ -218,6 +218,30 @@ def test_connections_beyond_the_limit_get_503_with_retry_after():
         assert get(port)[0] == 200
 
 
+def test_finding_connection_flood_fails_the_liveness_probe():
+    """Beyond ``max_connections`` the probes still get their answer (an orchestrator would restart a
+    pod whose /health says 503 under a flood), on a connection closed after it; anything else, and a
+    second request on a probe's connection, does not get through."""
+    serving = ServingSettings(max_connections=8, header_timeout_s=30.0)
+    with live_server(serving) as port:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        time.sleep(0.2)
+        answers = {}
+        for path in ("/health", "/ready", "/health?probe=kubelet"):
+            extra = socket.create_connection(("127.0.0.1", port))
+            extra.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            answers[path] = read_response(extra, 5)  # ends when the server closes the connection
+            extra.close()
+        pipelined = socket.create_connection(("127.0.0.1", port))
+        pipelined.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /metadata HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        second = read_response(pipelined, 5)
+        pipelined.close()
+        for sock in held:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers.values()), answers
+    assert second.count(b"HTTP/1.1 ") == 1 and b"model_name" not in second  # only the probe was answered
+
+
 def test_infra_validation_sends_the_configured_token(monkeypatch, small_splits):
     """``pipeline serve`` in infra validation inherits the token from the environment; the
     validating client must send it."""
