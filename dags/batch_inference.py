@@ -12,10 +12,15 @@ shares, mean confidence, accuracy when labelled) goes to an MLflow run of the ex
 
 from __future__ import annotations
 
-from datetime import timedelta
+import sys
+from pathlib import Path
 
 import pendulum
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import Param, dag, task
+
+if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
+    sys.path.append(str(Path(__file__).parent))
+from _common import DEFAULT_ARGS  # noqa: E402
 
 
 @dag(
@@ -24,17 +29,7 @@ from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag
     catchup=False,
     doc_md=__doc__,
     tags=["inference", "fashion-mnist", "mlflow"],
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        "retry_policy": ExceptionRetryPolicy(rules=[
-            RetryRule(exception="pipeline.errors.SourceUnavailableError", action=RetryAction.RETRY),
-            RetryRule(exception="pipeline.errors.BadInputError", action=RetryAction.FAIL,
-                      reason="bad input: retrying cannot fix it"),
-        ]),
-    },
+    default_args=DEFAULT_ARGS,
     params={
         "batch_uri": Param(None, type=["null", "string"], title="Batch",
                            description="Folder or URI prefix holding images-idx3-ubyte.gz (and labels-idx1-ubyte.gz)."),

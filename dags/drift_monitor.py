@@ -14,19 +14,15 @@ green, the log says so, and `request_retraining` is skipped.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import sys
+from pathlib import Path
 
 import pendulum
-from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import Param, dag, task
 
-DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")  # training_pipeline is scheduled on it
-
-RETRY_POLICY = ExceptionRetryPolicy(
-    rules=[
-        RetryRule(exception="pipeline.errors.SourceUnavailableError", action=RetryAction.RETRY),
-        RetryRule(exception="pipeline.errors.BadInputError", action=RetryAction.FAIL, reason="bad input"),
-    ],
-)
+if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
+    sys.path.append(str(Path(__file__).parent))
+from _common import DEFAULT_ARGS, DRIFT_DETECTED  # noqa: E402
 
 
 @dag(
@@ -36,14 +32,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
     max_active_runs=1,
     doc_md=__doc__,
     tags=["monitoring", "drift", "fashion-mnist"],
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=10),
-        "retry_policy": RETRY_POLICY,
-    },
+    default_args=DEFAULT_ARGS,
     params={
         "batch_uri": Param(
             None,

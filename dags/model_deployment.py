@@ -16,31 +16,21 @@ Both run in the one-slot pool `promotions`, so a promotion and a rollback never 
 
 from __future__ import annotations
 
-from datetime import timedelta
+import sys
+from pathlib import Path
 
 import pendulum
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import Param, dag, task
 
-PROMOTIONS_POOL = "promotions"
+if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
+    sys.path.append(str(Path(__file__).parent))
+from _common import DEFAULT_ARGS, PROMOTIONS_POOL  # noqa: E402
 
 DEPLOYMENT_DAG = {
     "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
     "catchup": False,
     "tags": ["deployment", "fashion-mnist", "mlflow"],
-    "default_args": {
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        # A refused move (gate not passed, unknown version) is final; a busy registry lock is not.
-        "retry_policy": ExceptionRetryPolicy(
-            rules=[
-                RetryRule(exception="pipeline.errors.RegistryBusyError", action=RetryAction.RETRY),
-                RetryRule(exception="pipeline.errors.BadInputError", action=RetryAction.FAIL,
-                          reason="refused: retrying cannot fix it"),
-            ],
-        ),
-    },
+    "default_args": DEFAULT_ARGS,
 }
 REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")
 

@@ -38,43 +38,19 @@ exponential backoff.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+import sys
+from pathlib import Path
 
 import pendulum
-from airflow.sdk import (
-    Asset,
-    AssetOrTimeSchedule,
-    CronTriggerTimetable,
-    ExceptionRetryPolicy,
-    Param,
-    RetryAction,
-    RetryRule,
-    dag,
-    task,
-)
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
+    sys.path.append(str(Path(__file__).parent))
+from _common import DEFAULT_ARGS, DRIFT_DETECTED, PROMOTIONS_POOL  # noqa: E402
 
 # The Celery queue of the train task: `gpu` on a fleet with GPU workers. Read from the
 # environment at parse time (no database or network).
 TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
-
-# Every alias move (staging, production) runs in this one-slot pool: two runs cannot interleave.
-PROMOTIONS_POOL = "promotions"
-
-# Updated by the drift_monitor DAG when new data has drifted: retraining starts without a person.
-DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")
-
-# Bad data or config cannot be fixed by retrying; an unreachable source may come back. Rules
-# name exceptions as strings so that nothing from `pipeline` is imported while parsing.
-RETRY_POLICY = ExceptionRetryPolicy(
-    rules=[
-        RetryRule(exception="pipeline.errors.SourceUnavailableError", action=RetryAction.RETRY),
-        RetryRule(
-            exception="pipeline.errors.BadInputError",
-            action=RetryAction.FAIL,
-            reason="bad input: retrying cannot fix it",
-        ),
-    ],
-)
 
 
 @dag(
@@ -86,14 +62,7 @@ RETRY_POLICY = ExceptionRetryPolicy(
     max_active_runs=1,
     doc_md=__doc__,
     tags=["training", "fashion-mnist", "mlflow"],
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=10),
-        "retry_policy": RETRY_POLICY,
-    },
+    default_args=DEFAULT_ARGS,
     params={
         "source_uri": Param(
             None,

@@ -1,9 +1,14 @@
 """Typed errors: part of the pipeline's interface.
 
-Every error a user can cause (bad data, bad configuration, an unreachable source, a failed
+Every error a user can cause (bad data, bad configuration, a missing source, a failed
 validation) is a :class:`BadInputError`. Its message is one line that names the file, field or
 suite, what was expected and what was found; the CLI prints it and exits with status 2.
 Anything else that escapes a stage is a bug or an infrastructure failure (exit status 1).
+
+Two class attributes, independent of the class hierarchy, say what happens next: ``exit_code``
+(the CLI's exit status) and ``retryable`` (whether Airflow runs the task again: an outage may end,
+a verdict on the input does not). Every DAG's retry policy is built from ``retryable``
+(``dags/_common.py``), so a new error class is retried or not by what it declares, in every DAG.
 """
 
 from __future__ import annotations
@@ -13,22 +18,24 @@ class PipelineError(Exception):
     """Base class of every error the pipeline raises on purpose."""
 
     exit_code = 1
+    retryable = False
 
 
-class BadInputError(PipelineError):
-    """The input (data, source or configuration) is wrong; the user can fix it.
-
-    ``where`` names the file, URI, field or suite; ``expected`` and ``found`` say what was
-    wanted and what was there instead.
-    """
-
-    exit_code = 2
+class DescribedError(PipelineError):
+    """An error about one named thing, in one line: ``where`` names the file, URI, field or suite;
+    ``expected`` and ``found`` say what was wanted and what was there instead."""
 
     def __init__(self, where: str, expected: str, found: str) -> None:
         self.where = where
         self.expected = expected
         self.found = found
         super().__init__(f"{where}: expected {expected}, found {found}")
+
+
+class BadInputError(DescribedError):
+    """The input (data, source or configuration) is wrong; the user can fix it, retrying cannot."""
+
+    exit_code = 2
 
 
 class ConfigError(BadInputError):
@@ -39,9 +46,13 @@ class ReferenceNotFoundError(BadInputError):
     """A hash, run id or alias given by the user names nothing in storage or the registry."""
 
 
-class SourceUnavailableError(BadInputError):
-    """The dataset source cannot be reached (connection refused, timeout, HTTP 5xx): it may
-    come back, so Airflow retries this one with backoff."""
+class SourceUnavailableError(DescribedError):
+    """The dataset source cannot be reached (connection refused, timeout, HTTP 5xx): not a
+    verdict on the input, it may come back, so Airflow retries this one with backoff. Exit status
+    2 as for bad input: from the command line, the source given is what to check first."""
+
+    exit_code = 2
+    retryable = True
 
 
 class SourceNotFoundError(BadInputError):
@@ -83,6 +94,7 @@ class TrainingInterruptedError(PipelineError):
     """A training stopped on SIGTERM (an Airflow timeout, a task marked failed, a worker shut
     down) after saving its state; running it again resumes from there."""
 
+    retryable = True
     exit_code = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
 
     def __init__(self, run_id: str, checkpoint_uri: str) -> None:
@@ -107,6 +119,8 @@ class ServingTimeoutError(PipelineError):
     """A serving process did not become ready in time (a slow artifact download, a busy
     machine): not a verdict on the model, so Airflow retries it."""
 
+    retryable = True
+
 
 class PromotionRefusedError(BadInputError):
     """An alias move was refused: the version did not pass the gate and infra validation, or
@@ -123,6 +137,8 @@ class StorageUnavailableError(PipelineError):
     Not the user's input: Airflow retries it with backoff, and a stage that hits it has written
     nothing half-way (each object is put whole or not at all)."""
 
+    retryable = True
+
     def __init__(self, uri: str, endpoint: str, found: str) -> None:
         self.uri = uri
         self.endpoint = endpoint
@@ -132,11 +148,15 @@ class StorageUnavailableError(PipelineError):
 class RegistryBusyError(PipelineError):
     """Another promotion held the registry lock longer than we could wait; try again."""
 
+    retryable = True
+
 
 class StorageFullError(PipelineError):
     """The pipeline's storage (or the local temporary folder) ran out of space or quota while
     writing an object. Not the user's input, and not forever: Airflow retries it (exit status 1)
     after its delay, by when space may have been freed; the stage left nothing half-written."""
+
+    retryable = True
 
     def __init__(self, uri: str, found: str) -> None:
         self.uri = uri
@@ -148,6 +168,20 @@ class RegistryUnavailableError(PipelineError):
     own retries. Not the user's input: Airflow retries it; an alias move cut short by it is
     completed or dropped by the next move under the registry lock, so nothing is half-written."""
 
+    retryable = True
+
     def __init__(self, uri: str, found: str) -> None:
         self.uri = uri
         super().__init__(f"{uri}: expected a reachable MLflow registry, found {found}; try again")
+
+
+def error_classes() -> list[type[PipelineError]]:
+    """:class:`PipelineError` and every subclass defined so far, parents before children."""
+    found: list[type[PipelineError]] = []
+    pending: list[type[PipelineError]] = [PipelineError]
+    while pending:
+        cls = pending.pop(0)
+        if cls not in found:
+            found.append(cls)
+            pending.extend(cls.__subclasses__())
+    return found

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
+DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if not p.name.startswith("_"))  # _common.py: shared, no DAG
 HEAVY = ("torch", "mlflow", "great_expectations", "pytorch_lightning", "lightning", "pandas", "boto3", "sklearn")
 # Retry rules name pipeline exceptions; Airflow checks those names at parse time, and
 # pipeline.errors imports nothing.
@@ -151,6 +151,40 @@ def test_retry_policy_fails_bad_input_at_once_and_retries_an_unreachable_source(
     assert policy.evaluate(SourceNotFoundError("u", "a", "b"), 1, 3).action == RetryAction.FAIL
     assert policy.evaluate(DataValidationError("s", "e", "a", "b"), 1, 3).action == RetryAction.FAIL
     assert policy.evaluate(RuntimeError("bug"), 1, 3).action == RetryAction.DEFAULT
+
+
+def test_every_task_retries_exactly_the_errors_that_declare_it(dagbag):
+    """One policy, built from ``retryable``: each pipeline error class, whatever its parents, is
+    retried or failed at once as it declares, in every task of every DAG (before, an outage was
+    retried only where a DAG's rules named it before ``BadInputError``)."""
+    import inspect
+
+    from airflow.sdk import RetryAction
+
+    from pipeline.errors import error_classes
+
+    def instance(cls):  # "x" for each named argument of the constructor (none for a plain one)
+        named = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        return cls(*["x"] * len(named[1:]))
+
+    classes = error_classes()
+    assert {c.__name__ for c in classes if c.retryable} >= {
+        "SourceUnavailableError", "StorageUnavailableError", "StorageFullError", "RegistryBusyError",
+        "RegistryUnavailableError", "ServingTimeoutError", "TrainingInterruptedError"}
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            for cls in classes:
+                expected = RetryAction.RETRY if cls.retryable else RetryAction.FAIL
+                assert task.retry_policy.evaluate(instance(cls), 1, 3).action == expected, (dag_id, task.task_id, cls)
+            assert task.max_retry_delay is not None, (dag_id, task.task_id)
+
+
+def test_the_retry_policy_and_shared_names_are_defined_once():
+    sources = {p: p.read_text() for p in [*ROOT.glob("dags/*.py"), *ROOT.glob("pipeline/**/*.py")]}
+    assert [p.name for p, text in sources.items() if "ExceptionRetryPolicy(" in text] == ["_common.py"]
+    for literal in ('"promotions"', 'Asset("'):
+        assert [p.name for p, text in sources.items() if p.parent.name == "dags" and literal in text] == ["_common.py"]
+    assert (ROOT / "dags" / ".airflowignore").read_text().splitlines()[-1] == "_common.py"
 
 
 def test_airflow_lint_rules_pass_on_dags():
