@@ -35,12 +35,13 @@ RUN torch_pin=$(grep '^torch==' requirements.lock) \
        esac
 
 # The project, editable: pipeline.config.project_root() is then /opt/pipeline whatever the
-# working directory, which is where the Great Expectations suites (expectations/) are read from.
+# working directory. The Great Expectations suites (expectations/) are the package's
+# pipeline.suites (pyproject.toml maps the folder), so they are copied before the install.
 COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
+COPY expectations/ expectations/
 RUN pip install -c requirements.lock -e .
 
-COPY expectations/ expectations/
 COPY dags/ dags/
 COPY plugins/ plugins/
 COPY scripts/ scripts/

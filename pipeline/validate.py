@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.acquire import load_raw_splits
-from pipeline.config import IDX_FILES, project_root
+from pipeline.config import IDX_FILES
 from pipeline.errors import ConfigError, DataValidationError, ReferenceNotFoundError
 from pipeline.profile import dataset_facts, near_duplicate_fraction, near_duplicates, profile_table
 from pipeline.refs import RawDatasetRef, ValidationRef
@@ -39,7 +39,11 @@ PASSED = "passed.json"
 
 
 def suites_dir() -> Path:
-    return project_root() / "expectations"
+    """The Great Expectations suites: ``expectations/`` of the checkout, shipped in the package
+    as ``pipeline.suites`` (found the same way installed or editable)."""
+    from importlib.resources import files
+
+    return Path(str(files("pipeline.suites")))
 
 
 def load_suite(name: str, directory: Path | None = None) -> Any:
