@@ -1,8 +1,9 @@
-"""``pipeline``: every stage as a subcommand, plus ``run`` for the whole chain.
+"""pipeline: every stage as a subcommand, plus 'run' for the whole chain.
 
 Exit status: 0 success; 2 bad input, unreachable source or failed validation (one line on
-stderr naming the file or suite, what was expected and what was found); 1 internal error.
-``--json`` prints the stage's reference as JSON on stdout.
+stderr naming the file or suite, what was expected and what was found); 143 a training
+interrupted by SIGTERM (run it again to resume); 1 internal error or outage.
+--json prints the stage's reference as JSON on stdout.
 """
 
 from __future__ import annotations

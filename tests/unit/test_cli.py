@@ -19,7 +19,9 @@ def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
     assert info.value.code == 0
-    assert "usage: pipeline" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: pipeline" in out
+    assert "``" not in out, "help is plain text, not reStructuredText"
 
 
 def test_every_stage_has_a_subcommand():
