@@ -214,6 +214,10 @@ def _layout(
     if dtype is not None and file_dtype != dtype:
         raise IdxFormatError(name, f"{np.dtype(dtype).name} payload", f"{file_dtype.name} payload")
     expected = math.prod(shape) * file_dtype.itemsize
+    # numpy refuses a shape whose dimensions, zeros left out, multiply beyond 63 bits, even with a
+    # zero among them (an empty array): such a header is refused here, in one line.
+    if math.prod(d for d in shape if d) * file_dtype.itemsize >= 2**63:
+        raise IdxFormatError(name, "dimensions whose product fits in 63 bits", f"shape {shape}")
     if max_bytes is not None and header + expected > max_bytes:
         raise SourceLimitError(
             name, f"at most {max_bytes} bytes of content (PIPELINE_MAX_DATASET_BYTES)",
