@@ -196,7 +196,10 @@ def main() -> int:
     from pipeline.config import Settings
     from pipeline.infra_validate import free_port
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt))
+    def terminated(signum, frame):  # SIGTERM: clean up as on Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     home = Path(tempfile.mkdtemp(prefix="health-bench-"))
     settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="health-bench")
     model_uri = register_model(settings, experiment="health_bench")
