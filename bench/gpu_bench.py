@@ -2,12 +2,12 @@
 
 The GPU recipe is the default recipe with a larger network, a larger batch and more epochs
 (``GPU_RECIPE``; the learning rate follows the batch by the ``train`` stage's linear scaling
-rule). Each run goes through the ``train`` stage's own fitting path (``pipeline.train._fit``:
+rule). Each run goes through the ``train`` stage's own fitting path (``pipeline.training.fit.fit``:
 the Lightning module, data module, Trainer settings, per-epoch checkpoints) but without
 MLflow, which the GPU machines this was run on do not have; the test accuracy is the trained
 module's on the test split, with the flip-averaged predictions that evaluation and serving
 use, and its expected calibration error before and after the temperature that the ``train``
-stage fits (``pipeline.train._calibrate``, run on the training device). After the seeds asked for, ``--compile-epochs`` epochs with ``torch.compile`` time the
+stage fits (``pipeline.training.calibration.calibrate``, run on the training device). After the seeds asked for, ``--compile-epochs`` epochs with ``torch.compile`` time the
 compiled network against the eager one; ``--also`` adds runs with other epochs.
 
 A run is started only if it should end within ``--budget-s`` seconds of the start (estimated
@@ -72,19 +72,21 @@ def main() -> None:
     import torch
 
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
-    from pipeline.data import split_tensors
-    from pipeline.evaluate import calibration_bins, expected_calibration_error
-    from pipeline.preprocess import load_processed_ref
+    from pipeline.data.processed import load_processed_ref
+    from pipeline.evaluation.evaluate import calibration_bins, expected_calibration_error
     from pipeline.storage import storage_for
-    from pipeline.train import _calibrate, _fit, resolve_precision, trains_on_gpu, usable_cpus
+    from pipeline.training.calibration import calibrate
+    from pipeline.training.datamodule import split_tensors
+    from pipeline.training.fit import fit
+    from pipeline.training.hardware import resolve_precision, trains_on_gpu, usable_cpus
 
     settings = Settings.from_env()
     storage = storage_for(settings)
     if args.processed:
         processed = load_processed_ref(storage, args.processed)
     else:
-        from pipeline.acquire import acquire
-        from pipeline.preprocess import preprocess
+        from pipeline.data.acquire import acquire
+        from pipeline.data.preprocess import preprocess
 
         processed = preprocess(acquire(AcquireConfig(source_uri=args.source), storage), storage, PreprocessConfig())
     test = split_tensors(processed, storage, "test")
@@ -129,13 +131,13 @@ def main() -> None:
                 "test_ece": expected_calibration_error(calibration_bins(confidence.numpy(), correct))}
 
     def calibrated(module, name: str) -> dict[str, float]:
-        """The ``train`` stage's calibration (``_calibrate``, on the training device) of the final
+        """The ``train`` stage's calibration (``calibrate``, on the training device) of the final
         weights, and the test split's figures with the fitted temperature."""
         checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             torch.save(checkpoint, Path(tmp) / "best.ckpt")
             storage.put_file(Path(tmp) / "best.ckpt", f"checkpoints/{name}/best.ckpt")
-        module.hparams.temperature = _calibrate(processed, storage, name, device.type)
+        module.hparams.temperature = calibrate(processed, storage, name, device.type)
         return {"temperature": module.hparams.temperature,
                 **{f"calibrated_{k}": v for k, v in test_accuracy(module).items() if k != "test_accuracy_without_flip"}}
 
@@ -145,7 +147,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fit-") as workdir:
-            trainer, module = _fit(processed, storage, config, settings, "", workdir, None, None, [clock])
+            trainer, module = fit(processed, storage, config, settings, run_id="", workdir=workdir, owner=False,
+                                  extra_callbacks=[clock])
         seconds = time.perf_counter() - start
         steady = statistics.median(clock.epochs[1:]) if len(clock.epochs) > 1 else clock.epochs[0]
         return {

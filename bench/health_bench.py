@@ -194,7 +194,7 @@ def main() -> int:
     from soak_bench import die_with_parent, request_bodies
 
     from pipeline.config import Settings
-    from pipeline.infra_validate import free_port
+    from pipeline.registry.infra_validate import free_port
 
     def terminated(signum, frame):  # SIGTERM: clean up as on Ctrl-C
         raise KeyboardInterrupt
@@ -210,7 +210,7 @@ def main() -> int:
 
     token, port = secrets.token_urlsafe(32), free_port()
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", model_uri, "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", model_uri, "--host", "127.0.0.1",
                "--port", str(port)]
     context = multiprocessing.get_context("spawn")
     scenarios = [

@@ -9,7 +9,7 @@ def plain_optimizer(net, optimizer: str, learning_rate: float, weight_decay: flo
     """The ``train`` stage's optimizer and one-cycle schedule over ``steps`` steps."""
     import torch
 
-    from pipeline.models import make_optimizer
+    from pipeline.models.classifier import make_optimizer
 
     optim = make_optimizer(net.parameters(), optimizer, learning_rate, weight_decay)
     return optim, torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=learning_rate, total_steps=steps)

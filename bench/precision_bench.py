@@ -27,7 +27,7 @@ def images_per_second(architecture: str, bf16: bool, batch_size: int, steps: int
     import torch
     from torch.nn import functional as F
 
-    from pipeline.models import build_network
+    from pipeline.models.networks import build_network
 
     torch.manual_seed(0)
     net = build_network(architecture).to(memory_format=torch.channels_last).train()
@@ -62,7 +62,7 @@ def main() -> None:
     import torch
 
     from pipeline.config import ARCHITECTURES
-    from pipeline.train import cpu_has_bf16_matmul, usable_cpus
+    from pipeline.training.hardware import cpu_has_bf16_matmul, usable_cpus
 
     torch.set_num_threads(usable_cpus())
     rows = []

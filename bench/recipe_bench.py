@@ -54,12 +54,13 @@ def main() -> None:
     import torch
     from torch.nn import functional as F
 
-    from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings
-    from pipeline.models import ImageClassifier, random_crop_flip
-    from pipeline.preprocess import load_split, preprocess
+    from pipeline.data.acquire import acquire
+    from pipeline.data.preprocess import preprocess
+    from pipeline.data.processed import load_split
+    from pipeline.models.classifier import ImageClassifier, random_crop_flip
     from pipeline.storage import storage_for
-    from pipeline.train import usable_cpus
+    from pipeline.training.hardware import usable_cpus
 
     torch.set_num_threads(usable_cpus())
     torch.manual_seed(args.seed)

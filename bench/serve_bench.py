@@ -45,7 +45,8 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.models import ServingModel, build_network
+    from pipeline.models.export import ServingModel
+    from pipeline.models.networks import build_network
     from pipeline.tracking import experiment_id, tracking_client
 
     torch.manual_seed(seed)
@@ -140,7 +141,7 @@ def images_per_pass(base: str) -> tuple[float, float]:
 
 def run_server(name: str, spec: dict, env: dict, home: Path, args: argparse.Namespace) -> list[dict]:
     """Start one server, warm it up, measure every concurrency level, stop it."""
-    from pipeline.infra_validate import free_port
+    from pipeline.registry.infra_validate import free_port
 
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in spec["command"]]
@@ -196,7 +197,7 @@ def main() -> None:
     servers = {
         # Ours as production runs it: on the alias, with the registry watcher polling.
         "ours": {
-            "command": [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", production_uri, "--port", "{port}"],
+            "command": [sys.executable, "-m", "pipeline", "serve", "--model-uri", production_uri, "--port", "{port}"],
             "ready": "/ready", "predict": "/predict", "body": json.dumps({"image": pixels}).encode(),
         },
         "mlflow": {

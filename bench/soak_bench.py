@@ -5,7 +5,7 @@ One invocation, one machine, a throwaway embedded store (SQLite and a folder und
 
 * two versions of a serving model of the default recipe's architecture (pt2, as
   ``bench/serve_bench.py`` registers them; different weights), both tagged as having passed the
-  gate and infra validation; ``production`` set to version 1 with :func:`pipeline.promote.promote`;
+  gate and infra validation; ``production`` set to version 1 with :func:`pipeline.registry.promote.promote`;
 * ``pipeline serve --model-uri models:/<name>@production --poll-interval <s>`` started as
   production runs it, with a random ``PIPELINE_SERVE_TOKEN`` in its environment (every request
   but ``/health`` and ``/ready`` carries ``Authorization: Bearer <token>``; one request without it
@@ -191,7 +191,7 @@ def request_bodies(count: int, batch_size: int) -> tuple[dict[str, list[bytes]],
     import numpy as np
     from PIL import Image
 
-    from pipeline.idx import read_split
+    from pipeline.data.idx import read_split
 
     folder = Path("/usr/share/datasets/fashion-mnist")
     images, _ = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
@@ -347,8 +347,9 @@ def main() -> int:
     from serve_bench import register_model, wait_ready
 
     from pipeline.config import Settings, TrainConfig
-    from pipeline.infra_validate import free_port
-    from pipeline.promote import TAG_GATE, TAG_GATE_PRODUCTION, TAG_INFRA, promote, rollback
+    from pipeline.registry.history import TAG_GATE, TAG_GATE_PRODUCTION, TAG_INFRA
+    from pipeline.registry.infra_validate import free_port
+    from pipeline.registry.promote import promote, rollback
     from pipeline.tracking import tracking_client
 
     home = Path(tempfile.mkdtemp(prefix="soak-bench-"))
@@ -369,7 +370,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{settings.model_name}@production",
+    command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", f"models:/{settings.model_name}@production",
                "--host", "127.0.0.1", "--port", str(port), "--poll-interval", str(args.poll_interval)]
     log_path = home / "serve.log"
     context = multiprocessing.get_context("spawn")

@@ -47,7 +47,7 @@ def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed
     """One epoch of a hand-written loop doing what our LightningModule's training step does."""
     import torch
 
-    from pipeline.models import random_crop_flip
+    from pipeline.models.classifier import random_crop_flip
 
     torch.manual_seed(seed)
     hp = module.hparams
@@ -103,14 +103,15 @@ def main() -> None:
     import pytorch_lightning as pl
     import torch
 
-    from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
-    from pipeline.data import ProcessedDataModule
-    from pipeline.evaluate import evaluate
-    from pipeline.models import ImageClassifier
-    from pipeline.preprocess import preprocess
+    from pipeline.data.acquire import acquire
+    from pipeline.data.preprocess import preprocess
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.models.classifier import ImageClassifier
     from pipeline.storage import storage_for
-    from pipeline.train import resolve_precision, train, usable_cpus
+    from pipeline.training.datamodule import ProcessedDataModule
+    from pipeline.training.fit import train
+    from pipeline.training.hardware import resolve_precision, usable_cpus
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     torch.set_num_threads(usable_cpus())

@@ -39,11 +39,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import_seconds, _ = timed(__import__, "great_expectations")
-    from pipeline.acquire import acquire, load_raw_splits
     from pipeline.config import IDX_FILES, AcquireConfig
-    from pipeline.profile import dataset_facts, profile_table
+    from pipeline.data.acquire import acquire, load_raw_splits
+    from pipeline.data.profile import dataset_facts, profile_table
+    from pipeline.data.validate import validate_raw
     from pipeline.storage import open_storage
-    from pipeline.validate import validate_raw
 
     files = [Path(args.source) / name for name in IDX_FILES.values()]
     rows: dict[str, list[float]] = {}

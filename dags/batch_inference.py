@@ -39,7 +39,7 @@ from _common import DEFAULT_ARGS  # noqa: E402
 def batch_inference():
     @task
     def predict(params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.batch_inference(params)
 

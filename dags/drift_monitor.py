@@ -46,7 +46,7 @@ from _common import DEFAULT_ARGS, DRIFT_DETECTED  # noqa: E402
 def drift_monitor():
     @task
     def check_drift(params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.check_drift(params)
 

@@ -50,7 +50,7 @@ REASON = Param("", type="string", title="Reason", description="Why, for the prom
 def promote_model():
     @task(pool=PROMOTIONS_POOL)
     def promote(params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.promote(params, tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name))
 
@@ -72,7 +72,7 @@ def promote_model():
 def rollback_model():
     @task(pool=PROMOTIONS_POOL)
     def rollback(params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.rollback(params, tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name))
 

@@ -163,64 +163,64 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
 def training_pipeline():
     @task
     def acquire(params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.acquire(params)
 
     @task
     def validate(raw: dict, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.validate(params, raw)
 
     @task
     def preprocess(raw: dict, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.preprocess(params, raw)
 
     @task
     def tune_setup(raw: dict, params=None, dag_run=None) -> list:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.tune_setup(params, raw, study=f"{dag_run.dag_id}/{dag_run.run_id}")
 
     @task(queue=TRAIN_QUEUE)
     def tune_trial(spec: dict, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.tune_trial(params, spec)
 
     # Also runs when there were no trials (tuning off: the mapped task has nothing to map).
     @task(trigger_rule="none_failed")
     def tune_choose(trials=None, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.tune_choose(params, list(trials or []))
 
     @task(queue=TRAIN_QUEUE)
     def train(processed: dict, overrides: dict, params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         tags = {"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id}
         return tasks.train(params, processed, tags, overrides)
 
     @task
     def evaluate(trained: dict, processed: dict, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.evaluate(params, trained, processed)
 
     @task
     def register(trained: dict, evaluation: dict, validation: dict, processed: dict, params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
         return tasks.register(params, trained, evaluation, validation, processed, by)
 
     @task
     def gate(version: dict, processed: dict, params=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.gate(params, version, processed)
 
@@ -228,20 +228,20 @@ def training_pipeline():
     # registry lock anyway; the pool is for the production moves a person waits on.
     @task
     def infra_validate(version: dict, processed: dict, params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
         return tasks.infra_validate(params, version, processed, by)
 
     @task.short_circuit
     def auto_promote(params=None) -> bool:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         return tasks.auto_promote(params)
 
     @task(pool=PROMOTIONS_POOL)
     def promote(version: dict, params=None, dag_run=None) -> dict:
-        from pipeline import tasks
+        from pipeline.entrypoints import tasks
 
         by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
         return tasks.promote(params, by, version["version"], "auto_promote: passed the gate and infra validation")

@@ -1,8 +1,8 @@
 """An ML pipeline from an IDX image dataset to an evaluated, registered model.
 
 One stage per module, each a plain function over references (URIs, hashes, run ids):
-:mod:`~pipeline.acquire`, :mod:`~pipeline.validate`, :mod:`~pipeline.preprocess`,
-:mod:`~pipeline.train`, :mod:`~pipeline.evaluate`, :mod:`~pipeline.register`; :mod:`~pipeline.run`
+:mod:`~pipeline.data.acquire`, :mod:`~pipeline.data.validate`, :mod:`~pipeline.data.preprocess`,
+:mod:`~pipeline.training.fit`, :mod:`~pipeline.evaluation.evaluate`, :mod:`~pipeline.registry.register`; :mod:`~pipeline.entrypoints.run`
 chains them without Airflow, and ``dags/training_pipeline.py`` chains them with it.
 """
 

@@ -44,7 +44,7 @@ def fashion_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_splits(fashion_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from pipeline.idx import read_split
+    from pipeline.data.idx import read_split
 
     return {
         "train": read_split(fashion_dir / "train-images-idx3-ubyte.gz", fashion_dir / "train-labels-idx1-ubyte.gz"),

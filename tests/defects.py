@@ -20,7 +20,7 @@ TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 
 def write_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """Write ``{"train": (x, y), "t10k": (x, y)}`` as the four gzip IDX files."""
-    from pipeline.idx import write_idx
+    from pipeline.data.idx import write_idx
 
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, (images, labels) in splits.items():
@@ -80,13 +80,13 @@ def blank_images(folder: Path) -> None:
 
 def _rewrite_images(folder: Path, change: Callable[[np.ndarray], np.ndarray], name: str = TRAIN_IMAGES) -> None:
     """Apply ``change`` to the uint8 images ``(n, 28, 28)`` of one file and write it back."""
-    from pipeline.idx import read_idx, write_idx
+    from pipeline.data.idx import read_idx, write_idx
 
     write_idx(change(read_idx(folder / name).copy()), folder / name)
 
 
 def _rewrite_split(folder: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
-    from pipeline.idx import read_split
+    from pipeline.data.idx import read_split
 
     images, labels = read_split(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
     write_dataset(folder, {"train": change(images.copy(), labels.copy())})
@@ -139,7 +139,7 @@ def duplicated_rows(folder: Path) -> None:
 
 
 def leak_test_into_train(folder: Path) -> None:
-    from pipeline.idx import read_split
+    from pipeline.data.idx import read_split
 
     test_x, test_y = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
     _rewrite_split(folder, lambda x, y: (np.concatenate([x, test_x[:100]]), np.concatenate([y, test_y[:100]])))
@@ -147,7 +147,7 @@ def leak_test_into_train(folder: Path) -> None:
 
 def near_duplicate_leak(folder: Path) -> None:
     """Test images copied into train with +-8 grey levels of noise: exact hashes miss them."""
-    from pipeline.idx import read_split
+    from pipeline.data.idx import read_split
 
     test_x, test_y = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
     noise = np.random.default_rng(0).integers(-8, 9, test_x[:100].shape)

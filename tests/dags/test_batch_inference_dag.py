@@ -10,7 +10,7 @@ import pytest
 from recipes import SMALL_RECIPE
 
 from pipeline.config import TrainConfig
-from pipeline.idx import write_idx
+from pipeline.data.idx import write_idx
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +18,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def production_model(small_dataset, settings, storage):
     """A model trained for one epoch on the small subset, registered and put in production."""
-    from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig
-    from pipeline.evaluate import evaluate
-    from pipeline.preprocess import preprocess
-    from pipeline.promote import PRODUCTION, move_alias
-    from pipeline.register import register
-    from pipeline.train import train
-    from pipeline.validate import validate_raw
+    from pipeline.data.acquire import acquire
+    from pipeline.data.preprocess import preprocess
+    from pipeline.data.validate import validate_raw
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.registry.history import PRODUCTION
+    from pipeline.registry.promote import move_alias
+    from pipeline.registry.register import register
+    from pipeline.training.fit import train
 
     raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
     validation = validate_raw(raw, storage)
@@ -42,8 +43,8 @@ def test_batch_predictions_in_parquet_match_the_service(production_model, settin
     from airflow.dag_processing.dagbag import DagBag
     from fastapi.testclient import TestClient
 
-    from pipeline.serve import create_app
-    from pipeline.served_model import ModelSlot, load
+    from pipeline.serving.app import create_app
+    from pipeline.serving.slot import ModelSlot, load
     from pipeline.tracking import tracking_client
 
     images, labels = real_splits["t10k"][0][600:900], real_splits["t10k"][1][600:900]

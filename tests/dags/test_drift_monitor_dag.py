@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from recipes import SMALL_RECIPE
 
-from pipeline.idx import write_idx
+from pipeline.data.idx import write_idx
 
 pytestmark = pytest.mark.slow
 ASSET = "fashion-mnist-drift-detected"
@@ -108,7 +108,7 @@ def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(dags, small_
 def test_broken_batch_fails_the_check_at_once_and_asks_for_nothing(dags, pipeline_home, tmp_path):
     from pipeline.config import Settings
     from pipeline.errors import DataValidationError
-    from pipeline.monitor import monitor as check
+    from pipeline.monitoring.monitor import monitor as check
     from pipeline.storage import storage_for
 
     _, monitor = dags

@@ -110,7 +110,8 @@ def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db)
     without auto_promote stops at staging until promote_model; rollback_model goes back."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from pipeline.promote import PRODUCTION, STAGING, alias_version, history
+    from pipeline.registry.history import PRODUCTION, STAGING, alias_version
+    from pipeline.registry.promote import history
 
     def run(dag_id: str, conf: dict):
         # A freshly parsed DAG per run, as a worker has: in one process, dag.test() carries a

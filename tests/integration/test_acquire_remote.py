@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from services import RecordingServer, ScriptedServer, free_port
 
-from pipeline.acquire import acquire
 from pipeline.config import IDX_FILES, AcquireConfig
+from pipeline.data.acquire import acquire
 from pipeline.errors import (
     ChecksumMismatchError,
     SourceLimitError,

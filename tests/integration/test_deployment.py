@@ -14,20 +14,22 @@ from pathlib import Path
 import pytest
 from recipes import SMALL_RECIPE
 
-from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, GatePolicy, PreprocessConfig, TrainConfig
+from pipeline.data.acquire import acquire
+from pipeline.data.preprocess import preprocess
+from pipeline.data.processed import load_split
+from pipeline.data.validate import validate_raw
 from pipeline.errors import GateFailedError, InfraValidationError, PromotionRefusedError
-from pipeline.evaluate import evaluate
-from pipeline.gate import REPORT_JSON, gate
-from pipeline.infra_validate import infra_validate
-from pipeline.preprocess import load_split, preprocess
-from pipeline.promote import PRODUCTION, STAGING, alias_version, history, promote, rollback
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.refs import ModelVersionRef
-from pipeline.register import register
+from pipeline.registry.gate import REPORT_JSON, gate
+from pipeline.registry.history import PRODUCTION, STAGING, alias_version
+from pipeline.registry.infra_validate import infra_validate
+from pipeline.registry.promote import history, promote, rollback
+from pipeline.registry.register import register
 from pipeline.storage import storage_for
 from pipeline.tracking import tracking_client
-from pipeline.train import train
-from pipeline.validate import validate_raw
+from pipeline.training.fit import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -202,7 +204,7 @@ def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, dep
     import requests
     from services import MlflowServer
 
-    from pipeline.evaluate import ARTIFACTS, MODEL_CARD_HTML
+    from pipeline.evaluation.evaluate import ARTIFACTS, MODEL_CARD_HTML
 
     settings = registry["settings"]
     with MlflowServer(settings.tracking_uri, settings.artifact_root) as server:
@@ -241,7 +243,7 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
     import requests
     from services import free_port
 
-    from pipeline.promote import move_alias
+    from pipeline.registry.promote import move_alias
 
     settings = registry["settings"]
     client = tracking_client(settings)
@@ -251,7 +253,7 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", f"models:/{settings.model_name}@production",
+            [sys.executable, "-m", "pipeline", "serve", "--model-uri", f"models:/{settings.model_name}@production",
              "--port", str(port), "--poll-interval", "0.5"],
             env={**os.environ, **settings.to_env()}, stdout=log_file, stderr=subprocess.STDOUT,
         )

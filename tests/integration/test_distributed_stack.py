@@ -531,13 +531,13 @@ def test_fault_worker_sigkilled_during_train_is_rerun_resumes_and_registers_once
     assert len(client.search_model_versions(f"name = '{MODEL}' and run_id = '{mlflow_run_id}'")) == 1
 
 
-# What pipeline.register.register puts on every version it registers.
+# What pipeline.registry.register.register puts on every version it registers.
 VERSION_TAGS = {"dataset_hash", "processed_hash", "train_config_hash", "code_version", "run_id", "validation",
                 "data_report", "test_accuracy", "classes"}
 
 
 def test_fault_mlflow_down_20s_during_register_gives_exactly_one_complete_version(stack, faulted_run, monkeypatch):
-    from pipeline.promote import read_history
+    from pipeline.registry.history import read_history
 
     run_id, mlflow_run_id = faulted_run["run_id"], faulted_run["checkpoint"].split("/")[2]
     assert faulted_run["register_at_cut"] == "running"

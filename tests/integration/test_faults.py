@@ -94,7 +94,7 @@ def registry(request, postgres: PostgresCluster, tmp_path: Path) -> Iterator[tup
 
 def _warm_up(settings: Settings) -> int:
     """Import the pipeline and reach the registry once, so that the loop starts at full speed."""
-    from pipeline.promote import history
+    from pipeline.registry.promote import history
 
     return len(history(settings))
 
@@ -102,7 +102,7 @@ def _warm_up(settings: Settings) -> int:
 def _promotion_loop(settings: Settings, until: float, seed: int) -> list[dict]:
     """Promote and roll back at random until ``until`` (wall clock); one record per call."""
     from pipeline.errors import PipelineError
-    from pipeline.promote import promote, rollback
+    from pipeline.registry.promote import promote, rollback
 
     rng, calls = random.Random(seed), []
     while time.time() < until:
@@ -154,7 +154,9 @@ def _production_entries(history) -> list:
 def test_fault_postgres_restarted_during_promotion_alias_and_history_agree(registry, postgres):
     from mlflow import MlflowClient
 
-    from pipeline.promote import LOCK_STALE_S, PENDING_TAG, alias_version, promote, read_history, rollback
+    from pipeline.registry.history import PENDING_TAG, alias_version, read_history
+    from pipeline.registry.lock import LOCK_STALE_S
+    from pipeline.registry.promote import promote, rollback
 
     settings, direct = registry
     name = settings.model_name
@@ -243,7 +245,8 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
     from mlflow import MlflowClient
 
     from pipeline.errors import RegistryUnavailableError
-    from pipeline.promote import PENDING_TAG, TAG_ROLLED_BACK, alias_version, promote, read_history, rollback
+    from pipeline.registry.history import PENDING_TAG, TAG_ROLLED_BACK, alias_version, read_history
+    from pipeline.registry.promote import promote, rollback
 
     database = f"faults_{uuid.uuid4().hex[:8]}"
     _admin_sql(postgres, f"CREATE DATABASE {database}")
@@ -313,10 +316,11 @@ def small_disk() -> Iterator[Path]:
 def test_fault_storage_full_during_preprocess_leaves_nothing_half_written_and_rerun_succeeds(
     small_dataset, tmp_path, monkeypatch, small_disk
 ):
-    from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig
+    from pipeline.data.acquire import acquire
+    from pipeline.data.preprocess import preprocess, processed_hash
+    from pipeline.data.processed import load_processed_ref, load_split
     from pipeline.errors import ReferenceNotFoundError
-    from pipeline.preprocess import load_processed_ref, load_split, preprocess, processed_hash
     from pipeline.storage import open_storage
 
     store = small_disk / "storage"
@@ -360,10 +364,11 @@ def test_fault_s3_storage_full_during_preprocess_leaves_no_partial_prefix_and_re
     import boto3
     from services import FullS3Proxy
 
-    from pipeline.acquire import acquire
     from pipeline.config import AcquireConfig, PreprocessConfig
+    from pipeline.data.acquire import acquire
+    from pipeline.data.preprocess import preprocess, processed_hash
+    from pipeline.data.processed import load_processed_ref, load_split
     from pipeline.errors import ReferenceNotFoundError, StorageFullError
-    from pipeline.preprocess import load_processed_ref, load_split, preprocess, processed_hash
     from pipeline.storage import open_storage
 
     bucket = f"store-{uuid.uuid4().hex[:8]}"

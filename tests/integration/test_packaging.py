@@ -44,7 +44,7 @@ def test_finding_an_installed_pipeline_cannot_find_its_suites(tmp_path, small_da
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 
-    where = subprocess.run([str(python), "-c", "import pipeline, pipeline.validate as v; print(pipeline.__file__); "
+    where = subprocess.run([str(python), "-c", "import pipeline, pipeline.data.validate as v; print(pipeline.__file__); "
                             "print(v.suites_dir())"], cwd=elsewhere, env=env, check=True, capture_output=True,
                            text=True).stdout.split()
     assert all(Path(p).is_relative_to(site) for p in where), where  # the wheel's copy, suites included

@@ -13,8 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from pipeline.config import Settings
-from pipeline.promote import CANDIDATE, PRODUCTION, alias_version, history, promote
-from pipeline.register import register_version
+from pipeline.registry.history import CANDIDATE, PRODUCTION, alias_version
+from pipeline.registry.promote import history, promote
+from pipeline.registry.register import register_version
 from pipeline.tracking import experiment_id, tracking_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -44,7 +45,8 @@ def two_logged_models(postgres_tracking_uri, tmp_path_factory):
     import mlflow
     import torch
 
-    from pipeline.models import ServingModel, build_network
+    from pipeline.models.export import ServingModel
+    from pipeline.models.networks import build_network
 
     home = tmp_path_factory.mktemp("home")
     settings = dataclasses.replace(

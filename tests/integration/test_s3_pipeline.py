@@ -9,7 +9,7 @@ import pytest
 from recipes import SMALL_RECIPE
 
 from pipeline.config import IDX_FILES, Settings, run_config_from_params
-from pipeline.run import run_pipeline
+from pipeline.entrypoints.run import run_pipeline
 from pipeline.tracking import tracking_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

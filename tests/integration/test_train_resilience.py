@@ -18,12 +18,12 @@ import torch
 from recipes import SMALL_RECIPE, recipe_flags
 from services import run_cli
 
-from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
-from pipeline.preprocess import preprocess
+from pipeline.data.acquire import acquire
+from pipeline.data.preprocess import preprocess
 from pipeline.storage import storage_for
 from pipeline.tracking import experiment_id, tracking_client
-from pipeline.train import train
+from pipeline.training.fit import train
 
 pytestmark = pytest.mark.integration
 PIPELINE = str(Path(sys.executable).parent / "pipeline")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from defects import DEFECTS, TRAIN_IMAGES, TRAIN_LABELS, broken_copy, dataset_with, gzip_bomb
 
-from pipeline.acquire import acquire, dataset_hash, load_raw_splits
 from pipeline.config import IDX_FILES, AcquireConfig
+from pipeline.data.acquire import acquire, dataset_hash, load_raw_splits
 from pipeline.errors import (
     BadInputError,
     ChecksumMismatchError,
@@ -147,12 +147,12 @@ def test_config_refuses_malformed_checksums():
 #: that a reader which expands a file into memory fails (MemoryError, exit 1) instead of passing.
 LIMITED_CLI = """
 import resource, sys
-import pipeline.acquire, pipeline.validate, pipeline.cli
+import pipeline.data.acquire, pipeline.data.validate, pipeline.entrypoints.cli
 with open("/proc/self/status") as status:
     size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
 limit = size + int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-sys.exit(pipeline.cli.main(sys.argv[2:]))
+sys.exit(pipeline.entrypoints.cli.main(sys.argv[2:]))
 """
 HEADROOM = 384 << 20
 
@@ -294,7 +294,7 @@ def test_source_limits_come_from_the_environment_and_are_checked():
 def test_finding_gzip_bomb_in_a_monitored_batch_is_refused(tmp_path, storage):
     # The drift monitor and batch inference fetch and read new data through the same bounds.
     from pipeline.errors import SourceLimitError
-    from pipeline.monitor import BATCH_IMAGES, fetch_batch
+    from pipeline.monitoring.monitor import BATCH_IMAGES, fetch_batch
 
     batch = tmp_path / "batch"
     batch.mkdir()

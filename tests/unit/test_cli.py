@@ -8,7 +8,7 @@ import pytest
 from defects import DEFECTS, broken_copy
 from services import free_port, run_cli
 
-from pipeline.cli import build_parser, main
+from pipeline.entrypoints.cli import build_parser, main
 
 SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "gate", "infra-validate",
                "promote", "rollback", "history", "serve", "monitor", "summary"]
@@ -78,12 +78,12 @@ def test_unknown_references_exit_2_naming_the_flag(argv, message, pipeline_home,
 
 
 def test_internal_error_exits_1(pipeline_home, capsys, monkeypatch):
-    import pipeline.acquire
+    import pipeline.data.acquire
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(pipeline.acquire, "acquire", broken)
+    monkeypatch.setattr(pipeline.data.acquire, "acquire", broken)
     assert main(["acquire", "--source", "/tmp"]) == 1
     assert "internal error: RuntimeError: disk on fire" in capsys.readouterr().err
 
@@ -99,7 +99,7 @@ def test_console_script_reports_bad_input_in_one_line(small_dataset, tmp_path, p
 def test_monitor_on_broken_new_data_exits_2_naming_the_file(tmp_path, pipeline_home, capsys):
     import numpy as np
 
-    from pipeline.idx import write_idx
+    from pipeline.data.idx import write_idx
 
     (tmp_path / "batch").mkdir()
     write_idx(np.zeros((200, 28, 28), dtype=np.uint8), tmp_path / "batch" / "images-idx3-ubyte.gz")
@@ -109,7 +109,7 @@ def test_monitor_on_broken_new_data_exits_2_naming_the_file(tmp_path, pipeline_h
 
 
 def test_monitor_without_a_model_exits_2(small_dataset, tmp_path, pipeline_home, capsys, real_splits):
-    from pipeline.idx import write_idx
+    from pipeline.data.idx import write_idx
 
     (tmp_path / "batch").mkdir()
     write_idx(real_splits["t10k"][0][:300], tmp_path / "batch" / "images-idx3-ubyte.gz")

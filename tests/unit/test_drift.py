@@ -9,10 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline.drift import DriftConfig, OutputStatistics, compute_drift, drift_report_html, population_stability_index
+from pipeline.data.expectations import ephemeral_context, load_suite, run_suite
+from pipeline.data.profile import profile_table
 from pipeline.errors import ConfigError
-from pipeline.profile import profile_table
-from pipeline.validate import ephemeral_context, load_suite, run_suite
+from pipeline.monitoring.drift import (
+    DriftConfig,
+    OutputStatistics,
+    compute_drift,
+    drift_report_html,
+    population_stability_index,
+)
 
 BATCH = 2000
 Images = tuple[np.ndarray, np.ndarray]
@@ -107,9 +113,9 @@ def test_label_noise_shows_in_prediction_label_agreement(real_splits):
     import pytorch_lightning as pl
     import torch
 
-    from pipeline.data import TensorBatches, batch_loader
-    from pipeline.evaluate import predict
-    from pipeline.models import ImageClassifier
+    from pipeline.evaluation.evaluate import predict
+    from pipeline.models.classifier import ImageClassifier
+    from pipeline.training.datamodule import TensorBatches, batch_loader
 
     (x, y), (xt, yt) = real_splits["train"], real_splits["t10k"]
     pl.seed_everything(0, verbose=False)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from recipes import SMALL_RECIPE
 
-from pipeline.acquire import acquire
 from pipeline.config import FASHION_MNIST_CLASSES, AcquireConfig, PreprocessConfig, TrainConfig
-from pipeline.evaluate import (
+from pipeline.data.acquire import acquire
+from pipeline.data.preprocess import preprocess
+from pipeline.data.validate import validate_raw
+from pipeline.evaluation.evaluate import (
     ARTIFACTS,
     ATTRIBUTIONS,
     CONFUSION,
@@ -31,12 +33,10 @@ from pipeline.evaluate import (
     predict,
     worst_class,
 )
-from pipeline.model_card import model_card_html, model_card_markdown
-from pipeline.models import ImageClassifier
-from pipeline.preprocess import preprocess
+from pipeline.evaluation.model_card import model_card_html, model_card_markdown
+from pipeline.models.classifier import ImageClassifier
 from pipeline.tracking import tracking_client
-from pipeline.train import train
-from pipeline.validate import validate_raw
+from pipeline.training.fit import train
 
 CLASSES = list(FASHION_MNIST_CLASSES)
 PARAMS = {"architecture": "resnet_small", "epochs": "15", "learning_rate": "0.004", "augment": "True"}
@@ -187,7 +187,7 @@ def test_integrated_gradients_are_complete():
 def test_figures_are_images(tmp_path):
     import matplotlib.image
 
-    from pipeline import figures
+    from pipeline.evaluation import figures
 
     report = synthetic_report(CLASSES)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)

@@ -1,11 +1,11 @@
-"""The promotion policy, number by number (pipeline.gate.decide and score)."""
+"""The promotion policy, number by number (pipeline.registry.gate.decide and score)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.config import GatePolicy
-from pipeline.gate import ModelScore, decide, score
+from pipeline.registry.gate import ModelScore, decide, score
 
 CLASSES = ["a", "b"]
 POLICY = GatePolicy(min_accuracy=0.8, max_accuracy_drop=0.01, max_class_drop=0.05)
@@ -62,7 +62,7 @@ def test_a_drop_exactly_at_the_tolerance_passes():
 
 def test_a_long_model_card_and_the_gate_verdict_fit_the_registry():
     """PostgreSQL-backed MLflow refuses a version description over 5,000 characters."""
-    from pipeline.register import DESCRIPTION_LIMIT, fit_description
+    from pipeline.registry.register import DESCRIPTION_LIMIT, fit_description
 
     card, verdict = "card line\n" * 700, "\n\n## Promotion gate\n" + "| row |\n" * 150
     described = fit_description(card, verdict, "run123")

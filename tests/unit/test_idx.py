@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from defects import DEFECTS, TRAIN_IMAGES, TRAIN_LABELS, broken_copy
 
+from pipeline.data.idx import parse_idx, read_split, write_idx
 from pipeline.errors import CorruptFileError, IdxFormatError
-from pipeline.idx import parse_idx, read_split, write_idx
 
 
 def test_reads_the_real_files(real_splits):
@@ -86,8 +86,8 @@ def test_finding_a_wrong_magic_is_described_not_echoed(head, found):
 def test_finding_a_header_declaring_more_than_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
     from defects import gzip_bomb
 
+    from pipeline.data.idx import read_idx
     from pipeline.errors import SourceLimitError
-    from pipeline.idx import read_idx
 
     gzip_bomb(tmp_path / "bomb.gz", zeros=1 << 20)
     monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(1 << 30))

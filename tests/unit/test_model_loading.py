@@ -18,8 +18,8 @@ from services import free_port, run_cli
 from torch import nn
 
 from pipeline.errors import UnsafeModelError
-from pipeline.models import load_registered
-from pipeline.register import register_version
+from pipeline.models.registered import load_registered
+from pipeline.registry.register import register_version
 from pipeline.tracking import tracking_client
 
 

@@ -9,9 +9,12 @@ from torch import nn
 
 from pipeline.config import ARCHITECTURES, TrainConfig, run_config_from_params
 from pipeline.errors import ConfigError
-from pipeline.evaluate import predict
-from pipeline.models import ImageClassifier, build_network, fit_temperature, random_crop_flip, serving_model
-from pipeline.train import (
+from pipeline.evaluation.evaluate import predict
+from pipeline.models.classifier import ImageClassifier, random_crop_flip
+from pipeline.models.export import export_for_serving
+from pipeline.models.networks import build_network
+from pipeline.training.calibration import fit_temperature
+from pipeline.training.hardware import (
     cpu_has_bf16_matmul,
     is_global_rank_zero,
     resolve_precision,
@@ -80,7 +83,7 @@ def test_test_time_flip_predicts_the_mean_of_the_image_and_its_mirror_offline_an
     # An image and its mirror get the same answer; the served module (what register logs)
     # gives the offline answer.
     assert np.allclose(predict(model, images.flip(-1).numpy()), averaged, atol=1e-6)
-    served = serving_model(model)
+    served = export_for_serving(model)
     with torch.inference_mode():
         assert np.allclose(served(images[:, None].float() / 255.0).numpy(), averaged, atol=1e-6)
     # Training steps see the plain network (in train mode, batch statistics, on both sides).
@@ -115,7 +118,7 @@ def test_temperature_changes_confidence_not_the_answer_offline_and_served():
     assert (probabilities.argmax(1) == base.argmax(1)).all()
     assert probabilities.max(1).mean() > base.max(1).mean()  # T < 1 sharpens
     with torch.inference_mode():
-        assert np.allclose(serving_model(scaled)(images[:, None].float() / 255.0).numpy(), probabilities, atol=1e-6)
+        assert np.allclose(export_for_serving(scaled)(images[:, None].float() / 255.0).numpy(), probabilities, atol=1e-6)
     # Training steps ignore it: the fit happens after training, on the validation split.
     with torch.no_grad():
         assert torch.equal(scaled.train()(images), scaled.net(scaled.normalise(images)))
@@ -232,10 +235,10 @@ def test_usable_cpus_respects_the_affinity():
 def test_the_launcher_command_carries_the_whole_config():
     # Several devices from an Airflow task: `pipeline train` in a subprocess must train exactly
     # the config the task was given.
-    from pipeline.cli import build_parser
-    from pipeline.commands import _params as params_of
     from pipeline.config import run_config_from_params
-    from pipeline.train import needs_launcher, train_command
+    from pipeline.entrypoints.cli import build_parser
+    from pipeline.entrypoints.commands import _params as params_of
+    from pipeline.training.launcher import needs_launcher, train_command
 
     config = TrainConfig(architecture="seed_cnn", augment=False, compile=True, devices="0,1", strategy="ddp",
                          learning_rate=0.01, num_threads=3)

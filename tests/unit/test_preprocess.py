@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from defects import write_dataset
 
-from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig
+from pipeline.data.acquire import acquire
+from pipeline.data.preprocess import preprocess
+from pipeline.data.processed import load_split
+from pipeline.data.profile import image_hashes
 from pipeline.errors import ConfigError
-from pipeline.preprocess import load_split, preprocess
-from pipeline.profile import image_hashes
 
 
 @pytest.fixture
@@ -69,8 +70,8 @@ def test_config_errors_name_the_field():
 
 def test_split_check_refuses_an_image_in_two_splits_and_a_missing_class(raw, storage):
     """The guard preprocess runs before writing: what a bug in splitting would produce is refused."""
+    from pipeline.data.preprocess import check_splits
     from pipeline.errors import DataValidationError
-    from pipeline.preprocess import check_splits
 
     ref = preprocess(raw, storage, PreprocessConfig())
     train, val, test = (load_split(ref, storage, s) for s in ("train", "val", "test"))

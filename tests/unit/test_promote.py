@@ -7,20 +7,11 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.entrypoints.cli import main
 from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError, RegistryBusyError
-from pipeline.promote import (
-    PRODUCTION,
-    STAGING,
-    AliasMove,
-    alias_version,
-    history,
-    move_alias,
-    production_stack,
-    promote,
-    registry_lock,
-    rollback,
-)
+from pipeline.registry.history import PRODUCTION, STAGING, AliasMove, alias_version, production_stack
+from pipeline.registry.lock import registry_lock
+from pipeline.registry.promote import history, move_alias, promote, rollback
 from pipeline.tracking import tracking_client
 
 
@@ -130,7 +121,7 @@ def test_refusals_are_one_line_and_move_nothing(settings, versions):
 
 
 def test_registry_lock_excludes_a_second_holder_and_breaks_a_dead_ones(settings, versions, monkeypatch):
-    import pipeline.promote
+    import pipeline.registry.lock
 
     name = settings.model_name
     with registry_lock(versions, name, "first"):
@@ -141,7 +132,7 @@ def test_registry_lock_excludes_a_second_holder_and_breaks_a_dead_ones(settings,
         pass
     # A holder that died leaves the lock behind; once it is older than LOCK_STALE_S it is broken.
     versions.create_registered_model(f"{name}.lock", tags={"holder": "dead", "token": "t0"})
-    monkeypatch.setattr(pipeline.promote, "LOCK_STALE_S", 0.5)
+    monkeypatch.setattr(pipeline.registry.lock, "LOCK_STALE_S", 0.5)
     with registry_lock(versions, name, "fourth", wait_s=5):
         assert versions.get_registered_model(f"{name}.lock").tags["holder"] == "fourth"
     # A holder whose lock was broken (it hung, then woke up) does not delete the next holder's.

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.payload import RequestError, load_json, parse_images, parse_png
-from pipeline.serve import Metrics, PredictResponse, create_app
-from pipeline.served_model import ModelSlot, ServedModel
+from pipeline.serving.app import Metrics, PredictResponse, create_app
+from pipeline.serving.payload import RequestError, load_json, parse_images, parse_png
+from pipeline.serving.slot import ModelSlot, ServedModel
 
 CLASSES = [f"class {i}" for i in range(10)]
 IMAGE = (np.arange(784).reshape(28, 28) % 256).tolist()
@@ -232,7 +232,7 @@ def test_openapi_schema_describes_what_the_service_does(client):
 def test_a_dead_inference_loop_fails_waiting_requests_instead_of_hanging():
     import asyncio
 
-    from pipeline.batching import MicroBatcher
+    from pipeline.serving.batching import MicroBatcher
 
     slot = ModelSlot("models:/m/4")
     slot.swap(served("4"))

@@ -19,7 +19,7 @@ from test_serve import bomb_png, png_bytes
 from test_serve_limits import live_server
 
 from pipeline.config import ServingSettings
-from pipeline.payload import (
+from pipeline.serving.payload import (
     IMAGE_SHAPE,
     MAX_BATCH,
     MAX_BODY_BYTES,

@@ -1,5 +1,5 @@
 """The serving endpoint under abuse, on a real uvicorn server on 127.0.0.1 (in a thread of the test
-process, built by :func:`pipeline.serve.server_config` as ``pipeline serve`` builds it): big JSON
+process, built by :func:`pipeline.serving.server.server_config` as ``pipeline serve`` builds it): big JSON
 bodies, many slow clients, idle and slow connections. Clients are raw sockets or ``http.client``."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 from test_serve import served
 
 from pipeline.config import ServingSettings
-from pipeline.serve import create_app, server_config
-from pipeline.served_model import ModelSlot
+from pipeline.serving.app import create_app
+from pipeline.serving.server import server_config
+from pipeline.serving.slot import ModelSlot
 
 pytestmark = pytest.mark.slow
 
@@ -245,7 +246,7 @@ def test_finding_connection_flood_fails_the_liveness_probe():
 def test_infra_validation_sends_the_configured_token(monkeypatch, small_splits):
     """``pipeline serve`` in infra validation inherits the token from the environment; the
     validating client must send it."""
-    from pipeline.infra_validate import served_probabilities
+    from pipeline.registry.infra_validate import served_probabilities
 
     token = "infra-token-0123456789abcdef"
     monkeypatch.setenv("PIPELINE_SERVE_TOKEN", token)

@@ -21,7 +21,7 @@ from services import free_port
 from test_model_loading import log_model
 from torch import nn
 
-from pipeline.register import register_version
+from pipeline.registry.register import register_version
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A long-lived ``pipeline serve`` stays steady (:func:`pipeline.serve.settle_process`), each case in
+"""A long-lived ``pipeline serve`` stays steady (:func:`pipeline.serving.server.settle_process`), each case in
 a fresh interpreter, as the server starts:
 
 * memory: oneDNN's primitive cache kept the kernels of every batch size the micro-batcher formed
@@ -36,10 +36,11 @@ def test_finding_kernel_cache_grows_with_every_batch_size():
     of MB at most (before: about 4 MB per new size, +300 MB here)."""
     result = run_python("""
         import json, psutil, torch
-        from pipeline.serve import settle_process
+        from pipeline.serving.server import settle_process
         settle_process()
         from pipeline.config import TrainConfig
-        from pipeline.models import ServingModel, build_network
+        from pipeline.models.export import ServingModel
+        from pipeline.models.networks import build_network
         torch.set_num_threads(2)
         model = ServingModel(build_network(TrainConfig().architecture), 0.286, 0.353, True).eval()
         process = psutil.Process()
@@ -61,7 +62,7 @@ def test_finding_kernel_cache_grows_with_every_batch_size():
 def test_operator_kernel_cache_setting_wins():
     code = """
         import json, os
-        from pipeline.serve import settle_process
+        from pipeline.serving.server import settle_process
         settle_process()
         print(json.dumps({"capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}))
     """
@@ -75,8 +76,9 @@ def test_finding_full_collections_scan_the_whole_import_heap():
     result = run_python("""
         import gc, json, weakref
         import torch
-        from pipeline.serve import create_app, settle_process
-        from pipeline.served_model import ModelSlot, ServedModel
+        from pipeline.serving.app import create_app
+        from pipeline.serving.server import settle_process
+        from pipeline.serving.slot import ModelSlot, ServedModel
         app = create_app(ModelSlot("models:/m@production"))
         settle_process()
         frozen, scanned = gc.get_freeze_count(), len(gc.get_objects())

@@ -9,16 +9,19 @@ import pytest
 import torch
 from recipes import SMALL_RECIPE
 
-from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig, PreprocessConfig, TrainConfig
-from pipeline.evaluate import ARTIFACTS, CONFUSION, evaluate
-from pipeline.models import load_checkpoint, load_registered
-from pipeline.preprocess import load_split, preprocess
-from pipeline.register import register
+from pipeline.data.acquire import acquire
+from pipeline.data.preprocess import preprocess
+from pipeline.data.processed import load_split
+from pipeline.data.validate import validate_raw
+from pipeline.evaluation.evaluate import ARTIFACTS, CONFUSION, evaluate
+from pipeline.models.classifier import load_checkpoint
+from pipeline.models.registered import load_registered
+from pipeline.registry.register import register
 from pipeline.storage import storage_for
 from pipeline.tracking import TAG_DATASET, tracking_client
-from pipeline.train import resolve_precision, train
-from pipeline.validate import validate_raw
+from pipeline.training.fit import train
+from pipeline.training.hardware import resolve_precision
 
 pytestmark = pytest.mark.slow
 CONFIG = TrainConfig(**SMALL_RECIPE, epochs=2, batch_size=64)

@@ -9,7 +9,7 @@ from recipes import recipe_flags
 
 from pipeline.config import TrainConfig, TuneConfig, run_config_from_params
 from pipeline.errors import ConfigError
-from pipeline.tune import candidates, choose
+from pipeline.training.tune import candidates, choose
 
 SPACE = {"learning_rate": [0.001, 0.004], "weight_decay": [0.0, 0.0005], "augment": [True, False]}
 
@@ -56,7 +56,7 @@ def test_choose_takes_the_best_and_the_first_of_a_tie():
 
 @pytest.mark.slow
 def test_pipeline_run_tunes_on_a_sample_then_trains_with_the_best_trial(small_dataset, settings, capsys):
-    from pipeline.cli import main
+    from pipeline.entrypoints.cli import main
     from pipeline.tracking import tracking_client
 
     # A learning rate of 1e-7 learns nothing in one epoch: the search must pick 0.002 (not the default

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from defects import write_dataset
 
-from pipeline.acquire import acquire
 from pipeline.config import AcquireConfig
+from pipeline.data.acquire import acquire
+from pipeline.data.expectations import load_suite, suites_dir
+from pipeline.data.validate import load_validation_ref, validate_raw
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.validate import load_suite, load_validation_ref, suites_dir, validate_raw
 
 
 def acquired(folder, storage):
@@ -85,7 +86,7 @@ def test_test_images_copied_into_train_are_leakage(tmp_path, small_splits, stora
 
 
 def test_near_duplicates_of_the_real_files_are_few_and_noisy_copies_are_all_found(real_splits):
-    from pipeline.profile import near_duplicates
+    from pipeline.data.profile import near_duplicates
 
     (x, _), (xt, _) = real_splits["train"], real_splits["t10k"]
     _, in_test = near_duplicates(x[:20000], xt)

@@ -1,0 +1,106 @@
+"""How the data stages behave: acquisition, the limits of reading a source, preprocessing."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pipeline.config.base import check_range, env_number, fingerprint
+from pipeline.config.settings import DEBIAN_FASHION_MNIST, IDX_FILES
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AcquireConfig:
+    """How to fetch the four IDX files."""
+
+    source_uri: str = DEBIAN_FASHION_MNIST
+    """Folder, ``file://`` URI, ``http(s)://`` URL prefix or ``s3://bucket/prefix``."""
+
+    expected_sha256: dict[str, str] = field(default_factory=dict)
+    """Optional ``{file name: sha256}``; each value may be the hash of the decompressed IDX
+    content (stable across recompression, e.g. Debian's ``.gz``) or of the bytes as served."""
+
+    def __post_init__(self) -> None:
+        if not self.source_uri:
+            raise ConfigError("source_uri", "a folder, file://, http(s):// or s3:// URI", "''")
+        unknown = set(self.expected_sha256) - set(IDX_FILES.values())
+        if unknown:
+            raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", sorted(unknown))
+        for name, digest in self.expected_sha256.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ConfigError(f"expected_sha256[{name}]", "64 hex digits", repr(digest))
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    """What reading a dataset source may cost: operator settings read by :meth:`from_env`, never
+    trigger-form Params (whoever can trigger a DAG must not be able to lift them). Every source
+    and reader takes ``SourceLimits.from_env()`` when not given limits."""
+
+    max_dataset_bytes: int = 4 << 30
+    """``PIPELINE_MAX_DATASET_BYTES``: uncompressed bytes of one dataset (all its files
+    together, headers included; default 4 GiB). An IDX header declaring more is refused before
+    anything is allocated; a stream that decompresses to more is stopped."""
+
+    max_download_bytes: int = 4 << 30
+    """``PIPELINE_MAX_DOWNLOAD_BYTES``: bytes of one file as served (compressed; default 4 GiB).
+    A larger announced size is refused before the download; a body that runs past it is stopped."""
+
+    download_deadline_s: float = 1800.0
+    """``PIPELINE_DOWNLOAD_DEADLINE_S``: seconds one file's download may take from the request to
+    its last byte (default 30 min), however steadily the server trickles bytes."""
+
+    redirect_hosts: tuple[str, ...] = ()
+    """``PIPELINE_REDIRECT_HOSTS``: comma-separated host names (or ``host:port``) an HTTP source
+    may redirect to besides its own scheme, host and port (default none)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_dataset_bytes", "max_download_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"PIPELINE_{name.upper()}", "a positive integer number of bytes", repr(value))
+        if not 0 < self.download_deadline_s < float("inf"):
+            raise ConfigError("PIPELINE_DOWNLOAD_DEADLINE_S", "a positive number of seconds", repr(self.download_deadline_s))
+        for host in self.redirect_hosts:
+            if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+                raise ConfigError("PIPELINE_REDIRECT_HOSTS", "host names or host:port, comma-separated", repr(host))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SourceLimits:
+        env = os.environ if environ is None else environ
+        hosts = tuple(h.strip().lower() for h in env.get("PIPELINE_REDIRECT_HOSTS", "").split(",") if h.strip())
+        return cls(
+            max_dataset_bytes=env_number(env, "PIPELINE_MAX_DATASET_BYTES", int, cls.max_dataset_bytes),
+            max_download_bytes=env_number(env, "PIPELINE_MAX_DOWNLOAD_BYTES", int, cls.max_download_bytes),
+            download_deadline_s=env_number(env, "PIPELINE_DOWNLOAD_DEADLINE_S", float, cls.download_deadline_s),
+            redirect_hosts=hosts,
+        )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw data becomes train/validation/test splits. Part of the processed data's hash."""
+
+    val_fraction: float = 0.1
+    """Share of the (deduplicated) training images held out for validation, per class."""
+
+    sample_cap: int | None = None
+    """Keep at most this many training and this many test images (stratified); for quick runs."""
+
+    drop_duplicates: bool = True
+    """Drop exact duplicate training images, and training images that also occur in the test
+    set (leakage)."""
+
+    seed: int = 42
+    """Seed of the split and of the sample cap."""
+
+    def __post_init__(self) -> None:
+        check_range("val_fraction", self.val_fraction, 0.01, 0.5)
+        if self.sample_cap is not None and self.sample_cap < 100:
+            raise ConfigError("sample_cap", "an integer >= 100 or None", repr(self.sample_cap))
+
+    def fingerprint(self) -> str:
+        return fingerprint(self)

@@ -1,0 +1,106 @@
+"""Where things live: the dataset's defaults and the stores (:class:`Settings`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The Fashion-MNIST file set; any dataset in the same IDX layout (MNIST included) works.
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the files.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+ARCHITECTURES = ("resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+ACCELERATORS = ("auto", "cpu", "gpu")
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+#: The batch size at which ``TrainConfig.learning_rate`` is given (linear scaling rule).
+REFERENCE_BATCH = 128
+
+
+def project_root() -> Path:
+    """The checkout that holds ``pipeline/`` (editable install), else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the pipeline keeps data, runs and models. Read with :meth:`from_env`."""
+
+    home: Path
+    """``PIPELINE_HOME``: the one git-ignored folder of the embedded mode (default ``.runtime/``
+    in the checkout). Holds the default storage, MLflow store and Airflow home."""
+
+    storage_uri: str
+    """``PIPELINE_STORAGE_URI``: a folder or ``s3://bucket/prefix`` for raw data, processed
+    splits, reports and checkpoints (default ``<home>/storage``)."""
+
+    tracking_uri: str
+    """``MLFLOW_TRACKING_URI``: MLflow tracking and registry (default ``sqlite:///<home>/mlflow.db``)."""
+
+    artifact_root: str
+    """``PIPELINE_ARTIFACT_ROOT``: artifact location given to a new experiment when the
+    tracking URI is a database (default ``<home>/mlartifacts``); an MLflow server decides its own."""
+
+    model_name: str = "fashion-mnist-classifier"
+    """``PIPELINE_MODEL_NAME``: the registered model every run adds versions to."""
+
+    experiment_name: str = "training_pipeline"
+    """``PIPELINE_EXPERIMENT``: the MLflow experiment of the training DAG."""
+
+    source_uri: str = DEBIAN_FASHION_MNIST
+    """``PIPELINE_SOURCE_URI``: the default dataset source (folder, ``file://``, ``http(s)://``
+    prefix or ``s3://`` prefix)."""
+
+    incoming_uri: str = ""
+    """``PIPELINE_INCOMING_URI``: where new images arrive for drift monitoring (default
+    ``<home>/new-data``): ``images-idx3-ubyte.gz`` and, optionally, ``labels-idx1-ubyte.gz``."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        home = Path(env.get("PIPELINE_HOME") or project_root() / ".runtime").resolve()
+        return cls(
+            home=home,
+            storage_uri=env.get("PIPELINE_STORAGE_URI") or str(home / "storage"),
+            tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+            artifact_root=env.get("PIPELINE_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
+            model_name=env.get("PIPELINE_MODEL_NAME") or cls.model_name,
+            experiment_name=env.get("PIPELINE_EXPERIMENT") or cls.experiment_name,
+            source_uri=env.get("PIPELINE_SOURCE_URI") or cls.source_uri,
+            incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
+        )
+
+    def ensure_home(self) -> Path:
+        """Create the embedded home, readable by its owner only: it holds the MLflow and Airflow
+        databases and the data. A home that others could read is tightened."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.home.stat().st_mode & 0o077:
+            self.home.chmod(0o700)
+        return self.home
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes :meth:`from_env` in a child process give these settings."""
+        return {
+            "PIPELINE_HOME": str(self.home), "PIPELINE_STORAGE_URI": self.storage_uri,
+            "MLFLOW_TRACKING_URI": self.tracking_uri, "PIPELINE_ARTIFACT_ROOT": self.artifact_root,
+            "PIPELINE_MODEL_NAME": self.model_name, "PIPELINE_EXPERIMENT": self.experiment_name,
+            "PIPELINE_SOURCE_URI": self.source_uri, "PIPELINE_INCOMING_URI": self.incoming_uri,
+        }

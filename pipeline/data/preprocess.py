@@ -1,0 +1,139 @@
+"""Preprocess: deduplicate, split and describe the data for training.
+
+Drops exact duplicate training images and training images that also occur in the test set
+(leakage), optionally caps the sample for quick runs, holds out a stratified validation split,
+and computes the normalisation statistics of the training split. The ``processed_splits`` suite
+checks the splits (every class in each, no duplicates, no image in two splits) before anything
+is written. The result is stored under
+``processed/<processed_hash>/`` where the hash covers the raw dataset's hash and the
+preprocessing config, so the same inputs are processed once. Arrays stay uint8 (normalised on
+the fly in training); ``MANIFEST.json`` marks the folder complete and is written last, with
+:meth:`~pipeline.storage.Storage.put_folder`: a failure half-way (a full disk, an unreachable
+endpoint) leaves no partial ``processed/<hash>/`` behind.
+
+Returns a :class:`~pipeline.refs.ProcessedDatasetRef`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import FASHION_MNIST_CLASSES, PreprocessConfig
+from pipeline.data.acquire import load_raw_splits
+from pipeline.data.processed import MANIFEST
+from pipeline.data.profile import image_hashes
+from pipeline.refs import ProcessedDatasetRef, RawDatasetRef
+from pipeline.storage import Storage, space_for
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def processed_hash(dataset_hash: str, config: PreprocessConfig) -> str:
+    return hashlib.sha256(f"{dataset_hash}:{config.fingerprint()}".encode()).hexdigest()[:16]
+
+
+def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``size`` items with the class proportions of ``labels``, in sorted order."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    picked = []
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts / len(labels) * size
+    quotas = np.floor(exact).astype(int)
+    # Largest remainders get the leftover places, so the sample has exactly `size` items.
+    quotas[np.argsort(quotas - exact)[: size - quotas.sum()]] += 1
+    for cls, quota in zip(classes, quotas, strict=True):
+        members = np.flatnonzero(labels == cls)
+        picked.append(rng.choice(members, size=quota, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) indices, holding out ``fraction`` of every class."""
+    held = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        held.append(members[: max(1, round(len(members) * fraction))])
+    held_out = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return rng.permutation(keep), held_out
+
+
+def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The ``processed_splits`` suite on the splits about to be written; raises if it fails."""
+    import pandas as pd
+
+    from pipeline.data.expectations import ephemeral_context, failure_error, load_suite, run_suite
+    from pipeline.data.profile import dataset_facts
+
+    table = pd.concat(
+        pd.DataFrame({"split": split, "label": labels.astype(np.int64), "content_hash": image_hashes(images)})
+        for split, (images, labels) in arrays.items()
+    )
+    facts = dataset_facts(table)
+    result = run_suite(ephemeral_context(), load_suite("processed_splits"), facts, "processed_splits")
+    if not result.success:
+        raise failure_error("processed_splits", result, facts)
+
+
+def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -> ProcessedDatasetRef:
+    """Build (or reuse) the train/val/test splits of ``raw``."""
+    digest = processed_hash(raw.dataset_hash, config)
+    prefix = f"processed/{digest}"
+    if storage.exists(f"{prefix}/{MANIFEST}"):
+        log.info("reusing %s", storage.uri(prefix))
+        return ProcessedDatasetRef.from_dict(storage.get_json(f"{prefix}/{MANIFEST}"))
+
+    splits = load_raw_splits(raw, storage)
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    rng = np.random.default_rng(config.seed)
+    removed = {"duplicates": 0, "leaked": 0}
+    if config.drop_duplicates:
+        train_hashes = np.array(image_hashes(x_train))
+        first = np.zeros(len(train_hashes), dtype=bool)
+        first[np.unique(train_hashes, return_index=True)[1]] = True
+        leaked = np.isin(train_hashes, np.array(image_hashes(x_test)))
+        removed = {"duplicates": int((~first).sum()), "leaked": int((first & leaked).sum())}
+        keep = first & ~leaked
+        x_train, y_train = x_train[keep], y_train[keep]
+    if config.sample_cap:
+        idx = stratified_sample(y_train, config.sample_cap, rng)
+        x_train, y_train = x_train[idx], y_train[idx]
+        idx = stratified_sample(y_test, config.sample_cap, rng)
+        x_test, y_test = x_test[idx], y_test[idx]
+    train_idx, val_idx = stratified_split(y_train, config.val_fraction, rng)
+    arrays = {
+        "train": (x_train[train_idx], y_train[train_idx]),
+        "val": (x_train[val_idx], y_train[val_idx]),
+        "test": (x_test, y_test),
+    }
+    check_splits(arrays)
+    pixels = arrays["train"][0].astype(np.float64) / 255.0
+    ref = ProcessedDatasetRef(
+        processed_hash=digest,
+        dataset_hash=raw.dataset_hash,
+        uri=storage.uri(prefix),
+        counts={split: int(len(arrays[split][1])) for split in SPLITS},
+        removed=removed,
+        mean=float(pixels.mean()),
+        std=float(pixels.std()),
+        classes=list(FASHION_MNIST_CLASSES),
+    )
+    with tempfile.TemporaryDirectory(prefix="preprocess-") as tmp:
+        with space_for(tmp):
+            for split, (images, labels) in arrays.items():
+                np.savez(Path(tmp) / f"{split}.npz", images=images, labels=labels)
+            (Path(tmp) / MANIFEST).write_text(json.dumps(ref.to_dict(), indent=2, sort_keys=True))
+        # Whole or not at all: a full disk or an unreachable endpoint half-way leaves no
+        # processed/<hash>/ that a later run could take for complete.
+        storage.put_folder(Path(tmp), prefix, last=MANIFEST)
+    log.info("processed %s: %s, removed %s", ref.uri, ref.counts, removed)
+    return ref

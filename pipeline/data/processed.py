@@ -1,0 +1,25 @@
+"""Reading a processed dataset back: its reference and its splits (every stage after
+preprocessing reads them through here)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import ReferenceNotFoundError
+from pipeline.refs import ProcessedDatasetRef
+from pipeline.storage import Storage
+
+MANIFEST = "MANIFEST.json"
+"""Written last into ``processed/<hash>/``: its presence marks the folder complete."""
+
+
+def load_split(ref: ProcessedDatasetRef, storage: Storage, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``(n, 28, 28)`` and labels ``(n,)`` of one processed split."""
+    with np.load(storage.local_path(f"processed/{ref.processed_hash}/{split}.npz")) as data:
+        return data["images"], data["labels"]
+
+
+def load_processed_ref(storage: Storage, digest: str) -> ProcessedDatasetRef:
+    if not storage.exists(f"processed/{digest}/{MANIFEST}"):
+        raise ReferenceNotFoundError("--processed", f"a processed hash under {storage.uri('processed')}", repr(digest))
+    return ProcessedDatasetRef.from_dict(storage.get_json(f"processed/{digest}/{MANIFEST}"))

@@ -1,0 +1,206 @@
+"""What each ``pipeline`` subcommand does: parsed arguments in, one stage function called, its
+reference out as a dict (:mod:`pipeline.entrypoints.cli` parses, prints and sets the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.config import AcquireConfig, Settings, run_config_from_params
+from pipeline.errors import ConfigError
+
+
+def _pairs(flag: str, shape: str, values: list[str] | None) -> dict[str, str]:
+    pairs = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(flag, shape, repr(item))
+        pairs[name] = value
+    return pairs
+
+
+def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
+    return _pairs("--sha256", "NAME=HEX", values)
+
+
+#: TrainConfig fields that are CLI flags (and DAG Params) of the same name.
+TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing",
+               "lr_schedule", "augment", "test_time_flip", "early_stopping_patience", "accelerator", "devices",
+               "num_nodes", "strategy", "precision", "compile", "num_threads")
+
+
+#: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``), and TuneConfig fields as ``--tune...``.
+GATE_FLAGS = ("gate_min_accuracy", "gate_max_accuracy_drop", "gate_max_class_drop", "gate_min_improvement")
+TUNE_FLAGS = ("tune", "tune_space", "tune_method", "tune_trials", "tune_sample_cap", "tune_epochs")
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", "auto_promote", *TRAIN_FLAGS, *GATE_FLAGS,
+            *TUNE_FLAGS)
+    params = {k: getattr(args, k, None) for k in keys}
+    params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
+    return params
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.entrypoints.run import run_pipeline
+
+    return run_pipeline(run_config_from_params(_params(args), settings), settings)
+
+
+def cmd_acquire(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.acquire import acquire
+    from pipeline.storage import storage_for
+
+    config = AcquireConfig(source_uri=args.source_uri or settings.source_uri, expected_sha256=_sha256_pairs(args.sha256))
+    return acquire(config, storage_for(settings)).to_dict()
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.acquire import load_raw_ref
+    from pipeline.data.validate import validate_raw
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    return validate_raw(load_raw_ref(storage, args.dataset), storage).to_dict()
+
+
+def cmd_preprocess(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.acquire import load_raw_ref
+    from pipeline.data.preprocess import preprocess
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    config = run_config_from_params(_params(args), settings).preprocess
+    return preprocess(load_raw_ref(storage, args.dataset), storage, config).to_dict()
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.processed import load_processed_ref
+    from pipeline.storage import storage_for
+    from pipeline.training.fit import train
+
+    storage = storage_for(settings)
+    config = run_config_from_params(_params(args), settings)
+    processed = load_processed_ref(storage, args.processed)
+    tags = _pairs("--tag", "KEY=VALUE", args.tag)
+    return train(processed, storage, config.train, settings, force=config.force, tags=tags).to_dict()
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.processed import load_processed_ref
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.storage import storage_for
+    from pipeline.training.fit import load_train_result
+
+    storage = storage_for(settings)
+    trained = load_train_result(settings, args.run_id)
+    return evaluate(trained, load_processed_ref(storage, trained.processed_hash), storage, settings).to_dict()
+
+
+def cmd_register(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.data.processed import load_processed_ref
+    from pipeline.data.validate import load_validation_ref
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.registry.register import register
+    from pipeline.storage import storage_for
+    from pipeline.training.fit import load_train_result
+
+    storage = storage_for(settings)
+    trained = load_train_result(settings, args.run_id)
+    processed = load_processed_ref(storage, trained.processed_hash)
+    evaluation = evaluate(trained, processed, storage, settings)
+    validation = load_validation_ref(storage, trained.dataset_hash)
+    return register(trained, evaluation, validation, processed, storage, settings).to_dict()
+
+
+def cmd_monitor(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.entrypoints.tasks import check_drift
+
+    return check_drift({"batch_uri": args.batch})
+
+
+def _version_ref(settings: Settings, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ReferenceNotFoundError
+    from pipeline.refs import ModelVersionRef
+    from pipeline.tracking import tracking_client
+
+    name = settings.model_name
+    try:
+        found = tracking_client(settings).get_model_version(name, version)
+    except MlflowException as exc:
+        raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
+    return ModelVersionRef(model_name=name, version=str(found.version), alias="", run_id=found.run_id,
+                           model_uri=f"models:/{name}/{found.version}", created=False)
+
+
+def _processed_of(settings: Settings, storage: Any, version: Any, processed_hash: str | None) -> Any:
+    """The processed data to test on: given, else the one the version was trained on."""
+    from pipeline.data.processed import load_processed_ref
+    from pipeline.tracking import tracking_client
+
+    tags = tracking_client(settings).get_model_version(version.model_name, version.version).tags
+    return load_processed_ref(storage, processed_hash or tags.get("processed_hash", ""))
+
+
+def cmd_gate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.gate import gate
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    version = _version_ref(settings, args.version)
+    policy = run_config_from_params(_params(args), settings).gate
+    return gate(version, _processed_of(settings, storage, version, args.processed), storage, settings, policy).to_dict()
+
+
+def cmd_infra_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.history import cli_actor
+    from pipeline.registry.infra_validate import infra_validate
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    version = _version_ref(settings, args.version)
+    processed = _processed_of(settings, storage, version, args.processed)
+    return infra_validate(version, processed, storage, settings, cli_actor()).to_dict()
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.history import PRODUCTION, alias_version
+    from pipeline.registry.promote import promote
+    from pipeline.tracking import tracking_client
+
+    move = promote(settings, args.version, reason=args.reason or "")
+    if move is None:
+        current = alias_version(tracking_client(settings), settings.model_name, PRODUCTION)
+        return {"moved": False, "alias": PRODUCTION, "to_version": current}
+    return {"moved": True, **move.to_dict()}
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.promote import rollback
+
+    return {"moved": True, **rollback(settings, args.to, reason=args.reason or "").to_dict()}
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.promote import history
+
+    return {"model_name": settings.model_name, "history": [e.to_dict() for e in history(settings)]}
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.serving.server import serve
+
+    serve(args.model_uri or f"models:/{settings.model_name}@production", settings, args.host, args.port,
+          args.poll_interval)
+    return {"stopped": True}
+
+
+def cmd_summary(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.entrypoints.summary import model_summary
+
+    return model_summary(settings, args.alias)

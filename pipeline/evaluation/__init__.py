@@ -1,0 +1,1 @@
+"""Evaluation a person can read: metrics per class, calibration, explanations, the model card."""

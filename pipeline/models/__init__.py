@@ -1,0 +1,2 @@
+"""The networks, the Lightning module that trains them, the module that is registered and
+served, and loading a registered version."""

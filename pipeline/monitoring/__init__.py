@@ -1,0 +1,1 @@
+"""Monitoring: drift of new data against the training data, and batch inference."""

@@ -1,0 +1,2 @@
+"""The model registry: registration, the quality gate, infra validation, the aliases with their
+history and lock, promotion and rollback."""

@@ -1,0 +1,150 @@
+"""Promote and roll back: move the registry aliases under the lock, with their history.
+
+MLflow aliases (``candidate``, ``staging``, ``production``) say where a model is now, not how it
+got there. Every move made here is also appended to a **promotion history** kept as tags of the
+registered model (``promotion.000001``, ``promotion.000002``, ...; each a JSON :class:`AliasMove`:
+who or which DAG run, when, alias, from version, to version, why), so it can be read on the
+registered model's page in the MLflow UI and with ``pipeline history``.
+
+``promote`` refuses a version whose gate compared it with another production version than the
+current one (the gate must be run again), and, when it defaults to the staging version, one
+that production was rolled back from. ``rollback`` replays the production history as a stack: a
+promotion pushes, a rollback pops, so two rollbacks in a row go two versions back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError
+from pipeline.registry.history import (
+    PRODUCTION,
+    STAGING,
+    TAG_GATE,
+    TAG_GATE_PRODUCTION,
+    TAG_INFRA,
+    TAG_ROLLED_BACK,
+    AliasMove,
+    alias_version,
+    already_there,
+    cli_actor,
+    production_stack,
+    read_history,
+    record_move,
+)
+from pipeline.registry.lock import registry_lock
+from pipeline.registry.outage import is_unavailable, registry_reachable
+from pipeline.tracking import tracking_client
+
+log = logging.getLogger(__name__)
+
+
+def move_alias(
+    settings: Settings, alias: str, version: str, action: str, actor: str, reason: str = "", forward_only: bool = False
+) -> AliasMove | None:
+    """Point ``alias`` at ``version`` under the lock; None if it was there already or, with
+    ``forward_only``, if it points at a newer version (a rerun that reused an old model)."""
+    name = settings.model_name
+    with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
+        if already_there(client, name, alias, version, action, actor, reason):
+            return None
+        current = alias_version(client, name, alias)
+        if forward_only and current is not None and int(current) > int(version):
+            log.info("%s: %s stays at version %s, newer than %s", name, alias, current, version)
+            return None
+        return record_move(client, name, alias, version, action, actor, reason)
+
+
+def _require_promotable(
+    client: Any, name: str, version: str, production: str | None, by_default: bool, automatic: bool
+) -> None:
+    """Refuse a version that did not pass the gate and infra validation; unless a person named
+    it, also one whose gate compared it with another production version than today's, and (as
+    the default staging version) one that production was rolled back from."""
+    from mlflow.exceptions import MlflowException
+
+    where = f"{name} version {version}"
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException as exc:
+        if is_unavailable(exc):
+            raise
+        raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
+    for tag, what in ((TAG_GATE, "the gate"), (TAG_INFRA, "infra validation")):
+        if tags.get(tag) != "passed":
+            raise PromotionRefusedError(where, f"a version that passed {what} (tag {tag}=passed)",
+                                        repr(tags.get(tag, "no such tag")))
+    gated_against = tags.get(TAG_GATE_PRODUCTION)
+    if (by_default or automatic) and gated_against != (production or "none"):
+        raise PromotionRefusedError(
+            where, f"a gate against today's production ({production or 'none'})",
+            f"a gate against {gated_against}; run the gate again (pipeline gate --version {version})",
+        )
+    if by_default and TAG_ROLLED_BACK in tags:
+        raise PromotionRefusedError(
+            where, "a staging version production was not rolled back from",
+            f"rolled back at {tags[TAG_ROLLED_BACK]}; name it (--version {version}) to promote it again",
+        )
+
+
+def promote(
+    settings: Settings, version: str | None = None, actor: str | None = None, reason: str = "",
+    forward_only: bool = False,
+) -> AliasMove | None:
+    """Move ``production`` to ``version`` (default: the ``staging`` version), which must have
+    passed the gate and infra validation. None when it is production already.
+
+    ``forward_only`` is for automation (a training run's ``auto_promote``): production never goes
+    to an older version, and the gate must have compared against today's production. A person
+    naming ``version`` may promote any validated version; the default staging version must also
+    have been gated against today's production."""
+    name = settings.model_name
+    actor = actor or cli_actor()
+    reason = reason or "promoted from staging"
+    with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
+        target = str(version) if version else alias_version(client, name, STAGING)
+        if target is None:
+            raise ReferenceNotFoundError(f"model {name}", "a version with alias staging (or --version)", "none")
+        if already_there(client, name, PRODUCTION, target, "promote", actor, reason):
+            log.info("%s version %s is production already", name, target)
+            return None
+        current = alias_version(client, name, PRODUCTION)
+        if forward_only and current is not None and int(current) > int(target):
+            log.info("%s: production stays at version %s, newer than %s", name, current, target)
+            return None
+        _require_promotable(client, name, target, current, by_default=version is None, automatic=forward_only)
+        return record_move(client, name, PRODUCTION, target, "promote", actor, reason)
+
+
+def rollback(settings: Settings, to_version: str | None = None, actor: str | None = None, reason: str = "") -> AliasMove:
+    """Move ``production`` back to the version before it, or to ``to_version``, which must have
+    been production before. The version rolled back from is tagged, so that a default
+    ``promote`` (the staging version) does not bring it straight back."""
+    name = settings.model_name
+    actor = actor or cli_actor()
+    with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
+        current = alias_version(client, name, PRODUCTION)
+        history = read_history(client, name)
+        if to_version is None:
+            earlier = [v for v in production_stack(history) if v != current]
+            if current is None or not earlier:
+                raise PromotionRefusedError(
+                    f"model {name} production history", "an earlier production version to roll back to",
+                    f"none (production is {current or 'unset'})",
+                )
+            to_version = earlier[-1]
+        to_version = str(to_version)
+        been_production = {e.to_version for e in history if e.alias == PRODUCTION}
+        if to_version == current or to_version not in been_production:
+            raise PromotionRefusedError(
+                f"model {name} rollback", f"a version that was production before, other than the current "
+                f"({', '.join(sorted(been_production - {current}, key=int)) or 'none'})", to_version,
+            )
+        return record_move(client, name, PRODUCTION, to_version, "rollback", actor, reason or "rolled back")
+
+
+def history(settings: Settings) -> list[AliasMove]:
+    with registry_reachable(settings):
+        return read_history(tracking_client(settings), settings.model_name)
