@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := False
 .DEFAULT_GOAL := help
 # A recipe that fails leaves no target behind (a failed airflow-init runs again next time).
 .DELETE_ON_ERROR:
-.PHONY: help run test test-fast lint venv dataset airflow-init airflow-ui mlflow-ui lock clean
+.PHONY: help run test test-fast test-slow lint venv dataset airflow-init airflow-ui mlflow-ui lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -52,14 +52,22 @@ run: venv airflow-init ## train on the full dataset through Airflow, then print 
 	  || { grep -E "error|Error" $(RUNTIME)/last-run.log | tail -5; echo "DAG run failed; see $(RUNTIME)/last-run.log"; exit 1; }
 	@$(BIN)/pipeline summary --alias staging
 
-test: venv dataset ## the whole test suite (unit, DAG, integration; slow tests included)
-	$(BIN)/pytest
+test: venv dataset ## the whole test suite: the fast tier, then the slow tier (each step timed)
+	@$(MAKE) --no-print-directory test-fast test-slow
 
-test-fast: venv dataset ## the tests not marked slow or integration
-	$(BIN)/pytest -m "not slow and not integration"
+test-fast: venv dataset ## the tests not marked slow or integration (a few minutes)
+	@t0=$$SECONDS; $(BIN)/pytest -m "not slow and not integration"; \
+	  echo "== fast tier: $$((SECONDS - t0)) s"
 
-lint: venv ## ruff on everything, with Airflow's AIR rules on dags/
+test-slow: venv dataset ## the slow tier: trainings, whole DAG runs, real service processes
+	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration"; \
+	  echo "== slow tier: $$((SECONDS - t0)) s"
+
+lint: venv ## ruff (Airflow's AIR rules on dags/), ruff format, the layer contract, mypy on pipeline/
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 airflow-ui: venv airflow-init ## Airflow UI on this checkout's stores at http://127.0.0.1:8080 (loopback only, no login)
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/airflow-ui.sh

@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pipeline import __version__
 from pipeline.config import Settings, project_root
 
 # Run tags that tie a run to its inputs (read by idempotence lookups and by people).
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 TAG_DATASET = "pipeline.dataset_hash"
 TAG_PROCESSED = "pipeline.processed_hash"
 TAG_CONFIG = "pipeline.train_config_hash"
@@ -23,7 +26,7 @@ TAG_CODE = "pipeline.code_version"
 TAG_LAST_CHECKPOINT = "pipeline.last_checkpoint_uri"  # written every epoch, for resuming
 
 
-def tracking_client(settings: Settings) -> Any:
+def tracking_client(settings: Settings) -> MlflowClient:
     import mlflow
     from mlflow import MlflowClient
 
@@ -33,7 +36,7 @@ def tracking_client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=settings.tracking_uri)
 
 
-def experiment_id(client: Any, settings: Settings, name: str | None = None) -> str:
+def experiment_id(client: MlflowClient, settings: Settings, name: str | None = None) -> str:
     """An experiment (default: the training DAG's), created on first use."""
     name = name or settings.experiment_name
     experiment = client.get_experiment_by_name(name)
@@ -45,7 +48,7 @@ def experiment_id(client: Any, settings: Settings, name: str | None = None) -> s
     return client.create_experiment(name, artifact_location=location)
 
 
-def find_finished_run(client: Any, experiment: str, tags: dict[str, str]) -> Any | None:
+def find_finished_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> Any | None:
     """The newest finished run carrying all ``tags``, or None."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
     runs = client.search_runs(
@@ -54,7 +57,7 @@ def find_finished_run(client: Any, experiment: str, tags: dict[str, str]) -> Any
     return runs[0] if runs else None
 
 
-def find_unfinished_runs(client: Any, experiment: str, tags: dict[str, str]) -> list[Any]:
+def find_unfinished_runs(client: MlflowClient, experiment: str, tags: dict[str, str]) -> list[Any]:
     """Runs carrying all ``tags`` that did not finish (running, failed or killed), newest first."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status != 'FINISHED'"]
     return client.search_runs(

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from defects import write_dataset
+from recipes import Prepared, prepare_small
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_TRAIN, SMALL_TEST = 2000, 500
@@ -32,6 +33,14 @@ def pytest_configure(config: pytest.Config) -> None:
             "GX_ANALYTICS_ENABLED": "False",
         }
     )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("requires_gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("requires_gpu: no CUDA device on this machine")
 
 
 @pytest.fixture(scope="session")
@@ -106,4 +115,10 @@ def storage(settings):
     from pipeline.storage import storage_for
 
     return storage_for(settings)
+
+
+@pytest.fixture
+def small_processed(small_dataset: Path, storage) -> Prepared:
+    """The small real subset, processed in this test's own pipeline home."""
+    return prepare_small(storage, small_dataset)
 

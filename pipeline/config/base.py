@@ -29,13 +29,12 @@ def env_number(env: Mapping[str, str], name: str, kind: type, default: Any,
     text = env.get(name, "").strip()
     if not text:
         return default
-    bounded = low is not None and high is not None
     try:
         value = kind(text)
     except ValueError:
         what = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
-        raise ConfigError(name, f"{what} in [{low}, {high}]" if bounded else what, repr(text)) from None
-    if bounded:
+        raise ConfigError(name, what if low is None or high is None else f"{what} in [{low}, {high}]", repr(text)) from None
+    if low is not None and high is not None:
         check_range(name, value, low, high)
     return value
 

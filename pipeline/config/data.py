@@ -28,7 +28,7 @@ class AcquireConfig:
             raise ConfigError("source_uri", "a folder, file://, http(s):// or s3:// URI", "''")
         unknown = set(self.expected_sha256) - set(IDX_FILES.values())
         if unknown:
-            raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", sorted(unknown))
+            raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", str(sorted(unknown)))
         for name, digest in self.expected_sha256.items():
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
                 raise ConfigError(f"expected_sha256[{name}]", "64 hex digits", repr(digest))

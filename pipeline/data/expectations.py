@@ -50,9 +50,10 @@ def load_suite(name: str, directory: Path | None = None) -> Any:
 def ephemeral_context() -> Any:
     """An in-memory GX context: suites come from the repo, results go to our storage."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     return context
 
 

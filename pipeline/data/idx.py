@@ -35,7 +35,7 @@ CHUNK = 1 << 20
 SURPLUS_COUNTED = 64 << 20
 
 #: IDX type code -> numpy dtype (big-endian where it matters).
-IDX_DTYPES = {
+IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -258,7 +258,7 @@ def read_idx(
     head += pieces.read(4 * dims)
     shape, file_dtype, expected = _layout(head, name, type_code, dims, dtype, max_bytes)
     array = np.empty(shape, dtype=file_dtype)
-    found = pieces.read_into(memoryview(array.reshape(-1).view(np.uint8)))
+    found = pieces.read_into(memoryview(array.reshape(-1).view(np.uint8).data))
     if found < expected:
         raise IdxFormatError(name, f"{expected} payload bytes for shape {shape}", f"{found}")
     surplus = pieces.count_rest(SURPLUS_COUNTED)

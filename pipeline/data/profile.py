@@ -32,7 +32,7 @@ def bounding_box(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mask = images > OBJECT_THRESHOLD
     sizes = []
     for axis in (2, 1):  # rows that hold object pixels, then columns
-        present = mask.any(axis=axis)
+        present = np.asarray(mask.any(axis=axis))
         first = present.argmax(axis=1)
         last = present.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
         sizes.append(np.where(present.any(axis=1), last - first + 1, 0))

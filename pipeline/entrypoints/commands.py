@@ -134,7 +134,7 @@ def _version_ref(settings: Settings, version: str) -> Any:
         found = tracking_client(settings).get_model_version(name, version)
     except MlflowException as exc:
         raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
-    return ModelVersionRef(model_name=name, version=str(found.version), alias="", run_id=found.run_id,
+    return ModelVersionRef(model_name=name, version=str(found.version), alias="", run_id=found.run_id or "",
                            model_uri=f"models:/{name}/{found.version}", created=False)
 
 

@@ -30,6 +30,9 @@ def model_summary(settings: Settings, alias: str = "candidate") -> dict[str, Any
         raise ReferenceNotFoundError(
             f"model {settings.model_name}", f"a version with alias {alias!r} in {settings.tracking_uri}", "none"
         ) from exc
+    if not version.run_id:
+        raise ReferenceNotFoundError(f"model {settings.model_name} version {version.version}", "a version registered "
+                                     "from a training run", "none")
     run = client.get_run(version.run_id)
     return {
         "model_name": settings.model_name,

@@ -114,7 +114,7 @@ def worst_class(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def most_confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 5) -> list[dict[str, Any]]:
     """The class pairs most often mistaken for each other, either way round, most first."""
     mistakes = int(matrix.sum() - np.trace(matrix))
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for i in range(len(classes)):
         for j in range(i + 1, len(classes)):
             count = int(matrix[i, j] + matrix[j, i])

@@ -18,7 +18,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Table:
     header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
+    rows: list[tuple[Any, ...]]
+    """Cells are written with ``str``."""
 
 
 Block = str | list[str] | Table

@@ -8,12 +8,18 @@ networks (bench/train_bench.py), and it is what GPU tensor cores want.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config import TrainConfig
 from pipeline.models.networks import build_network, flip_averaged_logits
+
+_RECIPE = TrainConfig()
+"""The defaults are the training recipe's (:class:`~pipeline.config.TrainConfig`)."""
 
 
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
@@ -59,37 +65,46 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        architecture: str = "resnet_small",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
-        lr_schedule: str = "onecycle",
-        augment: bool = False,
-        label_smoothing: float = 0.0,
+        architecture: str = _RECIPE.architecture,
+        learning_rate: float = _RECIPE.learning_rate,
+        weight_decay: float = _RECIPE.weight_decay,
+        optimizer: str = _RECIPE.optimizer,
+        lr_schedule: str = _RECIPE.lr_schedule,
+        augment: bool = _RECIPE.augment,
+        label_smoothing: float = _RECIPE.label_smoothing,
         crop_padding: int = 2,
-        test_time_flip: bool = False,
+        test_time_flip: bool = _RECIPE.test_time_flip,
         mean: float = 0.0,
         std: float = 1.0,
         num_classes: int = 10,
-        compile: bool = False,
+        compile: bool = _RECIPE.compile,
         temperature: float = 1.0,
+        *,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        # Kept in checkpoints; the training stage logs the run's parameters itself (the
-        # configured learning rate, not only the scaled one this module gets).
-        self.save_hyperparameters(logger=False)
-        self.net = build_network(architecture, num_classes).to(memory_format=torch.channels_last)
+        # Kept in checkpoints (the network's weights go in the state dict, its shape is named by
+        # ``architecture``); the training stage logs the run's parameters itself (the configured
+        # learning rate, not only the scaled one this module gets).
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        net = net if net is not None else build_network(architecture, num_classes)
+        self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         self._compiled: nn.Module | None = None
 
+    @property
+    def hp(self) -> Any:
+        """The hyperparameters (Lightning's attribute dict), by name."""
+        return self.hparams
+
     def configure_model(self) -> None:
-        if self.hparams.compile and self._compiled is None:
+        if self.hp.compile and self._compiled is None:
             # Kept out of the module's children so that state_dict keys stay those of ``net``.
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(n, 28, 28)`` -> normalised float ``(n, 1, 28, 28)``, channels_last."""
         x = images.unsqueeze(1).float().div_(255.0)
-        return ((x - self.hparams.mean) / self.hparams.std).contiguous(memory_format=torch.channels_last)
+        return ((x - self.hp.mean) / self.hp.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images)
@@ -104,8 +119,8 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if self.hparams.augment:
-            images = random_crop_flip(images, self.hparams.crop_padding)
+        if self.hp.augment:
+            images = random_crop_flip(images, self.hp.crop_padding)
         logits = self(images).float()  # the loss in fp32 under bf16 autocast
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.get("label_smoothing", 0.0))
         # The epoch's means are summed here and logged once, on its last batch: every
@@ -136,12 +151,13 @@ class ImageClassifier(pl.LightningModule):
         self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> object:
-        hp = self.hparams
+    def configure_optimizers(self) -> Any:
+        hp = self.hp
         optimizer = make_optimizer(self.parameters(), hp.optimizer, hp.learning_rate, hp.weight_decay)
         if hp.lr_schedule == "constant":
             return optimizer
         steps = int(self.trainer.estimated_stepping_batches)
+        schedule: torch.optim.lr_scheduler.LRScheduler
         if hp.lr_schedule == "onecycle":
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.learning_rate, total_steps=steps)
         else:

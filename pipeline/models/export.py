@@ -23,6 +23,10 @@ class ServingModel(nn.Module):
     served and offline answers agree.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    temperature: torch.Tensor
+
     def __init__(self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False,
                  temperature: float = 1.0) -> None:
         super().__init__()
@@ -41,7 +45,7 @@ class ServingModel(nn.Module):
 def export_for_serving(model: ImageClassifier) -> ServingModel:
     # Served inputs arrive NCHW-contiguous; plain weights keep the exported graph simple.
     net = model.net.to(memory_format=torch.contiguous_format)
-    return ServingModel(net, model.hparams.mean, model.hparams.std, bool(model.hparams.get("test_time_flip")),
+    return ServingModel(net, model.hp.mean, model.hp.std, bool(model.hparams.get("test_time_flip")),
                         float(model.hparams.get("temperature", 1.0))).eval()
 
 

@@ -18,7 +18,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from pipeline.monitoring.drift import DriftConfig, OutputStatistics, compute_dri
 from pipeline.redact import redact_uri
 from pipeline.refs import Ref
 from pipeline.storage import Storage
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def fetch_batch(
     return images, labels, digest
 
 
-def reference_version(client: Any, model_name: str) -> tuple[Any, str]:
+def reference_version(client: MlflowClient, model_name: str) -> tuple[Any, str]:
     """The version drift is measured against: ``production``, else ``candidate``."""
     from mlflow.exceptions import MlflowException
 

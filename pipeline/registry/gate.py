@@ -19,7 +19,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
 from pipeline.registry.history import PRODUCTION, TAG_GATE, TAG_GATE_PRODUCTION, alias_version
 from pipeline.storage import Storage
 from pipeline.tracking import tracking_client
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ def report_markdown(result: GateResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _record(client: Any, result: GateResult) -> None:
+def _record(client: MlflowClient, result: GateResult) -> None:
     """Report files, description, then tags, the verdict (``gate.decision``) last: a version
     carries a verdict only once everything behind it is written."""
     from pipeline.registry.register import fit_description
@@ -134,7 +137,7 @@ def _record(client: Any, result: GateResult) -> None:
             (Path(tmp) / Path(REPORT_MD).name).write_text(markdown)
             client.log_artifacts(found.run_id, tmp, "gate")
     card = (found.description or "").split(DESCRIPTION_MARK)[0]
-    client.update_model_version(name, version, description=fit_description(card, DESCRIPTION_MARK + markdown, found.run_id))
+    client.update_model_version(name, version, description=fit_description(card, DESCRIPTION_MARK + markdown, found.run_id or ""))
     tags = {
         "gate.reasons": "; ".join(result.reasons)[:4900] or "none",
         "gate.candidate_accuracy": f"{result.candidate['accuracy']:.4f}",
@@ -170,6 +173,7 @@ def gate(
 
     cand = evaluate(candidate.version)
     production_version = alias_version(client, name, PRODUCTION)
+    prod: ModelScore | None
     if production_version == candidate.version:
         prod = cand
     else:

@@ -22,11 +22,14 @@ import logging
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ReferenceNotFoundError
 from pipeline.refs import Ref
 from pipeline.registry.outage import error_code, is_unavailable
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def cli_actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def read_history(client: Any, name: str) -> list[AliasMove]:
+def read_history(client: MlflowClient, name: str) -> list[AliasMove]:
     """Every recorded alias move of model ``name``, oldest first."""
     from mlflow.exceptions import MlflowException
 
@@ -92,7 +95,7 @@ def _entries(tags: dict[str, str]) -> list[AliasMove]:
     return sorted(entries, key=lambda e: e.seq)
 
 
-def alias_version(client: Any, name: str, alias: str) -> str | None:
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     """The version ``alias`` points at; None when it points nowhere (any other failure raises:
     "no production version" must never be a guess)."""
     from mlflow.exceptions import MlflowException
@@ -105,7 +108,7 @@ def alias_version(client: Any, name: str, alias: str) -> str | None:
         raise
 
 
-def record_move(client: Any, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> AliasMove:
+def record_move(client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> AliasMove:
     """Point ``alias`` at ``version`` and append the move to the history (the caller holds the lock).
 
     The move is written to :data:`PENDING_TAG` first, then the alias moves, then the entry is
@@ -130,7 +133,7 @@ def record_move(client: Any, name: str, alias: str, version: str, action: str, a
     return entry
 
 
-def _record(client: Any, name: str, entry: AliasMove, history_entry: bool = True) -> None:
+def _record(client: MlflowClient, name: str, entry: AliasMove, history_entry: bool = True) -> None:
     """Append ``entry`` to the history and, for a rollback, tag the version it left (both
     idempotent: a retry writes the same values)."""
     if history_entry:
@@ -139,7 +142,7 @@ def _record(client: Any, name: str, entry: AliasMove, history_entry: bool = True
         client.set_model_version_tag(name, entry.from_version, TAG_ROLLED_BACK, entry.at)
 
 
-def reconcile(client: Any, name: str) -> None:
+def reconcile(client: MlflowClient, name: str) -> None:
     """Finish or drop a move a fault cut short (the caller holds the lock): if its alias points
     where it was going, its history entry is written (unless it was); if not, it never happened."""
     from mlflow.exceptions import MlflowException
@@ -170,7 +173,7 @@ def reconcile(client: Any, name: str) -> None:
     client.delete_registered_model_tag(name, PENDING_TAG)
 
 
-def already_there(client: Any, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> bool:
+def already_there(client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> bool:
     """True when ``alias`` is at ``version`` already. If the history does not say so (a retry
     after a crash between the move and its entry), the entry is written now."""
     if alias_version(client, name, alias) != str(version):

@@ -19,11 +19,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.errors import RegistryBusyError
 from pipeline.registry.history import reconcile
 from pipeline.registry.outage import error_code, first_line, is_unavailable
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ LOCK_RELEASE_S = 10.0
 restart takes seconds) before leaving it to be broken as stale."""
 
 
-def _lock_token(client: Any, lock: str) -> str | None:
+def _lock_token(client: MlflowClient, lock: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -49,7 +52,7 @@ def _lock_token(client: Any, lock: str) -> str | None:
 
 
 @contextmanager
-def registry_lock(client: Any, name: str, actor: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def registry_lock(client: MlflowClient, name: str, actor: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """Hold ``<name>.lock`` (a registered model carrying our token) while the body runs."""
     from mlflow.exceptions import MlflowException
 
@@ -91,7 +94,7 @@ def registry_lock(client: Any, name: str, actor: str, wait_s: float = LOCK_WAIT_
         _release(client, lock, token)
 
 
-def _release(client: Any, lock: str, token: str) -> None:
+def _release(client: MlflowClient, lock: str, token: str) -> None:
     """Delete ``lock`` if it still carries ``token`` (a waiter may have broken it meanwhile),
     trying again through a short registry outage."""
     deadline, delay = time.monotonic() + LOCK_RELEASE_S, 0.25
@@ -111,7 +114,7 @@ def _release(client: Any, lock: str, token: str) -> None:
         delay *= 2
 
 
-def _delete_lock(client: Any, lock: str) -> None:
+def _delete_lock(client: MlflowClient, lock: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:

@@ -15,7 +15,7 @@ promotion pushes, a rollback pops, so two rollbacks in a row go two versions bac
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError
@@ -38,6 +38,9 @@ from pipeline.registry.lock import registry_lock
 from pipeline.registry.outage import is_unavailable, registry_reachable
 from pipeline.tracking import tracking_client
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +61,7 @@ def move_alias(
 
 
 def _require_promotable(
-    client: Any, name: str, version: str, production: str | None, by_default: bool, automatic: bool
+    client: MlflowClient, name: str, version: str, production: str | None, by_default: bool, automatic: bool
 ) -> None:
     """Refuse a version that did not pass the gate and infra validation; unless a person named
     it, also one whose gate compared it with another production version than today's, and (as

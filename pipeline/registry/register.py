@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from pipeline.registry.lock import registry_lock
 from pipeline.registry.promote import move_alias
 from pipeline.storage import Storage
 from pipeline.tracking import TAG_CODE, tracking_client
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ def register_version(
             # server's answer was lost, the client's retry created a second (MLflow retries every
             # method).
             version = _version_of_run(client, name, run_id) or str(registered.version)
+    assert version is not None  # found, or just created
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)
     if description and (created or not client.get_model_version(name, version).description):
@@ -124,7 +128,7 @@ def register_version(
     return version, created
 
 
-def _version_of_run(client: Any, name: str, run_id: str) -> str | None:
+def _version_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
     """The run's registry version: its first. Later ones from the same source that no alias
     points at are duplicates (a creation retried after its answer was lost) and are deleted, so
     that a run has one version whatever the network did."""

@@ -215,7 +215,7 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
             return JSONResponse({"ready": True, "version": slot.current.version})
         return JSONResponse({"ready": False, "error": slot.error}, status_code=503)
 
-    busy = {503: {"model": Problem, "description": "No model loaded yet, or too many requests (Retry-After)"}}
+    busy: dict[int | str, dict[str, Any]] = {503: {"model": Problem, "description": "No model loaded yet, or too many requests (Retry-After)"}}
 
     @app.get("/metadata", summary="The model being served", responses=busy)
     def metadata() -> JSONResponse:

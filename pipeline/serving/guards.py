@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import os
+from collections.abc import MutableMapping
 from typing import Any
 
 from pipeline.config import ServingSettings
@@ -29,7 +30,7 @@ DRAIN_S = 2.0
 the client, still sending, reads the 503 (or 401, 413) instead of a reset connection."""
 
 
-async def drain(scope: dict, receive: Any, seconds: float = DRAIN_S) -> None:
+async def drain(scope: MutableMapping[str, Any], receive: Any, seconds: float = DRAIN_S) -> None:
     """Read and drop the request body (none kept) until it ends or ``seconds`` pass."""
     headers = dict(scope["headers"])
     if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
@@ -45,7 +46,7 @@ async def drain(scope: dict, receive: Any, seconds: float = DRAIN_S) -> None:
             return
 
 
-async def refuse(scope: dict, receive: Any, send: Any, status: int, detail: str,
+async def refuse(scope: MutableMapping[str, Any], receive: Any, send: Any, status: int, detail: str,
                  headers: dict[str, str] | None = None) -> None:
     await drain(scope, receive)
     await send_problem(send, status, detail, headers)
@@ -67,7 +68,7 @@ class RequireToken:
     def __init__(self, app: Any, token: str, open_paths: frozenset[str]) -> None:
         self.app, self.token, self.open_paths = app, token.encode(), open_paths
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             scheme, _, given = header.partition(b" ")
@@ -86,7 +87,7 @@ class Admission:
     def __init__(self, app: Any, serving: ServingSettings) -> None:
         self.app, self.serving, self.in_flight = app, serving, 0
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return

@@ -80,7 +80,7 @@ def server_config(app: Any, serving: ServingSettings, host: str = "127.0.0.1", p
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          http=guarded_protocol(serving), timeout_keep_alive=serving.keep_alive_s,
+                          http=guarded_protocol(serving), timeout_keep_alive=serving.keep_alive_s,  # type: ignore[arg-type]  # a float delay works
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES)
 
 

@@ -30,7 +30,8 @@ class EpochLog(pl.Callback):
         # Also set here: a run resumed in the middle of an epoch starts without
         # on_train_epoch_start for it.
         self.started = time.perf_counter()
-        sampler = trainer.train_dataloader.sampler.sampler
+        loader: Any = trainer.train_dataloader
+        sampler = loader.sampler.sampler
         log.info("rank %d of %d: training on %d images per epoch from epoch %d",
                  trainer.global_rank, trainer.world_size, sampler.num_samples, trainer.current_epoch + 1)
 

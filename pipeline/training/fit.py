@@ -55,6 +55,8 @@ from pipeline.training.hardware import is_global_rank_zero, resolve_precision, t
 from pipeline.training.launcher import ENV_RESUME, ENV_RUN
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from pipeline.training.callbacks import OnSaved
 
 log = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ def _last_key(run_id: str) -> str:
     return f"checkpoints/{run_id}/last.ckpt"
 
 
-def _resumable_run(client: Any, experiment: str, lineage: dict[str, str], storage: Storage) -> Any | None:
+def _resumable_run(client: MlflowClient, experiment: str, lineage: dict[str, str], storage: Storage) -> Any | None:
     """The newest unfinished run of this data and config whose epoch checkpoint is in storage.
 
     Storage, not the run's tag, says whether there is a checkpoint: a process killed between
@@ -234,6 +236,7 @@ def fit(
     from pytorch_lightning.loggers import MLFlowLogger
 
     from pipeline.models.classifier import ImageClassifier
+    from pipeline.models.networks import build_network
     from pipeline.training.callbacks import EpochLog, StorageCheckpoints
     from pipeline.training.datamodule import ProcessedDataModule
 
@@ -268,6 +271,7 @@ def fit(
         std=processed.std,
         num_classes=len(processed.classes),
         compile=config.compile,
+        net=build_network(config.architecture, len(processed.classes)),
     )
     data = ProcessedDataModule(processed, storage, config.batch_size, config.seed)
     callbacks = [EpochLog(), StorageCheckpoints(storage if owner else None, run_id, on_saved), *extra_callbacks]
@@ -282,7 +286,7 @@ def fit(
         devices=config.trainer_devices(),
         num_nodes=config.num_nodes,
         strategy=config.strategy,
-        precision=resolve_precision(config),
+        precision=resolve_precision(config),  # type: ignore[arg-type]  # one of PRECISIONS, checked by TrainConfig
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,  # StorageCheckpoints does it, to storage

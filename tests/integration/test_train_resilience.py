@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipes import SMALL_RECIPE, recipe_flags
+from recipes import SMALL_RECIPE, prepare_small, recipe_flags
 from services import run_cli
 
-from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
-from pipeline.data.acquire import acquire
-from pipeline.data.preprocess import preprocess
+from pipeline.config import Settings, TrainConfig
 from pipeline.storage import storage_for
 from pipeline.tracking import experiment_id, tracking_client
 from pipeline.training.fit import train
@@ -36,7 +34,7 @@ def prepared(tmp_path_factory, small_dataset):
     env = {"PIPELINE_HOME": str(home), "PIPELINE_STORAGE_URI": "", "MLFLOW_TRACKING_URI": "", "PIPELINE_ARTIFACT_ROOT": ""}
     settings = Settings.from_env({**os.environ, **env})
     storage = storage_for(settings)
-    processed = preprocess(acquire(AcquireConfig(source_uri=str(small_dataset)), storage), storage, PreprocessConfig())
+    processed = prepare_small(storage, small_dataset).processed
     return {"env": env, "settings": settings, "storage": storage, "processed": processed}
 
 

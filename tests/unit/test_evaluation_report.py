@@ -10,10 +10,7 @@ import pytest
 import torch
 from recipes import SMALL_RECIPE
 
-from pipeline.config import FASHION_MNIST_CLASSES, AcquireConfig, PreprocessConfig, TrainConfig
-from pipeline.data.acquire import acquire
-from pipeline.data.preprocess import preprocess
-from pipeline.data.validate import validate_raw
+from pipeline.config import FASHION_MNIST_CLASSES, TrainConfig
 from pipeline.evaluation.evaluate import (
     ARTIFACTS,
     ATTRIBUTIONS,
@@ -202,12 +199,10 @@ def test_figures_are_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluation_logs_the_report_figures_and_model_card(small_dataset, settings, storage):
+def test_evaluation_logs_the_report_figures_and_model_card(small_processed, settings, storage):
     import matplotlib.image
 
-    raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-    validate_raw(raw, storage)
-    processed = preprocess(raw, storage, PreprocessConfig())
+    processed = small_processed.processed
     trained = train(processed, storage, TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64), settings)
     evaluation = evaluate(trained, processed, storage, settings)
 

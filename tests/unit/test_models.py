@@ -90,7 +90,7 @@ def test_test_time_flip_predicts_the_mean_of_the_image_and_its_mirror_offline_an
     with torch.no_grad():
         assert torch.equal(model.train()(images), model.net(model.normalise(images)))
     # Without the setting, predictions are the plain network's.
-    model = ImageClassifier(architecture="resnet_small", mean=0.29, std=0.35).eval()
+    model = ImageClassifier(architecture="resnet_small", test_time_flip=False, mean=0.29, std=0.35).eval()
     with torch.inference_mode():
         assert np.allclose(predict(model, images.numpy()), torch.softmax(model.net(model.normalise(images)), 1).numpy())
 
@@ -178,7 +178,7 @@ def test_learning_rate_schedules_reach_the_optimizer():
 def test_sgd_and_label_smoothing_reach_the_training_step():
     config = run_config_from_params({"optimizer": "sgd", "label_smoothing": 0.1, "learning_rate": 0.1}).train
     model = ImageClassifier(optimizer=config.optimizer, label_smoothing=config.label_smoothing,
-                            learning_rate=config.learning_rate, lr_schedule="constant")
+                            learning_rate=config.learning_rate, lr_schedule="constant", augment=False)
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
@@ -248,3 +248,19 @@ def test_the_launcher_command_carries_the_whole_config():
     args = build_parser().parse_args(command[1:])
     assert args.processed == "abc123" and args.force and args.json and args.tag == ["airflow.run_id=manual__1"]
     assert run_config_from_params(params_of(args)).train == config
+
+
+def test_the_module_defaults_are_the_training_recipe_and_a_given_network_is_the_one_trained():
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+
+    recipe = dataclasses.asdict(TrainConfig())
+    hparams = ImageClassifier().hparams
+    shared = set(hparams) & set(recipe)
+    assert {"architecture", "learning_rate", "optimizer", "augment", "label_smoothing", "test_time_flip"} <= shared
+    assert {name: hparams[name] for name in shared} == {name: recipe[name] for name in shared}
+
+    net = build_network("simple_cnn", 10)
+    model = ImageClassifier(architecture="simple_cnn", net=net)
+    assert model.net is net and "net" not in model.hparams

@@ -7,13 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from recipes import SMALL_RECIPE
+from recipes import SMALL_RECIPE, prepare_small
 
-from pipeline.config import AcquireConfig, PreprocessConfig, TrainConfig
-from pipeline.data.acquire import acquire
-from pipeline.data.preprocess import preprocess
+from pipeline.config import TrainConfig
 from pipeline.data.processed import load_split
-from pipeline.data.validate import validate_raw
 from pipeline.evaluation.evaluate import ARTIFACTS, CONFUSION, evaluate
 from pipeline.models.classifier import load_checkpoint
 from pipeline.models.registered import load_registered
@@ -32,9 +29,8 @@ def trained(module_settings, small_dataset):
     """One small training, evaluation and registration shared by the tests below."""
     settings = module_settings
     storage = storage_for(settings)
-    raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-    validation = validate_raw(raw, storage)
-    processed = preprocess(raw, storage, PreprocessConfig())
+    prepared = prepare_small(storage, small_dataset)
+    raw, validation, processed = prepared.raw, prepared.validation, prepared.processed
     result = train(processed, storage, CONFIG, settings, tags={"airflow.run_id": "manual__test"})
     evaluation = evaluate(result, processed, storage, settings)
     version = register(result, evaluation, validation, processed, storage, settings)
