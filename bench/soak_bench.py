@@ -359,7 +359,7 @@ def main() -> int:
     client = tracking_client(settings)
     for seed in (0, 1):
         version = register_model(settings, seed=seed, experiment="soak_bench").rsplit("/", 1)[1]
-        # As the gate and infra validation leave a version that passed them (tests/unit/test_promote.py).
+        # As the gate and infra validation leave a version that passed them (tests/registry/test_promote.py).
         for tag, value in ((TAG_GATE, "passed"), (TAG_INFRA, "passed"), (TAG_GATE_PRODUCTION, "none")):
             client.set_model_version_tag(settings.model_name, version, tag, value)
     promote(settings, "1", actor=actor, reason="soak: start on version 1")

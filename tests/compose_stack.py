@@ -1,5 +1,5 @@
 """The compose stack in ``docker/`` as ``docker-compose config`` renders it, for the tests that
-check it (tests/unit/test_docker_stack.py) and the secrets scan (tests/test_no_default_secrets.py).
+check it (tests/test_docker_stack.py) and the secrets scan (tests/test_no_default_secrets.py).
 No Docker engine is needed: only Debian's ``docker-compose`` package."""
 
 from __future__ import annotations

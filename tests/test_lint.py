@@ -33,3 +33,14 @@ def test_an_upward_import_breaks_the_layer_contract(tmp_path):
     out = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 1, out.stdout[-3000:]
     assert "BROKEN" in out.stdout and "pipeline.data.idx -> pipeline.serving.payload" in out.stdout, out.stdout[-3000:]
+
+
+def test_every_subpackage_ships_and_has_its_tests_folder():
+    """A new subpackage is listed in pyproject.toml's packages (else a wheel lacks it) and its
+    tests live in tests/<subpackage>/, as the package is laid out."""
+    import tomllib
+
+    subpackages = sorted(p.parent.name for p in (ROOT / "pipeline").glob("*/__init__.py"))
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(listed) == sorted(["pipeline", "pipeline.suites", *(f"pipeline.{name}" for name in subpackages)])
+    assert [name for name in subpackages if not list((ROOT / "tests" / name).glob("test_*.py"))] == []

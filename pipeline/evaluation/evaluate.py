@@ -57,7 +57,7 @@ MISTAKES_SHOWN = 16
 EXPLAINED_CORRECT, EXPLAINED_MISTAKES = 2, 6
 IG_STEPS = 64
 """Integration steps: attributions then sum to p(image) - p(baseline) within about 0.01
-(tests/unit/test_evaluation_report.py); 8 images cost about a second on 2 CPU cores."""
+(tests/evaluation/test_evaluation_report.py); 8 images cost about a second on 2 CPU cores."""
 IG_METHOD = f"Integrated gradients (Captum, {IG_STEPS} steps, black baseline) of the predicted class's probability"
 
 

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # The small subset has about 50 test images a class (one image is 0.02 of a class's recall) and
 # an epoch on it moves single classes by 0.15: the class tolerance is wide here; the per-class
-# rule itself is tested exactly in tests/unit/test_gate.py.
+# rule itself is tested exactly in tests/registry/test_gate.py.
 POLICY = GatePolicy(min_accuracy=0.5, max_accuracy_drop=0.01, max_class_drop=0.3)
 RECIPES = {
     "v1": TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64),
@@ -283,7 +283,7 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
             assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()[-2000:]
             time.sleep(0.2)
         # The real process answers bad input with a 4xx and stays up (the cases themselves:
-        # tests/unit/test_serve.py).
+        # tests/serving/test_serve.py).
         bad = [(b"{not json", 400), (b'{"image": [[0, 1]]}', 422), (b'{"instances": []}', 422),
                (b'{"image": ' + str([[300] * 28] * 28).encode() + b"}", 422), (b"0" * (10 * 1024 * 1024), 413)]
         for body, status in bad:
