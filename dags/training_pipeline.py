@@ -215,8 +215,8 @@ def training_pipeline():
     def register(trained: dict, evaluation: dict, validation: dict, processed: dict, params=None, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
-        return tasks.register(params, trained, evaluation, validation, processed, by)
+        actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.register(params, trained, evaluation, validation, processed, actor)
 
     @task
     def gate(version: dict, processed: dict, params=None) -> dict:
@@ -230,8 +230,8 @@ def training_pipeline():
     def infra_validate(version: dict, processed: dict, params=None, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
-        return tasks.infra_validate(params, version, processed, by)
+        actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.infra_validate(params, version, processed, actor)
 
     @task.short_circuit
     def auto_promote(params=None) -> bool:
@@ -243,8 +243,8 @@ def training_pipeline():
     def promote(version: dict, params=None, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        by = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
-        return tasks.promote(params, by, version["version"], "auto_promote: passed the gate and infra validation")
+        actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
+        return tasks.promote(params, actor, version["version"], "auto_promote: passed the gate and infra validation")
 
     raw = acquire()
     validation = validate(raw)

@@ -169,21 +169,15 @@ def cmd_infra_validate(args: argparse.Namespace, settings: Settings) -> dict[str
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from pipeline.registry.history import PRODUCTION, alias_version
-    from pipeline.registry.promote import promote
-    from pipeline.tracking import tracking_client
+    from pipeline.registry.promote import outcome, promote
 
-    move = promote(settings, args.version, reason=args.reason or "")
-    if move is None:
-        current = alias_version(tracking_client(settings), settings.model_name, PRODUCTION)
-        return {"moved": False, "alias": PRODUCTION, "to_version": current}
-    return {"moved": True, **move.to_dict()}
+    return outcome(settings, promote(settings, args.version, reason=args.reason or ""))
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from pipeline.registry.promote import rollback
+    from pipeline.registry.promote import outcome, rollback
 
-    return {"moved": True, **rollback(settings, args.to, reason=args.reason or "").to_dict()}
+    return outcome(settings, rollback(settings, args.to, reason=args.reason or ""))
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     from pipeline.registry.gate import gate
     from pipeline.registry.history import cli_actor
     from pipeline.registry.infra_validate import infra_validate
-    from pipeline.registry.promote import promote
+    from pipeline.registry.promote import outcome, promote
     from pipeline.registry.register import register
     from pipeline.training.fit import train
     from pipeline.training.hardware import is_global_rank_zero
@@ -59,6 +59,6 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "register": version.to_dict(),
         "gate": verdict.to_dict(),
         "infra_validate": served.to_dict(),
-        "promote": promoted.to_dict() if promoted else None,
+        "promote": outcome(settings, promoted) if config.auto_promote else None,
     }
 

@@ -144,7 +144,7 @@ def register(
     evaluation: dict[str, Any],
     validation: dict[str, Any],
     processed: dict[str, Any],
-    by: str | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     from pipeline.registry.register import register as stage
 
@@ -156,7 +156,7 @@ def register(
         ProcessedDatasetRef.from_dict(processed),
         storage,
         settings,
-        by,
+        actor,
     )
     return version.to_dict()
 
@@ -169,11 +169,11 @@ def gate(params: Params | None, version: dict[str, Any], processed: dict[str, An
     return stage(ref, ProcessedDatasetRef.from_dict(processed), storage, settings, config.gate).to_dict()
 
 
-def infra_validate(params: Params | None, version: dict[str, Any], processed: dict[str, Any], by: str) -> dict[str, Any]:
+def infra_validate(params: Params | None, version: dict[str, Any], processed: dict[str, Any], actor: str) -> dict[str, Any]:
     from pipeline.registry.infra_validate import infra_validate as stage
 
     settings, storage, _ = _context(params)
-    return stage(ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, by).to_dict()
+    return stage(ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, actor).to_dict()
 
 
 def auto_promote(params: Params | None) -> bool:
@@ -181,28 +181,27 @@ def auto_promote(params: Params | None) -> bool:
     return _context(params)[2].auto_promote
 
 
-def promote(params: Params | None, by: str, version: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def promote(params: Params | None, actor: str, version: str | None = None, reason: str | None = None) -> dict[str, Any]:
     """Move ``production`` to ``version`` (a training run's own, forward only), else to the Param
     ``version``, else to the staging version (a person's choice)."""
-    from pipeline.registry.history import PRODUCTION, alias_version
+    from pipeline.registry.promote import outcome
     from pipeline.registry.promote import promote as stage
-    from pipeline.tracking import tracking_client
 
     params = params or {}
     settings = Settings.from_env()
     chosen = version or (str(params["version"]) if params.get("version") not in (None, "") else None)
-    move = stage(settings, chosen, by, reason or params.get("reason") or "", forward_only=version is not None)
-    if move:
-        return move.to_dict()
-    return {"moved": False, "production": alias_version(tracking_client(settings), settings.model_name, PRODUCTION)}
+    move = stage(settings, chosen, actor, reason or params.get("reason") or "", forward_only=version is not None)
+    return outcome(settings, move)
 
 
-def rollback(params: Params | None, by: str) -> dict[str, Any]:
+def rollback(params: Params | None, actor: str) -> dict[str, Any]:
+    from pipeline.registry.promote import outcome
     from pipeline.registry.promote import rollback as stage
 
     params = params or {}
+    settings = Settings.from_env()
     to = str(params["to_version"]) if params.get("to_version") not in (None, "") else None
-    return stage(Settings.from_env(), to, by, params.get("reason") or "").to_dict()
+    return outcome(settings, stage(settings, to, actor, params.get("reason") or ""))
 
 
 def check_drift(params: Params | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ promotion pushes, a rollback pops, so two rollbacks in a row go two versions bac
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError
@@ -146,6 +146,17 @@ def rollback(settings: Settings, to_version: str | None = None, actor: str | Non
                 f"({', '.join(sorted(been_production - {current}, key=int)) or 'none'})", to_version,
             )
         return record_move(client, name, PRODUCTION, to_version, "rollback", actor, reason or "rolled back")
+
+
+def outcome(settings: Settings, move: AliasMove | None, alias: str = PRODUCTION) -> dict[str, Any]:
+    """What a promotion or rollback did, in the one shape the CLI, the Airflow tasks and
+    ``pipeline run`` all return: ``moved``, the ``alias`` and the version it points at now
+    (``to_version``), and the history entry's fields when it moved."""
+    if move is not None:
+        return {"moved": True, **move.to_dict()}
+    with registry_reachable(settings):
+        current = alias_version(tracking_client(settings), settings.model_name, alias)
+    return {"moved": False, "alias": alias, "to_version": current}
 
 
 def history(settings: Settings) -> list[AliasMove]:
