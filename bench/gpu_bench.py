@@ -48,12 +48,22 @@ def main() -> None:
     parser.add_argument("--home", help="PIPELINE_HOME to use (default: a new temporary folder)")
     parser.add_argument("--processed", help="hash of splits already processed in --home's storage")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--also", nargs="*", default=[], metavar="EPOCHS:SEED",
-                        help="after the seeds, runs of the recipe with other epochs (e.g. 60:42)")
-    parser.add_argument("--compile-epochs", type=int, default=0,
-                        help="after the seeds, this many epochs with torch.compile (0: none)")
-    parser.add_argument("--budget-s", type=float, default=float("inf"),
-                        help="start no run that would end later than this after the start")
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="EPOCHS:SEED",
+        help="after the seeds, runs of the recipe with other epochs (e.g. 60:42)",
+    )
+    parser.add_argument(
+        "--compile-epochs", type=int, default=0, help="after the seeds, this many epochs with torch.compile (0: none)"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="start no run that would end later than this after the start",
+    )
     parser.add_argument("--accelerator", default="auto", help="cpu: a smoke test of this script on a CPU")
     parser.add_argument("--architecture", default=GPU_RECIPE["architecture"])
     parser.add_argument("--batch-size", type=int, default=GPU_RECIPE["batch_size"])
@@ -90,16 +100,24 @@ def main() -> None:
 
         processed = preprocess(acquire(AcquireConfig(source_uri=args.source), storage), storage, PreprocessConfig())
     test = split_tensors(processed, storage, "test")
-    recipe = TrainConfig(architecture=args.architecture, batch_size=args.batch_size, epochs=args.epochs,
-                         accelerator=args.accelerator)
+    recipe = TrainConfig(
+        architecture=args.architecture, batch_size=args.batch_size, epochs=args.epochs, accelerator=args.accelerator
+    )
     gpu = trains_on_gpu(recipe)
     device = torch.device("cuda" if gpu else "cpu")
     result: dict = {
-        "machine": {"gpu": torch.cuda.get_device_name() if gpu else None, "python": platform.python_version(),
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "lightning": pl.__version__,
-                    "cpus": usable_cpus()},
-        "recipe": dataclasses.asdict(recipe), "precision": resolve_precision(recipe),
-        "train_images": processed.counts["train"], "data_prep_seconds": round(time.perf_counter() - started, 1),
+        "machine": {
+            "gpu": torch.cuda.get_device_name() if gpu else None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "lightning": pl.__version__,
+            "cpus": usable_cpus(),
+        },
+        "recipe": dataclasses.asdict(recipe),
+        "precision": resolve_precision(recipe),
+        "train_images": processed.counts["train"],
+        "data_prep_seconds": round(time.perf_counter() - started, 1),
         "runs": [],
     }
 
@@ -122,13 +140,16 @@ def main() -> None:
         correct_plain, probabilities = 0, []
         with torch.inference_mode():
             for i in range(0, len(test), 2048):
-                images, labels = test.images[i:i + 2048].to(device), test.labels[i:i + 2048].to(device)
+                images, labels = test.images[i : i + 2048].to(device), test.labels[i : i + 2048].to(device)
                 probabilities.append(torch.softmax(module(images), 1).cpu())  # as evaluated and served
                 correct_plain += (module.net(module.normalise(images)).argmax(1) == labels).sum().item()
         confidence, predicted = torch.cat(probabilities).max(1)
         correct = (predicted == test.labels).numpy()
-        return {"test_accuracy": float(correct.mean()), "test_accuracy_without_flip": correct_plain / len(test),
-                "test_ece": expected_calibration_error(calibration_bins(confidence.numpy(), correct))}
+        return {
+            "test_accuracy": float(correct.mean()),
+            "test_accuracy_without_flip": correct_plain / len(test),
+            "test_ece": expected_calibration_error(calibration_bins(confidence.numpy(), correct)),
+        }
 
     def calibrated(module, name: str) -> dict[str, float]:
         """The ``train`` stage's calibration (``calibrate``, on the training device) of the final
@@ -138,8 +159,10 @@ def main() -> None:
             torch.save(checkpoint, Path(tmp) / "best.ckpt")
             storage.put_file(Path(tmp) / "best.ckpt", f"checkpoints/{name}/best.ckpt")
         module.hparams.temperature = calibrate(processed, storage, name, device.type)
-        return {"temperature": module.hparams.temperature,
-                **{f"calibrated_{k}": v for k, v in test_accuracy(module).items() if k != "test_accuracy_without_flip"}}
+        return {
+            "temperature": module.hparams.temperature,
+            **{f"calibrated_{k}": v for k, v in test_accuracy(module).items() if k != "test_accuracy_without_flip"},
+        }
 
     def run(config: TrainConfig) -> dict:
         clock = Clock()
@@ -147,13 +170,17 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fit-") as workdir:
-            trainer, module = fit(processed, storage, config, settings, run_id="", workdir=workdir, owner=False,
-                                  extra_callbacks=[clock])
+            trainer, module = fit(
+                processed, storage, config, settings, run_id="", workdir=workdir, owner=False, extra_callbacks=[clock]
+            )
         seconds = time.perf_counter() - start
         steady = statistics.median(clock.epochs[1:]) if len(clock.epochs) > 1 else clock.epochs[0]
         return {
-            "seed": config.seed, "compile": config.compile, "epochs": len(clock.epochs),
-            "train_seconds": round(seconds, 1), "first_epoch_seconds": round(clock.epochs[0], 2),
+            "seed": config.seed,
+            "compile": config.compile,
+            "epochs": len(clock.epochs),
+            "train_seconds": round(seconds, 1),
+            "first_epoch_seconds": round(clock.epochs[0], 2),
             "median_epoch_seconds": round(steady, 2),
             "train_img_per_s": round(processed.counts["train"] / steady),
             "val_accuracy_last_epoch": round(float(trainer.callback_metrics["val_accuracy"]), 4),
@@ -168,8 +195,10 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     planned = [dataclasses.replace(recipe, seed=seed) for seed in args.seeds]
-    planned += [dataclasses.replace(recipe, epochs=int(epochs), seed=int(seed))
-                for epochs, seed in (item.split(":") for item in args.also)]
+    planned += [
+        dataclasses.replace(recipe, epochs=int(epochs), seed=int(seed))
+        for epochs, seed in (item.split(":") for item in args.also)
+    ]
     if args.compile_epochs:
         planned.append(dataclasses.replace(recipe, seed=args.seeds[0], compile=True, epochs=args.compile_epochs))
     save()
@@ -180,22 +209,50 @@ def main() -> None:
             # A compiled run's first epoch also compiles: allow a minute for it.
             estimate = first + (60 if config.compile else 0) + per_epoch * (config.epochs - 1) + 15
             if time.perf_counter() - started + estimate > args.budget_s:
-                print(f"skipped (would not end within --budget-s): seed {config.seed}, compile {config.compile}, "
-                      f"{config.epochs} epochs, about {estimate:.0f} s", flush=True)
+                print(
+                    f"skipped (would not end within --budget-s): seed {config.seed}, compile {config.compile}, "
+                    f"{config.epochs} epochs, about {estimate:.0f} s",
+                    flush=True,
+                )
                 continue
         done.append(run(config))
         save()
         print(json.dumps(done[-1]), flush=True)
 
-    print(f"\n{result['machine']['gpu'] or 'CPU'}, torch {torch.__version__}, {result['precision']}, "
-          f"{recipe.architecture}, batch {recipe.batch_size}, data prepared in {result['data_prep_seconds']} s")
-    header = ("seed", "compile", "epochs", "train s", "s/epoch", "first epoch s", "img/s", "test acc", "no flip",
-              "ECE", "T", "ECE with T")
+    print(
+        f"\n{result['machine']['gpu'] or 'CPU'}, torch {torch.__version__}, {result['precision']}, "
+        f"{recipe.architecture}, batch {recipe.batch_size}, data prepared in {result['data_prep_seconds']} s"
+    )
+    header = (
+        "seed",
+        "compile",
+        "epochs",
+        "train s",
+        "s/epoch",
+        "first epoch s",
+        "img/s",
+        "test acc",
+        "no flip",
+        "ECE",
+        "T",
+        "ECE with T",
+    )
     print("  ".join(f"{h:>13}" for h in header))
     for r in result["runs"]:
-        cells = (r["seed"], r["compile"], r["epochs"], r["train_seconds"], r["median_epoch_seconds"],
-                 r["first_epoch_seconds"], r["train_img_per_s"], r["test_accuracy"], r["test_accuracy_without_flip"],
-                 r["test_ece"], r["temperature"], r["calibrated_test_ece"])
+        cells = (
+            r["seed"],
+            r["compile"],
+            r["epochs"],
+            r["train_seconds"],
+            r["median_epoch_seconds"],
+            r["first_epoch_seconds"],
+            r["train_img_per_s"],
+            r["test_accuracy"],
+            r["test_accuracy_without_flip"],
+            r["test_ece"],
+            r["temperature"],
+            r["calibrated_test_ece"],
+        )
         print("  ".join(f"{c!s:>13}" for c in cells))
     print(f"saved {args.out}", file=sys.stderr)
 

@@ -50,6 +50,7 @@ BAR_S = 0.1
 
 # --- the loads, each in a process of its own -------------------------------------------------------
 
+
 def big_json(port: int, token: str, body: bytes, clients: int, stop, counts) -> None:
     """``clients`` threads posting ``body`` back to back until ``stop``."""
     import http.client
@@ -58,8 +59,12 @@ def big_json(port: int, token: str, body: bytes, clients: int, stop, counts) -> 
         while not stop.value:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             try:
-                connection.request("POST", "/predict", body=body, headers={
-                    "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+                connection.request(
+                    "POST",
+                    "/predict",
+                    body=body,
+                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+                )
                 response = connection.getresponse()
                 response.read()
                 counts[0 if response.status == 200 else 1] += 1
@@ -80,8 +85,10 @@ def slow_clients(port: int, token: str, connections: int, stop, counts) -> None:
     one that the server answered or closed is counted and replaced."""
     import selectors
 
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {8 * 1024 * 1024}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {8 * 1024 * 1024}\r\n\r\n"
+    ).encode()
     part = head + b"[" + b"0," * (512 * 1024)
     selector = selectors.DefaultSelector()
 
@@ -112,7 +119,7 @@ def slow_clients(port: int, token: str, connections: int, stop, counts) -> None:
                     replace(sock, b"")
                 continue
             try:
-                pending[0] = pending[0][sock.send(pending[0]):]
+                pending[0] = pending[0][sock.send(pending[0]) :]
             except BlockingIOError:
                 continue
             except OSError:
@@ -133,12 +140,14 @@ def saturated(port: int, token: str, bodies: list[bytes], concurrency: int, stop
     async def main() -> None:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
             async def client(offset: int) -> None:
                 i = offset
                 while not stop.value:
                     try:
-                        async with session.post(f"http://127.0.0.1:{port}/predict", data=bodies[i % len(bodies)],
-                                                headers=headers) as response:
+                        async with session.post(
+                            f"http://127.0.0.1:{port}/predict", data=bodies[i % len(bodies)], headers=headers
+                        ) as response:
                             await response.read()
                             counts[0 if response.status == 200 else 1] += 1
                     except aiohttp.ClientError:
@@ -151,6 +160,7 @@ def saturated(port: int, token: str, bodies: list[bytes], concurrency: int, stop
 
 
 # --- the probe -----------------------------------------------------------------------------------
+
 
 def probe(port: int, seconds: float, interval_s: float) -> list[tuple[float, int]]:
     """``GET /health`` on a fresh connection every ``interval_s`` for ``seconds``: (latency, status)."""
@@ -210,8 +220,18 @@ def main() -> int:
 
     token, port = secrets.token_urlsafe(32), free_port()
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", model_uri, "--host", "127.0.0.1",
-               "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "serve",
+        "--model-uri",
+        model_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     context = multiprocessing.get_context("spawn")
     scenarios = [
         ("idle", None, ()),
@@ -224,8 +244,14 @@ def main() -> int:
     log_path = home / "serve.log"
     try:
         with log_path.open("wb") as log_file:
-            server = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                      start_new_session=True, preexec_fn=die_with_parent)
+            server = subprocess.Popen(
+                command,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         wait_ready(f"http://127.0.0.1:{port}/ready", server)
         for name, load, extra in scenarios:
             stop, counts = context.RawValue("b", 0), context.RawArray("q", 2)
@@ -241,12 +267,20 @@ def main() -> int:
                 if worker.is_alive():
                     worker.kill()
             latencies = np.asarray([latency for latency, _ in results]) * 1000
-            rows.append({"scenario": name, "probes": len(results),
-                         "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-                         "max_ms": float(latencies.max()), "over_bar": float(np.mean(latencies > BAR_S * 1000)),
-                         "not_200": sum(status != 200 for _, status in results),
-                         "load_answered": int(counts[0]), "load_other": int(counts[1]),
-                         "server_alive": server.poll() is None})
+            rows.append(
+                {
+                    "scenario": name,
+                    "probes": len(results),
+                    "p50_ms": float(np.percentile(latencies, 50)),
+                    "p99_ms": float(np.percentile(latencies, 99)),
+                    "max_ms": float(latencies.max()),
+                    "over_bar": float(np.mean(latencies > BAR_S * 1000)),
+                    "not_200": sum(status != 200 for _, status in results),
+                    "load_answered": int(counts[0]),
+                    "load_other": int(counts[1]),
+                    "server_alive": server.poll() is None,
+                }
+            )
             print(f"{name}: done", flush=True)
     finally:
         if server is not None and server.poll() is None:
@@ -257,19 +291,37 @@ def main() -> int:
                 server.kill()
         shutil.rmtree(home, ignore_errors=True)
 
-    print(f"\nGET /health on a fresh connection every {args.interval_s * 1000:.0f} ms, {args.seconds:.0f} s per scenario; "
-          f"pipeline serve on {os.cpu_count()} CPUs, the loads on the same machine")
-    print(f"{'scenario':34} {'probes':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'>100ms':>7} {'not 200':>7} "
-          f"{'load: answered':>15} {'other':>6}")
+    print(
+        f"\nGET /health on a fresh connection every {args.interval_s * 1000:.0f} ms, {args.seconds:.0f} s per scenario; "
+        f"pipeline serve on {os.cpu_count()} CPUs, the loads on the same machine"
+    )
+    print(
+        f"{'scenario':34} {'probes':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'>100ms':>7} {'not 200':>7} "
+        f"{'load: answered':>15} {'other':>6}"
+    )
     for row in rows:
-        print(f"{row['scenario']:34} {row['probes']:6d} {row['p50_ms']:7.1f} {row['p99_ms']:7.1f} {row['max_ms']:7.1f} "
-              f"{row['over_bar']:7.1%} {row['not_200']:7d} {row['load_answered']:15d} {row['load_other']:6d}")
+        print(
+            f"{row['scenario']:34} {row['probes']:6d} {row['p50_ms']:7.1f} {row['p99_ms']:7.1f} {row['max_ms']:7.1f} "
+            f"{row['over_bar']:7.1%} {row['not_200']:7d} {row['load_answered']:15d} {row['load_other']:6d}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out.write_text(json.dumps({"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
-                               "command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                               "args": vars(args), "scenarios": rows}, indent=2))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    out.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "commit": commit,
+                "command": " ".join(sys.argv),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "args": vars(args),
+                "scenarios": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
     return 0 if all(row["server_alive"] for row in rows) else 1
 

@@ -71,18 +71,38 @@ def main() -> None:
         for _ in range(args.repeat):
             fp32.append(images_per_second(architecture, False, args.batch_size, args.steps))
             bf16.append(images_per_second(architecture, True, args.batch_size, args.steps))
-        rows.append({"architecture": architecture, "fp32_img_per_s": statistics.median(fp32),
-                     "bf16_img_per_s": statistics.median(bf16), "fp32_runs": fp32, "bf16_runs": bf16})
+        rows.append(
+            {
+                "architecture": architecture,
+                "fp32_img_per_s": statistics.median(fp32),
+                "bf16_img_per_s": statistics.median(bf16),
+                "fp32_runs": fp32,
+                "bf16_runs": bf16,
+            }
+        )
     amx = cpu_has_bf16_matmul()
     print(f"{usable_cpus()} CPU threads, batch {args.batch_size}, AMX: {amx}, torch {torch.__version__}")
     print(f"  {'network':<14}{'fp32 img/s':>12}{'bf16 img/s':>12}{'bf16 / fp32':>13}")
     for row in rows:
         ratio = row["bf16_img_per_s"] / row["fp32_img_per_s"]
-        print(f"  {row['architecture']:<14}{row['fp32_img_per_s']:>12,.0f}{row['bf16_img_per_s']:>12,.0f}{ratio:>12.2f}x")
+        print(
+            f"  {row['architecture']:<14}{row['fp32_img_per_s']:>12,.0f}{row['bf16_img_per_s']:>12,.0f}{ratio:>12.2f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"amx": amx, "cpus": usable_cpus(), "torch": torch.__version__,
-                               "batch_size": args.batch_size, "networks": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "amx": amx,
+                "cpus": usable_cpus(),
+                "torch": torch.__version__,
+                "batch_size": args.batch_size,
+                "networks": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"saved {out}", file=sys.stderr)
 
 

@@ -40,10 +40,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--no-crop", action="store_true", help="flip only, no random crop")
-    parser.add_argument("--cutout", type=int, default=0, help="zero a random square of this side in each "
-                        "training image with probability 0.5 (0: off)")
-    parser.add_argument("--ema", type=float, default=0.0, help="also evaluate an exponential moving average of "
-                        "the weights with this decay per step (0: off)")
+    parser.add_argument(
+        "--cutout",
+        type=int,
+        default=0,
+        help="zero a random square of this side in each training image with probability 0.5 (0: off)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="also evaluate an exponential moving average of the weights with this decay per step (0: off)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recipe_bench.json"))
     args = parser.parse_args()
 
@@ -75,14 +83,19 @@ def main() -> None:
     steps = args.epochs * ((len(train_y) + args.batch_size - 1) // args.batch_size)
     optimizer, schedule = plain_optimizer(net, args.optimizer, args.learning_rate, args.weight_decay, steps)
 
-    ema = torch.optim.swa_utils.AveragedModel(
-        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True
+        )
+        if args.ema
+        else None
+    )
     start = time.perf_counter()
     for epoch in range(args.epochs):
         net.train()
         order = torch.randperm(len(train_y))
         for i in range(0, len(train_y), args.batch_size):
-            index = order[i:i + args.batch_size]
+            index = order[i : i + args.batch_size]
             x = random_crop_flip(train_x[index], 0 if args.no_crop else 2)
             if args.cutout:
                 n = len(x)
@@ -91,8 +104,9 @@ def main() -> None:
                 half = args.cutout // 2
                 hole = ((rows - cy).abs() <= half) & ((cols - cx).abs() <= half) & (torch.rand(n, 1, 1) < 0.5)
                 x = x.masked_fill(hole, 0)
-            plain_step(net, module.normalise, x, train_y[index], optimizer, schedule, args.precision,
-                       args.label_smoothing)
+            plain_step(
+                net, module.normalise, x, train_y[index], optimizer, schedule, args.precision, args.label_smoothing
+            )
             if ema is not None:
                 ema.update_parameters(net)
         print(f"epoch {epoch + 1}/{args.epochs}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -101,31 +115,39 @@ def main() -> None:
     def accuracies(model, prefix):
         model.eval()
         with torch.inference_mode():
+
             def probabilities(images):
-                return torch.cat([F.softmax(model(module.normalise(images[i:i + 2048])), 1)
-                                  for i in range(0, len(images), 2048)])
+                return torch.cat(
+                    [F.softmax(model(module.normalise(images[i : i + 2048])), 1) for i in range(0, len(images), 2048)]
+                )
 
             def shifted(images, dy, dx):  # translate by (dy, dx) pixels, zero fill
                 padded = F.pad(images, (1, 1, 1, 1))
-                return padded[:, 1 + dy:29 + dy, 1 + dx:29 + dx]
+                return padded[:, 1 + dy : 29 + dy, 1 + dx : 29 + dx]
 
             plain, mirrored = probabilities(test_x), probabilities(test_x.flip(-1))
-            shifts = [probabilities(shifted(x, dy, dx)) for x in (test_x, test_x.flip(-1))
-                      for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
+            shifts = [
+                probabilities(shifted(x, dy, dx))
+                for x in (test_x, test_x.flip(-1))
+                for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))
+            ]
 
         def accuracy(p):
             return round((p.argmax(1) == test_y).float().mean().item(), 4)
 
-        return {f"{prefix}test_accuracy": accuracy(plain),
-                f"{prefix}test_accuracy_flip_averaged": accuracy(plain + mirrored),
-                f"{prefix}test_accuracy_flip_shift_averaged": accuracy(2 * (plain + mirrored) + sum(shifts) / 2)}
+        return {
+            f"{prefix}test_accuracy": accuracy(plain),
+            f"{prefix}test_accuracy_flip_averaged": accuracy(plain + mirrored),
+            f"{prefix}test_accuracy_flip_shift_averaged": accuracy(2 * (plain + mirrored) + sum(shifts) / 2),
+        }
 
     result = {
         "recipe": {k: v for k, v in vars(args).items() if k not in ("source", "out")},
         "train_seconds": round(seconds, 1),
         **accuracies(net, ""),
         **(accuracies(ema.module, "ema_") if ema is not None else {}),
-        "torch": torch.__version__, "cpus": usable_cpus(),
+        "torch": torch.__version__,
+        "cpus": usable_cpus(),
     }
     torch.save(net.state_dict(), Path(args.out).with_suffix(".pt"))
     for key, value in result.items():

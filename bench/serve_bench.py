@@ -55,8 +55,13 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     client = tracking_client(settings)
     with mlflow.start_run(experiment_id=experiment_id(client, settings, experiment)):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
     version = mlflow.register_model(info.model_uri, settings.model_name).version
     return f"models:/{settings.model_name}/{version}"
 
@@ -118,15 +123,22 @@ def measure(url: str, body: bytes, concurrency: int, requests: int) -> dict:
 
     with multiprocessing.Manager() as manager:
         shared = manager.dict()
-        worker = multiprocessing.get_context("spawn").Process(target=drive, args=(url, body, concurrency, requests, shared))
+        worker = multiprocessing.get_context("spawn").Process(
+            target=drive, args=(url, body, concurrency, requests, shared)
+        )
         worker.start()
         worker.join()
         result = dict(shared)
     latencies = np.asarray(result["latencies"]) * 1000
     if result["failed"]:
         raise RuntimeError(f"{url}: {result['failed']} failed requests, e.g. {result['failures']}")
-    return {"concurrency": concurrency, "requests": requests, "rps": requests / result["wall_s"],
-            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "rps": requests / result["wall_s"],
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+    }
 
 
 def images_per_pass(base: str) -> tuple[float, float]:
@@ -198,12 +210,29 @@ def main() -> None:
         # Ours as production runs it: on the alias, with the registry watcher polling.
         "ours": {
             "command": [sys.executable, "-m", "pipeline", "serve", "--model-uri", production_uri, "--port", "{port}"],
-            "ready": "/ready", "predict": "/predict", "body": json.dumps({"image": pixels}).encode(),
+            "ready": "/ready",
+            "predict": "/predict",
+            "body": json.dumps({"image": pixels}).encode(),
         },
         "mlflow": {
-            "command": [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
-                        "--env-manager", "local", "-p", "{port}", "-h", "127.0.0.1", "-w", "1"],
-            "ready": "/ping", "predict": "/invocations", "body": json.dumps({"inputs": [[pixels]]}).encode(),
+            "command": [
+                str(Path(sys.executable).parent / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-p",
+                "{port}",
+                "-h",
+                "127.0.0.1",
+                "-w",
+                "1",
+            ],
+            "ready": "/ping",
+            "predict": "/invocations",
+            "body": json.dumps({"inputs": [[pixels]]}).encode(),
         },
     }
     rounds: list[dict[str, list[dict]]] = []
@@ -222,26 +251,47 @@ def main() -> None:
         ours = {k: median("ours", level, k) for k in ("rps", "p50_ms", "p99_ms", "images_per_pass")}
         theirs = {k: median("mlflow", level, k) for k in ("rps", "p50_ms", "p99_ms")}
         ratios = [r["ours"][level]["rps"] / r["mlflow"][level]["rps"] for r in rounds]
-        rows.append({"concurrency": concurrency, "ours": ours, "mlflow": theirs,
-                     "rps_ratio": ours["rps"] / theirs["rps"], "p99_ratio": ours["p99_ms"] / theirs["p99_ms"],
-                     "rps_ratio_per_round": ratios})
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "ours": ours,
+                "mlflow": theirs,
+                "rps_ratio": ours["rps"] / theirs["rps"],
+                "p99_ratio": ours["p99_ms"] / theirs["p99_ms"],
+                "rps_ratio_per_round": ratios,
+            }
+        )
     print(f"medians of {args.rounds} rounds, {args.requests} requests each")
-    print(f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  {'per round':>12}  "
-          f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}  {'images/pass':>11}")
+    print(
+        f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  {'per round':>12}  "
+        f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}  {'images/pass':>11}"
+    )
     for row in rows:
         o, m = row["ours"], row["mlflow"]
         per_round = "/".join(f"{r:.1f}" for r in row["rps_ratio_per_round"])
-        print(f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  {per_round:>12}  "
-              f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}"
-              f"  {o['images_per_pass']:>11.1f}")
+        print(
+            f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  {per_round:>12}  "
+            f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}"
+            f"  {o['images_per_pass']:>11.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2, registered version 1",
-        "requests": args.requests, "rows": rows,
-        "rounds": rounds,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                },
+                "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2, registered version 1",
+                "requests": args.requests,
+                "rows": rows,
+                "rounds": rounds,
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

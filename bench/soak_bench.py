@@ -60,9 +60,22 @@ STATUS_CLIENT_ERROR = 0
 
 # --- the load, in its own process -------------------------------------------------------------
 
-def drive(url: str, token: str, bodies: dict[str, list[bytes]], batch_size: int, mix: list[str],
-          concurrency: int, warmup_s: float, duration_s: float, max_requests: int, timeout_s: float, started,
-          stop, out_path: str) -> None:
+
+def drive(
+    url: str,
+    token: str,
+    bodies: dict[str, list[bytes]],
+    batch_size: int,
+    mix: list[str],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    max_requests: int,
+    timeout_s: float,
+    started,
+    stop,
+    out_path: str,
+) -> None:
     """Keep ``concurrency`` POSTs in flight for ``warmup_s`` and then ``duration_s`` seconds (the
     measured part starts at ``started``, a shared ``time.monotonic`` value set when the load begins),
     up to ``max_requests`` or ``stop``; write one row per request (end time, latency, status,
@@ -114,8 +127,9 @@ def drive(url: str, token: str, bodies: dict[str, list[bytes]], batch_size: int,
                     pool = bodies[kind]
                     start = time.monotonic()
                     try:
-                        async with session.post(url, data=pool[i % len(pool)],
-                                                headers={"Content-Type": headers[kind]}) as response:
+                        async with session.post(
+                            url, data=pool[i % len(pool)], headers={"Content-Type": headers[kind]}
+                        ) as response:
                             status, payload = response.status, await response.read()
                     except (TimeoutError, aiohttp.ClientError) as exc:
                         end = time.monotonic()
@@ -138,6 +152,7 @@ def drive(url: str, token: str, bodies: dict[str, list[bytes]], batch_size: int,
 
 
 # --- the server's memory and /health, in another process --------------------------------------
+
 
 def sample(pid: int, health_url: str, stop, out_path: str) -> None:
     """Once a second until ``stop``: the RSS of ``pid`` and its children (the server spawns workers
@@ -174,8 +189,15 @@ def sample(pid: int, health_url: str, stop, out_path: str) -> None:
             status = STATUS_CLIENT_ERROR
         finally:
             connection.close()
-        samples.append({"t": at, "rss": rss, "health_s": time.perf_counter() - start, "health_status": status,
-                        "load_1min": os.getloadavg()[0]})  # the machine is shared: how busy it was
+        samples.append(
+            {
+                "t": at,
+                "rss": rss,
+                "health_s": time.perf_counter() - start,
+                "health_status": status,
+                "load_1min": os.getloadavg()[0],
+            }
+        )  # the machine is shared: how busy it was
         next_at += 1.0
         while not stop.value and time.monotonic() < next_at:
             time.sleep(min(0.1, max(0.0, next_at - time.monotonic())))
@@ -183,6 +205,7 @@ def sample(pid: int, health_url: str, stop, out_path: str) -> None:
 
 
 # --- the run ----------------------------------------------------------------------------------
+
 
 def request_bodies(count: int, batch_size: int) -> tuple[dict[str, list[bytes]], str]:
     """Real Fashion-MNIST test images as single-image JSON, batch JSON and PNG bodies."""
@@ -204,8 +227,10 @@ def request_bodies(count: int, batch_size: int) -> tuple[dict[str, list[bytes]],
 
     bodies = {
         "json": [json.dumps({"image": image.tolist()}).encode() for image in picked],
-        "batch": [json.dumps({"instances": picked[i:i + batch_size].tolist()}).encode()
-                  for i in range(0, len(picked) - batch_size + 1, batch_size)],
+        "batch": [
+            json.dumps({"instances": picked[i : i + batch_size].tolist()}).encode()
+            for i in range(0, len(picked) - batch_size + 1, batch_size)
+        ],
         "png": [png(image) for image in picked],
     }
     return bodies, f"{len(picked)} Fashion-MNIST test images from {folder}"
@@ -227,8 +252,12 @@ def percentiles(seconds) -> dict[str, float]:
     if len(seconds) == 0:
         return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
     ms = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+    }
 
 
 def phase_stats(rows, start: float, end: float, batch_size: int) -> dict:
@@ -242,10 +271,16 @@ def phase_stats(rows, start: float, end: float, batch_size: int) -> dict:
     codes, counts = np.unique(status, return_counts=True)
     versions, version_counts = np.unique(picked[:, 3].astype(int)[status == 200], return_counts=True)
     return {
-        "seconds": seconds, "requests": len(picked), "rps": len(picked) / seconds,
-        "images_per_s": float(images.sum()) / seconds, **percentiles(picked[:, 1]),
-        "status": {("no answer" if c == STATUS_CLIENT_ERROR else str(c)): int(n) for c, n in zip(codes, counts, strict=True)},
-        "5xx": int(((status >= 500) & (status < 600)).sum()), "503": int((status == 503).sum()),
+        "seconds": seconds,
+        "requests": len(picked),
+        "rps": len(picked) / seconds,
+        "images_per_s": float(images.sum()) / seconds,
+        **percentiles(picked[:, 1]),
+        "status": {
+            ("no answer" if c == STATUS_CLIENT_ERROR else str(c)): int(n) for c, n in zip(codes, counts, strict=True)
+        },
+        "5xx": int(((status >= 500) & (status < 600)).sum()),
+        "503": int((status == 503).sum()),
         "failed": int((status != 200).sum()),
         "versions": {str(v): int(n) for v, n in zip(versions, version_counts, strict=True)},
     }
@@ -259,9 +294,14 @@ def swap_seen(rows, moved_at: float, until: float, old: int, new: int) -> dict:
     first = float(from_new[0, 0]) if len(from_new) else None
     stragglers = int(((ok[:, 3] == old) & (ok[:, 0] > first)).sum()) if first is not None else 0
     last_version = int(ok[-1, 3]) if len(ok) else None
-    return {"from": old, "to": new, "lag_s": None if first is None else first - moved_at,
-            "last_answer_version": last_version, "old_answers_after_first_new": stragglers,
-            "seen": first is not None and last_version == new}
+    return {
+        "from": old,
+        "to": new,
+        "lag_s": None if first is None else first - moved_at,
+        "last_answer_version": last_version,
+        "old_answers_after_first_new": stragglers,
+        "seen": first is not None and last_version == new,
+    }
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -319,14 +359,30 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch body (8)")
     parser.add_argument("--png-share", type=float, default=0.05, help="share of PNG bodies (0.05)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the server's registry poll, seconds (1)")
-    parser.add_argument("--warmup-s", type=float, default=60.0,
-                        help="seconds of load before the measured part, whose start is the memory baseline (60)")
-    parser.add_argument("--memory-bound-mb", type=float, default=100.0,
-                        help="allowed RSS growth from the end of the warm-up to the end, MB (100)")
-    parser.add_argument("--request-timeout-s", type=float, default=60.0, help="a request without an answer by then fails (60)")
+    parser.add_argument(
+        "--warmup-s",
+        type=float,
+        default=60.0,
+        help="seconds of load before the measured part, whose start is the memory baseline (60)",
+    )
+    parser.add_argument(
+        "--memory-bound-mb",
+        type=float,
+        default=100.0,
+        help="allowed RSS growth from the end of the warm-up to the end, MB (100)",
+    )
+    parser.add_argument(
+        "--request-timeout-s", type=float, default=60.0, help="a request without an answer by then fails (60)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak_bench.json"))
     args = parser.parse_args()
-    if args.duration_s <= 0 or args.warmup_s < 0 or args.concurrency < 1 or args.max_requests < 1 or args.batch_size < 1:
+    if (
+        args.duration_s <= 0
+        or args.warmup_s < 0
+        or args.concurrency < 1
+        or args.max_requests < 1
+        or args.batch_size < 1
+    ):
         parser.error("--duration-s, --concurrency, --max-requests and --batch-size must be positive")
     if not (0 <= args.batch_share and 0 <= args.png_share and args.batch_share + args.png_share <= 1):
         parser.error("--batch-share and --png-share: expected shares in [0, 1] adding up to at most 1")
@@ -370,8 +426,20 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", f"models:/{settings.model_name}@production",
-               "--host", "127.0.0.1", "--port", str(port), "--poll-interval", str(args.poll_interval)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "serve",
+        "--model-uri",
+        f"models:/{settings.model_name}@production",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--poll-interval",
+        str(args.poll_interval),
+    ]
     log_path = home / "serve.log"
     context = multiprocessing.get_context("spawn")
     # Flags in shared memory without a lock: a child killed while holding an Event's lock would
@@ -382,8 +450,14 @@ def main() -> int:
     held = False
     try:
         with log_path.open("wb") as log_file:
-            server = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=die_with_parent)
+            server = subprocess.Popen(
+                command,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         try:
             wait_ready(base + "/ready", server)
         except RuntimeError as exc:
@@ -391,11 +465,29 @@ def main() -> int:
 
         without_token = unauthenticated_status(base + "/predict", bodies["json"][0])
         samples_path, rows_path = home / "samples.json", home / "rows.npz"
-        monitor = context.Process(target=sample, args=(server.pid, base + "/health", stop, str(samples_path)), daemon=True)
+        monitor = context.Process(
+            target=sample, args=(server.pid, base + "/health", stop, str(samples_path)), daemon=True
+        )
         started = context.RawValue("d", 0.0)
-        driver = context.Process(target=drive, daemon=True, args=(
-            base + "/predict", token, bodies, args.batch_size, mix, args.concurrency, warmup_s, args.duration_s,
-            args.max_requests, args.request_timeout_s, started, stop, str(rows_path)))
+        driver = context.Process(
+            target=drive,
+            daemon=True,
+            args=(
+                base + "/predict",
+                token,
+                bodies,
+                args.batch_size,
+                mix,
+                args.concurrency,
+                warmup_s,
+                args.duration_s,
+                args.max_requests,
+                args.request_timeout_s,
+                started,
+                stop,
+                str(rows_path),
+            ),
+        )
         workers = [monitor, driver]
         monitor.start()
         driver.start()
@@ -404,9 +496,12 @@ def main() -> int:
                 raise RuntimeError(f"the load driver exited with status {driver.exitcode} before it started")
             time.sleep(0.05)
         t0 = started.value
-        print(f"load: {args.concurrency} in flight for {warmup_s:.0f} s of warm-up, then {args.duration_s:.0f} s "
-              f"on {base}; promotion at "
-              f"{args.duration_s / 3:.0f} s, rollback at {2 * args.duration_s / 3:.0f} s", flush=True)
+        print(
+            f"load: {args.concurrency} in flight for {warmup_s:.0f} s of warm-up, then {args.duration_s:.0f} s "
+            f"on {base}; promotion at "
+            f"{args.duration_s / 3:.0f} s, rollback at {2 * args.duration_s / 3:.0f} s",
+            flush=True,
+        )
 
         moves = []
         for fraction, action in ((1 / 3, "promote"), (2 / 3, "rollback")):
@@ -419,8 +514,15 @@ def main() -> int:
                 move = promote(settings, "2", actor=actor, reason="soak: promotion under load")
             else:
                 move = rollback(settings, actor=actor, reason="soak: rollback under load")
-            moves.append({"action": action, "from": move.from_version, "to": move.to_version,
-                          "start": start, "end": time.monotonic()})
+            moves.append(
+                {
+                    "action": action,
+                    "from": move.from_version,
+                    "to": move.to_version,
+                    "start": start,
+                    "end": time.monotonic(),
+                }
+            )
             print(f"{time.monotonic() - t0:6.1f} s: {action} {move.from_version} -> {move.to_version}", flush=True)
         driver.join(max(0.0, t0 - time.monotonic()) + args.duration_s + args.request_timeout_s + 120)
         if driver.is_alive():
@@ -446,8 +548,11 @@ def main() -> int:
         phases = {names[i]: phase_stats(rows, edges[i], edges[i + 1], args.batch_size) for i in range(len(edges) - 1)}
         overall = phase_stats(rows, t0, end, args.batch_size)
         warmup = phase_stats(rows, t0 - warmup_s, t0, args.batch_size)
-        for stats, start, stop_at in [*((phases[n], edges[i], edges[i + 1]) for i, n in enumerate(phases)),
-                                      (overall, t0, end), (warmup, t0 - warmup_s, t0)]:
+        for stats, start, stop_at in [
+            *((phases[n], edges[i], edges[i + 1]) for i, n in enumerate(phases)),
+            (overall, t0, end),
+            (warmup, t0 - warmup_s, t0),
+        ]:
             loads = [x["load_1min"] for x in samples if start <= x["t"] < stop_at]
             stats["load_1min"] = sum(loads) / len(loads) if loads else None
         swaps = [swap_seen(rows, m["start"], edges[i + 2], int(m["from"]), int(m["to"])) for i, m in enumerate(moves)]
@@ -458,18 +563,28 @@ def main() -> int:
         times = np.asarray([s["t"] for s in samples])
         after_warmup = rss[times >= t0]
         memory = {
-            "start_mb": float(rss[0]), "after_warmup_mb": float(after_warmup[0]) if len(after_warmup) else None,
-            "max_mb": float(rss.max()), "end_mb": float(rss[-1]), "bound_mb": args.memory_bound_mb,
+            "start_mb": float(rss[0]),
+            "after_warmup_mb": float(after_warmup[0]) if len(after_warmup) else None,
+            "max_mb": float(rss.max()),
+            "end_mb": float(rss[-1]),
+            "bound_mb": args.memory_bound_mb,
             "warmup_s": warmup_s,
         }
         memory["growth_mb"] = memory["end_mb"] - memory["after_warmup_mb"] if len(after_warmup) else None
         memory["max_growth_mb"] = memory["max_mb"] - memory["after_warmup_mb"] if len(after_warmup) else None
         health = np.asarray([s["health_s"] for s in samples])
-        health_stats = {"samples": len(samples), "failed": sum(s["health_status"] != 200 for s in samples),
-                        "p99_ms": float(np.percentile(health * 1000, 99)), "max_ms": float(health.max() * 1000),
-                        "p50_ms": float(np.percentile(health * 1000, 50))}
-        reloads = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-                   if line.startswith("serve_model_reloads_total")}
+        health_stats = {
+            "samples": len(samples),
+            "failed": sum(s["health_status"] != 200 for s in samples),
+            "p99_ms": float(np.percentile(health * 1000, 99)),
+            "max_ms": float(health.max() * 1000),
+            "p50_ms": float(np.percentile(health * 1000, 50)),
+        }
+        reloads = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("serve_model_reloads_total")
+        }
 
         checks = {
             "server still running": server_alive,
@@ -479,32 +594,44 @@ def main() -> int:
             "only version 1 before the promotion": only_v1_before,
             "version 2 after the promotion": len(swaps) > 0 and swaps[0]["seen"],
             "version 1 after the rollback": len(swaps) > 1 and swaps[1]["seen"],
-            f"RSS growth after warm-up < {args.memory_bound_mb:.0f} MB":
-                memory["growth_mb"] is not None and memory["growth_mb"] < args.memory_bound_mb,
+            f"RSS growth after warm-up < {args.memory_bound_mb:.0f} MB": memory["growth_mb"] is not None
+            and memory["growth_mb"] < args.memory_bound_mb,
             "/health answered every sample": health_stats["failed"] == 0,
         }
         held = all(checks.values())
 
-        print(f"\n{overall['requests']} requests in {end - t0:.0f} s at concurrency {args.concurrency} "
-              f"(json/batch of {args.batch_size}/png = {1 - args.batch_share - args.png_share:.2f}/"
-              f"{args.batch_share:.2f}/{args.png_share:.2f}); poll interval {args.poll_interval} s")
-        print(f"{'phase':<28}  {'requests':>8}  {'req/s':>6}  {'p50':>6}  {'p95':>6}  {'p99':>6}  {'max ms':>7}  "
-              f"{'5xx':>4}  {'503':>4}  {'failed':>6}  {'load':>5}  versions answering")
+        print(
+            f"\n{overall['requests']} requests in {end - t0:.0f} s at concurrency {args.concurrency} "
+            f"(json/batch of {args.batch_size}/png = {1 - args.batch_share - args.png_share:.2f}/"
+            f"{args.batch_share:.2f}/{args.png_share:.2f}); poll interval {args.poll_interval} s"
+        )
+        print(
+            f"{'phase':<28}  {'requests':>8}  {'req/s':>6}  {'p50':>6}  {'p95':>6}  {'p99':>6}  {'max ms':>7}  "
+            f"{'5xx':>4}  {'503':>4}  {'failed':>6}  {'load':>5}  versions answering"
+        )
         for name, p in [("warm-up (not measured)", warmup), *phases.items(), ("overall (measured)", overall)]:
             versions = ", ".join(f"v{v}: {n}" for v, n in p["versions"].items())
-            print(f"{name:<28}  {p['requests']:>8}  {p['rps']:>6.0f}  {p['p50_ms']:>6.1f}  {p['p95_ms']:>6.1f}  "
-                  f"{p['p99_ms']:>6.1f}  {p['max_ms']:>7.1f}  {p['5xx']:>4}  {p['503']:>4}  {p['failed']:>6}  "
-                  f"{p['load_1min'] or float('nan'):>5.1f}  {versions}")
+            print(
+                f"{name:<28}  {p['requests']:>8}  {p['rps']:>6.0f}  {p['p50_ms']:>6.1f}  {p['p95_ms']:>6.1f}  "
+                f"{p['p99_ms']:>6.1f}  {p['max_ms']:>7.1f}  {p['5xx']:>4}  {p['503']:>4}  {p['failed']:>6}  "
+                f"{p['load_1min'] or float('nan'):>5.1f}  {versions}"
+            )
         for move, swap in zip(moves, swaps, strict=True):
             lag = "never" if swap["lag_s"] is None else f"{swap['lag_s']:.2f} s"
-            print(f"{move['action']} at {move['start'] - t0:.1f} s ({move['end'] - move['start']:.2f} s): first answer "
-                  f"from v{swap['to']} after {lag}; last answer of the phase from v{swap['last_answer_version']}; "
-                  f"{swap['old_answers_after_first_new']} from v{swap['from']} after the first")
-        print(f"/health: {health_stats['samples']} samples, p50 {health_stats['p50_ms']:.1f} ms, "
-              f"p99 {health_stats['p99_ms']:.1f} ms, max {health_stats['max_ms']:.1f} ms, {health_stats['failed']} failed")
-        print(f"RSS: start {memory['start_mb']:.0f} MB, after {warmup_s:.0f} s warm-up {memory['after_warmup_mb']:.0f} MB, "
-              f"max {memory['max_mb']:.0f} MB, end {memory['end_mb']:.0f} MB: growth {memory['growth_mb']:+.0f} MB "
-              f"(max {memory['max_growth_mb']:+.0f} MB; bound {args.memory_bound_mb:.0f} MB)")
+            print(
+                f"{move['action']} at {move['start'] - t0:.1f} s ({move['end'] - move['start']:.2f} s): first answer "
+                f"from v{swap['to']} after {lag}; last answer of the phase from v{swap['last_answer_version']}; "
+                f"{swap['old_answers_after_first_new']} from v{swap['from']} after the first"
+            )
+        print(
+            f"/health: {health_stats['samples']} samples, p50 {health_stats['p50_ms']:.1f} ms, "
+            f"p99 {health_stats['p99_ms']:.1f} ms, max {health_stats['max_ms']:.1f} ms, {health_stats['failed']} failed"
+        )
+        print(
+            f"RSS: start {memory['start_mb']:.0f} MB, after {warmup_s:.0f} s warm-up {memory['after_warmup_mb']:.0f} MB, "
+            f"max {memory['max_mb']:.0f} MB, end {memory['end_mb']:.0f} MB: growth {memory['growth_mb']:+.0f} MB "
+            f"(max {memory['max_growth_mb']:+.0f} MB; bound {args.memory_bound_mb:.0f} MB)"
+        )
         print(f"reloads (server metrics): {reloads or 'none reported'}; /predict without the token: {without_token}")
         for what, ok in checks.items():
             print(f"  {'ok  ' if ok else 'FAIL'}  {what}")
@@ -513,20 +640,39 @@ def main() -> int:
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "model": f"{TrainConfig().architecture} ServingModel, pt2, versions 1 and 2 (seeds 0 and 1)",
-            "images": source, "args": vars(args), "held": held, "checks": checks,
-            "warmup": warmup, "phases": phases, "overall": overall,
-            "moves": [{**m, "start_s": m["start"] - t0, "end_s": m["end"] - t0} for m in moves], "swaps": swaps,
-            "health": health_stats, "memory": memory, "reloads": reloads, "failures": failures,
-            "unauthenticated_predict_status": without_token,
-            "samples": [{**s, "t": s["t"] - t0} for s in samples],
-        }, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "commit": subprocess.run(
+                        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                    ).stdout.strip(),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "platform": platform.platform(),
+                        "python": platform.python_version(),
+                    },
+                    "model": f"{TrainConfig().architecture} ServingModel, pt2, versions 1 and 2 (seeds 0 and 1)",
+                    "images": source,
+                    "args": vars(args),
+                    "held": held,
+                    "checks": checks,
+                    "warmup": warmup,
+                    "phases": phases,
+                    "overall": overall,
+                    "moves": [{**m, "start_s": m["start"] - t0, "end_s": m["end"] - t0} for m in moves],
+                    "swaps": swaps,
+                    "health": health_stats,
+                    "memory": memory,
+                    "reloads": reloads,
+                    "failures": failures,
+                    "unauthenticated_predict_status": without_token,
+                    "samples": [{**s, "t": s["t"] - t0} for s in samples],
+                },
+                indent=2,
+            )
+        )
         print(f"saved {out}; {'bar held' if held else 'BAR NOT HELD'}")
         return 0 if held else 1
     finally:

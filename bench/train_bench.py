@@ -37,13 +37,22 @@ from plain_loop import plain_optimizer, plain_step
 ROOT = Path(__file__).resolve().parent.parent
 # The original design's recipe. Precision is left to ``auto``, as for the default recipe: each
 # network gets this machine's fastest arithmetic, so the equal-time comparison is not tilted.
-SEED_RECIPE = {"architecture": "seed_cnn", "epochs": 10, "optimizer": "adam", "learning_rate": 1e-3,
-               "lr_schedule": "constant", "augment": False, "weight_decay": 0.0, "label_smoothing": 0.0,
-               "test_time_flip": False}
+SEED_RECIPE = {
+    "architecture": "seed_cnn",
+    "epochs": 10,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "lr_schedule": "constant",
+    "augment": False,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "test_time_flip": False,
+}
 
 
-def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed: int,
-                precision: str) -> tuple[float, float]:
+def plain_epoch(
+    module, images, labels, batch_size: int, epochs_total: int, seed: int, precision: str
+) -> tuple[float, float]:
     """One epoch of a hand-written loop doing what our LightningModule's training step does."""
     import torch
 
@@ -58,7 +67,7 @@ def plain_epoch(module, images, labels, batch_size: int, epochs_total: int, seed
     order = torch.randperm(len(labels))
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(labels), batch_size):
-        index = order[i:i + batch_size]
+        index = order[i : i + batch_size]
         x, y = images[index], labels[index]
         if hp.augment:
             x = random_crop_flip(x, hp.crop_padding)
@@ -77,9 +86,19 @@ def lightning_epoch(module, datamodule, precision: str) -> tuple[float, float]:
             self.seconds, self.cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
 
     clock = Clock()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[clock], use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[clock],
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, datamodule=datamodule)
     return clock.seconds, clock.cpu_seconds
 
@@ -119,18 +138,33 @@ def main() -> None:
     storage = storage_for(settings)
     processed = preprocess(acquire(AcquireConfig(source_uri=args.source), storage), storage, PreprocessConfig())
     default = TrainConfig()
-    result: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                "lightning": pl.__version__, "cpus": usable_cpus(), "processor": platform.processor()},
-                    "train_images": processed.counts["train"], "default_recipe": dataclasses.asdict(default)}
+    result: dict = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "cpus": usable_cpus(),
+            "processor": platform.processor(),
+        },
+        "train_images": processed.counts["train"],
+        "default_recipe": dataclasses.asdict(default),
+    }
     rows: list[tuple[str, str]] = []
 
     def module_for(config: TrainConfig) -> tuple[ImageClassifier, ProcessedDataModule]:
         pl.seed_everything(config.seed, verbose=False)
-        module = ImageClassifier(architecture=config.architecture, learning_rate=config.learning_rate,
-                                 weight_decay=config.weight_decay, optimizer=config.optimizer,
-                                 lr_schedule=config.lr_schedule, augment=config.augment,
-                                 label_smoothing=config.label_smoothing, test_time_flip=config.test_time_flip,
-                                 mean=processed.mean, std=processed.std)
+        module = ImageClassifier(
+            architecture=config.architecture,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            optimizer=config.optimizer,
+            lr_schedule=config.lr_schedule,
+            augment=config.augment,
+            label_smoothing=config.label_smoothing,
+            test_time_flip=config.test_time_flip,
+            mean=processed.mean,
+            std=processed.std,
+        )
         data = ProcessedDataModule(processed, storage, config.batch_size, config.seed)
         return module, data
 
@@ -158,11 +192,14 @@ def main() -> None:
 
     plain_s, ours_s, seed_s = median(plain, 0), median(ours, 0), median(seed_epochs, 0)
     plain_cpu, ours_cpu = median(plain, 1), median(ours, 1)
-    result["overhead"] = {"plain_torch_s_per_epoch": [wall for wall, _ in plain],
-                          "lightning_s_per_epoch": [wall for wall, _ in ours],
-                          "plain_torch_cpu_s_per_epoch": [cpu for _, cpu in plain],
-                          "lightning_cpu_s_per_epoch": [cpu for _, cpu in ours],
-                          "overhead": ours_s / plain_s - 1, "overhead_cpu_time": ours_cpu / plain_cpu - 1}
+    result["overhead"] = {
+        "plain_torch_s_per_epoch": [wall for wall, _ in plain],
+        "lightning_s_per_epoch": [wall for wall, _ in ours],
+        "plain_torch_cpu_s_per_epoch": [cpu for _, cpu in plain],
+        "lightning_cpu_s_per_epoch": [cpu for _, cpu in ours],
+        "overhead": ours_s / plain_s - 1,
+        "overhead_cpu_time": ours_cpu / plain_cpu - 1,
+    }
     result["throughput_img_per_s"] = {default.architecture: n / ours_s, "seed_cnn": n / seed_s}
     rows += [
         (f"plain PyTorch loop, {default.architecture}, s/epoch", f"{plain_s:.1f}"),
@@ -175,29 +212,43 @@ def main() -> None:
 
     # 3: quality against time, through the real stages (MLflow run, checkpoints, evaluation).
     if not args.skip_quality:
+
         def full(config: TrainConfig) -> dict:
             start = time.perf_counter()
             trained = train(processed, storage, config, settings, force=True)
             seconds = time.perf_counter() - start
             accuracy = evaluate(trained, processed, storage, settings).test_accuracy
-            return {"epochs": config.epochs, "train_seconds": seconds, "test_accuracy": accuracy,
-                    "config": dataclasses.asdict(config)}
+            return {
+                "epochs": config.epochs,
+                "train_seconds": seconds,
+                "test_accuracy": accuracy,
+                "config": dataclasses.asdict(config),
+            }
 
         seed_run = full(seed_config)
         default_run = full(default)
         per_epoch = default_run["train_seconds"] / default.epochs
         budget_epochs = max(1, int(seed_run["train_seconds"] // per_epoch))
         budget_run = full(dataclasses.replace(default, epochs=budget_epochs))
-        result["quality"] = {"seed_cnn_original": seed_run, "default": default_run,
-                             "default_in_seed_time": budget_run,
-                             "gain_in_seed_time_points": 100 * (budget_run["test_accuracy"] - seed_run["test_accuracy"])}
+        result["quality"] = {
+            "seed_cnn_original": seed_run,
+            "default": default_run,
+            "default_in_seed_time": budget_run,
+            "gain_in_seed_time_points": 100 * (budget_run["test_accuracy"] - seed_run["test_accuracy"]),
+        }
         rows += [
-            ("seed_cnn, original recipe (10 epochs): test accuracy / train s",
-             f"{seed_run['test_accuracy']:.4f} / {seed_run['train_seconds']:.0f}"),
-            (f"default recipe ({default.epochs} epochs): test accuracy / train s",
-             f"{default_run['test_accuracy']:.4f} / {default_run['train_seconds']:.0f}"),
-            (f"default recipe in seed_cnn's time ({budget_epochs} epochs): test accuracy / train s",
-             f"{budget_run['test_accuracy']:.4f} / {budget_run['train_seconds']:.0f}"),
+            (
+                "seed_cnn, original recipe (10 epochs): test accuracy / train s",
+                f"{seed_run['test_accuracy']:.4f} / {seed_run['train_seconds']:.0f}",
+            ),
+            (
+                f"default recipe ({default.epochs} epochs): test accuracy / train s",
+                f"{default_run['test_accuracy']:.4f} / {default_run['train_seconds']:.0f}",
+            ),
+            (
+                f"default recipe in seed_cnn's time ({budget_epochs} epochs): test accuracy / train s",
+                f"{budget_run['test_accuracy']:.4f} / {budget_run['train_seconds']:.0f}",
+            ),
             ("gain over seed_cnn at equal time, points", f"{result['quality']['gain_in_seed_time_points']:+.2f}"),
         ]
 

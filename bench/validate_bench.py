@@ -69,7 +69,10 @@ def main() -> None:
             record("profile table (70,000 rows)", seconds)
             record("dataset facts", timed(dataset_facts, profile)[0])
             record("validate_raw total (parse, profile, GX, reports)", timed(validate_raw, ref, storage)[0])
-            total = rows["acquire (stream, 2 x sha256, store)"][-1] + rows["validate_raw total (parse, profile, GX, reports)"][-1]
+            total = (
+                rows["acquire (stream, 2 x sha256, store)"][-1]
+                + rows["validate_raw total (parse, profile, GX, reports)"][-1]
+            )
             record("acquire + validate_raw", total)
 
     results = {name: statistics.median(values) for name, values in rows.items()}
@@ -80,15 +83,20 @@ def main() -> None:
         print(f"{name:<{width}}  {seconds:8.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "validate_bench",
-        "images": 70000,
-        "repeat": args.repeat,
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "seconds": results,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "validate_bench",
+                "images": 70000,
+                "repeat": args.repeat,
+                "python": sys.version.split()[0],
+                "machine": platform.machine(),
+                "cpus": __import__("os").cpu_count(),
+                "seconds": results,
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 

@@ -28,12 +28,22 @@ def retry_policy() -> ExceptionRetryPolicy:
     class, so neither the order of the rules nor the class hierarchy decides. Anything else (a
     bug, an error from a library) keeps Airflow's retries."""
     classes = error_classes()
-    return ExceptionRetryPolicy(rules=[
-        RetryRule(exception=[c for c in classes if c.retryable], action=RetryAction.RETRY, match_subclasses=False,
-                  reason="an outage or a busy resource: it may pass"),
-        RetryRule(exception=[c for c in classes if not c.retryable], action=RetryAction.FAIL, match_subclasses=False,
-                  reason="bad input or a verdict: retrying cannot change it"),
-    ])
+    return ExceptionRetryPolicy(
+        rules=[
+            RetryRule(
+                exception=[c for c in classes if c.retryable],
+                action=RetryAction.RETRY,
+                match_subclasses=False,
+                reason="an outage or a busy resource: it may pass",
+            ),
+            RetryRule(
+                exception=[c for c in classes if not c.retryable],
+                action=RetryAction.FAIL,
+                match_subclasses=False,
+                reason="bad input or a verdict: retrying cannot change it",
+            ),
+        ]
+    )
 
 
 DEFAULT_ARGS = {

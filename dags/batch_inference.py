@@ -31,8 +31,12 @@ from _common import DEFAULT_ARGS  # noqa: E402
     tags=["inference", "fashion-mnist", "mlflow"],
     default_args=DEFAULT_ARGS,
     params={
-        "batch_uri": Param(None, type=["null", "string"], title="Batch",
-                           description="Folder or URI prefix holding images-idx3-ubyte.gz (and labels-idx1-ubyte.gz)."),
+        "batch_uri": Param(
+            None,
+            type=["null", "string"],
+            title="Batch",
+            description="Folder or URI prefix holding images-idx3-ubyte.gz (and labels-idx1-ubyte.gz).",
+        ),
         "alias": Param("production", type="string", title="Model alias", description="Registry alias to predict with."),
     },
 )

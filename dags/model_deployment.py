@@ -41,7 +41,9 @@ REASON = Param("", type="string", title="Reason", description="Why, for the prom
     doc_md="Move `production` to the `staging` version (or `version`). " + __doc__,
     params={
         "version": Param(
-            None, type=["null", "string"], title="Version",
+            None,
+            type=["null", "string"],
+            title="Version",
             description="Registered version to promote. Empty: the version with alias staging.",
         ),
         "reason": REASON,
@@ -63,7 +65,9 @@ def promote_model():
     doc_md="Move `production` back to the previous version (or `to_version`). " + __doc__,
     params={
         "to_version": Param(
-            None, type=["null", "string"], title="Roll back to version",
+            None,
+            type=["null", "string"],
+            title="Roll back to version",
             description="Empty: the production version before the current one.",
         ),
         "reason": REASON,

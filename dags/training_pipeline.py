@@ -54,9 +54,7 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
 
 
 @dag(
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable("@weekly", timezone="UTC"), assets=[DRIFT_DETECTED]
-    ),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@weekly", timezone="UTC"), assets=[DRIFT_DETECTED]),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -92,13 +90,22 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
             description="For a global batch of 128 images; scaled linearly with batch size x devices x nodes.",
         ),
         "weight_decay": Param(0.0005, type="number", minimum=0, maximum=1, title="Weight decay"),
-        "optimizer": Param("sgd", type="string", enum=["adamw", "adam", "sgd"], title="Optimizer",
-                           description="sgd: Nesterov momentum 0.9."),
+        "optimizer": Param(
+            "sgd",
+            type="string",
+            enum=["adamw", "adam", "sgd"],
+            title="Optimizer",
+            description="sgd: Nesterov momentum 0.9.",
+        ),
         "label_smoothing": Param(0.1, type="number", minimum=0, maximum=0.5, title="Label smoothing"),
         "lr_schedule": Param("onecycle", type="string", enum=["onecycle", "cosine", "constant"], title="LR schedule"),
         "augment": Param(True, type="boolean", title="Augment (random crop with padding, horizontal flip)"),
-        "test_time_flip": Param(True, type="boolean", title="Test-time flip",
-                                description="Predict the mean of the image's and its mirror's probabilities."),
+        "test_time_flip": Param(
+            True,
+            type="boolean",
+            title="Test-time flip",
+            description="Predict the mean of the image's and its mirror's probabilities.",
+        ),
         "early_stopping_patience": Param(
             0, type="integer", minimum=0, maximum=500, title="Early stopping patience (epochs; 0: off)"
         ),
@@ -115,8 +122,13 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
         ),
         "compile": Param(False, type="boolean", title="torch.compile the network"),
         "num_threads": Param(0, type="integer", minimum=0, maximum=1024, title="CPU threads (0: the CPUs allowed)"),
-        "tune": Param(False, type="boolean", title="Tune first", description="Try candidate configs on a sample "
-                      "(one mapped task each, MLflow child runs) and train with the best."),
+        "tune": Param(
+            False,
+            type="boolean",
+            title="Tune first",
+            description="Try candidate configs on a sample "
+            "(one mapped task each, MLflow child runs) and train with the best.",
+        ),
         "tune_space": Param(
             {"learning_rate": [0.05, 0.1, 0.2], "weight_decay": [0.0001, 0.0005]},
             type="object",
@@ -154,7 +166,9 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
             0.0, type="number", minimum=0, maximum=1, title="Gate: required gain over production (0: none)"
         ),
         "auto_promote": Param(
-            False, type="boolean", title="Promote to production automatically",
+            False,
+            type="boolean",
+            title="Promote to production automatically",
             description="Off: the run stops at staging; promote from the promote_model DAG.",
         ),
         "force": Param(False, type="boolean", title="Retrain even if this data and config were trained before"),

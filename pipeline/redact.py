@@ -16,11 +16,29 @@ MASK = "***"
 
 #: Query parameters whose value is a secret, compared lower-cased (AWS SigV2/SigV4, Azure SAS,
 #: Google signed URLs, common token names).
-SECRET_PARAMS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid", "signature",
-    "x-goog-signature", "x-goog-credential", "sig", "token", "access_token", "id_token", "auth", "key", "apikey",
-    "api_key", "password", "passwd", "secret", "client_secret",
-})
+SECRET_PARAMS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "awsaccesskeyid",
+        "signature",
+        "x-goog-signature",
+        "x-goog-credential",
+        "sig",
+        "token",
+        "access_token",
+        "id_token",
+        "auth",
+        "key",
+        "apikey",
+        "api_key",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+    }
+)
 #: Parts of a parameter name that make its value a secret whatever the rest of the name.
 SECRET_WORDS = ("signature", "credential", "token", "password", "secret", "apikey", "api_key")
 
@@ -45,10 +63,14 @@ def redact_uri(uri: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair and _secret_param(pair.split("=", 1)[0]) else pair
-        for pair in parts.query.split("&")
-    ) if parts.query else ""
+    query = (
+        "&".join(
+            f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair and _secret_param(pair.split("=", 1)[0]) else pair
+            for pair in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
     if netloc == parts.netloc and query == parts.query:
         return uri
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -62,9 +84,10 @@ def redact_text(text: str) -> str:
     query parameters masked even without a scheme (``GET /f?token=... HTTP/1.1``): for messages
     that quote a library's exception or log line."""
     text = _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}={MASK}" if _secret_param(m[2]) else m[0], text)
+
     def one(match: re.Match[str]) -> str:
         uri = match.group(0)
         kept = uri.rstrip(":.,;)]")  # the sentence's punctuation, not the URI's
-        return redact_uri(kept) + uri[len(kept):]
+        return redact_uri(kept) + uri[len(kept) :]
 
     return _URL_IN_TEXT.sub(one, text)

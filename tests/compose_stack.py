@@ -30,9 +30,20 @@ INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}|\$([A-Za
 TOOLS = ("airflow", "pipeline", "mlflow")
 
 SERVICES = {
-    "postgres", "redis", "minio", "minio-init", "mlflow", "mlflow-init", "airflow-init", "airflow-apiserver",
-    "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
-    "airflow-worker-gpu", "serving",
+    "postgres",
+    "redis",
+    "minio",
+    "minio-init",
+    "mlflow",
+    "mlflow-init",
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "airflow-worker-gpu",
+    "serving",
 }
 
 
@@ -71,7 +82,10 @@ def docker_compose(values: dict[str, str], *args: str) -> subprocess.CompletedPr
         env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
         return subprocess.run(
             [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *args],
-            capture_output=True, text=True, timeout=120, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp},
         )
 

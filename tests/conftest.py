@@ -75,8 +75,14 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, small_splits) -> Pat
 
 
 #: Variables that would point a test's pipeline away from its own home.
-STORE_VARIABLES = ("PIPELINE_STORAGE_URI", "MLFLOW_TRACKING_URI", "PIPELINE_ARTIFACT_ROOT", "PIPELINE_SOURCE_URI",
-                   "PIPELINE_MODEL_NAME", "PIPELINE_EXPERIMENT")
+STORE_VARIABLES = (
+    "PIPELINE_STORAGE_URI",
+    "MLFLOW_TRACKING_URI",
+    "PIPELINE_ARTIFACT_ROOT",
+    "PIPELINE_SOURCE_URI",
+    "PIPELINE_MODEL_NAME",
+    "PIPELINE_EXPERIMENT",
+)
 
 
 def use_home(mp: pytest.MonkeyPatch, home: Path) -> Path:
@@ -121,4 +127,3 @@ def storage(settings):
 def small_processed(small_dataset: Path, storage) -> Prepared:
     """The small real subset, processed in this test's own pipeline home."""
     return prepare_small(storage, small_dataset)
-

@@ -52,7 +52,7 @@ def wrong_dimensions(folder: Path) -> None:
 
 
 def truncated_payload(folder: Path) -> None:
-    _rewrite(folder / TRAIN_IMAGES, lambda b: b[:-784 * 3 - 17])
+    _rewrite(folder / TRAIN_IMAGES, lambda b: b[: -784 * 3 - 17])
 
 
 def count_mismatch(folder: Path) -> None:
@@ -72,7 +72,7 @@ def blank_images(folder: Path) -> None:
     # 5% of the training images all black: a broken export, not a distribution shift.
     def blank(b: bytes) -> bytes:
         pixels = np.frombuffer(b, dtype=np.uint8, offset=16).reshape(-1, 784).copy()
-        pixels[:: 20] = 0
+        pixels[::20] = 0
         return b[:16] + pixels.tobytes()
 
     _rewrite(folder / TRAIN_IMAGES, blank)
@@ -157,6 +157,7 @@ def near_duplicate_leak(folder: Path) -> None:
 
 def near_duplicated_rows(folder: Path) -> None:
     """200 training images exported again with +-8 grey levels of noise: exact hashes miss them."""
+
     def add_copies(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         noise = np.random.default_rng(1).integers(-8, 9, x[:200].shape)
         copies = np.clip(x[:200].astype(int) + noise, 0, 255).astype(np.uint8)

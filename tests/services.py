@@ -69,7 +69,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     """Run the installed ``pipeline`` console script."""
     return subprocess.run(
         [str(Path(sys.executable).parent / "pipeline"), *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
     )
 
 
@@ -81,8 +84,18 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
-            str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
-            "--default-artifact-root", artifact_root, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--default-artifact-root",
+            artifact_root,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
 
     def __enter__(self) -> MlflowServer:
@@ -220,8 +233,9 @@ class ProcessGroup:
 
     def start(self, name: str, command: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         self.processes[name] = process
         return process
@@ -389,8 +403,12 @@ class PostgresCluster:
             self._as_user = ["runuser", "-u", "postgres", "--"]
 
     def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
-                       check=True, capture_output=True, timeout=timeout)
+        subprocess.run(
+            [*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
@@ -400,8 +418,9 @@ class PostgresCluster:
         self._pg_ctl("-m", mode, "-w", "stop")
 
     def running(self) -> bool:
-        status = subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "status"],
-                                capture_output=True, timeout=30)
+        status = subprocess.run(
+            [*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "status"], capture_output=True, timeout=30
+        )
         return status.returncode == 0
 
     def restart(self, mode: str = "fast") -> None:
@@ -411,8 +430,22 @@ class PostgresCluster:
         self.start()
 
     def __enter__(self) -> PostgresCluster:
-        subprocess.run([*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                        "-A", "trust", "--no-sync"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                *self._as_user,
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         self.start()
         return self
 
@@ -467,9 +500,11 @@ class FullS3Proxy:
     (507, ``XMinioStorageFull``) once ``allow_puts`` of them went through; every other request
     is relayed as it is. ``allow_puts = None`` lets everything through (space freed)."""
 
-    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioStorageFull</Code><Message>Storage '
-            b"backend has reached its minimum free drive threshold. Please delete a few objects to proceed."
-            b"</Message></Error>")
+    BODY = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioStorageFull</Code><Message>Storage '
+        b"backend has reached its minimum free drive threshold. Please delete a few objects to proceed."
+        b"</Message></Error>"
+    )
 
     def __init__(self, target: str) -> None:
         import http.client

@@ -129,7 +129,9 @@ def test_interpolated_variables_are_exactly_those_of_env_example():
             name = match.group(1) or match.group(3)
             used.setdefault(name, set()).add(match.group(2) or "")
     declared = set(env_example())
-    assert not set(used) - declared, f"used by the compose file, missing from .env.example: {sorted(set(used) - declared)}"
+    assert not set(used) - declared, (
+        f"used by the compose file, missing from .env.example: {sorted(set(used) - declared)}"
+    )
     assert not declared - set(used), f"in .env.example, unused by the compose file: {sorted(declared - set(used))}"
     # Values live in .env.example alone: no default in the compose file, a clear error when unset.
     with_default = {name: sorted(forms) for name, forms in used.items() if any(not f.startswith(":?") for f in forms)}
@@ -143,7 +145,11 @@ def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """``[(INSTRUCTION, arguments)]`` with line continuations joined and comments dropped."""
     lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(op.upper(), rest.strip()) for op, _, rest in (line.strip().partition(" ") for line in joined.splitlines()) if op]
+    return [
+        (op.upper(), rest.strip())
+        for op, _, rest in (line.strip().partition(" ") for line in joined.splitlines())
+        if op
+    ]
 
 
 def dockerfile_entrypoint(dockerfile: Path) -> list[str]:
@@ -181,8 +187,11 @@ def image_files(dockerfile: Path) -> dict[PurePosixPath, Path]:
             *sources, dest = [arg for arg in shlex.split(rest) if not arg.startswith("--")]
             target = workdir / dest
             for source in sources:
-                matches = [m for m in sorted(ROOT.glob(source.rstrip("/")))
-                           if not dockerignored(m.relative_to(ROOT).as_posix())]
+                matches = [
+                    m
+                    for m in sorted(ROOT.glob(source.rstrip("/")))
+                    if not dockerignored(m.relative_to(ROOT).as_posix())
+                ]
                 assert matches, f"{dockerfile.name}: COPY {source}: nothing in the checkout (or all .dockerignored)"
                 for match in matches:
                     if match.is_dir():
@@ -248,7 +257,9 @@ def test_commands_of_our_images_exist(stack):
         program = argv[0]
         if program.startswith("/"):
             assert PurePosixPath(program) in files, f"{where}: {program} is not copied into the image"
-            assert os.access(files[PurePosixPath(program)], os.X_OK), f"{where}: {files[PurePosixPath(program)]} is not executable"
+            assert os.access(files[PurePosixPath(program)], os.X_OK), (
+                f"{where}: {files[PurePosixPath(program)]} is not executable"
+            )
         else:
             assert program in TOOLS, f"{where}: {argv} runs neither a repository script nor one of {TOOLS}"
             words = [program]
@@ -261,8 +272,9 @@ def test_commands_of_our_images_exist(stack):
 
     def ask(words: tuple[str, ...]) -> tuple[tuple[str, ...], subprocess.CompletedProcess[str]]:
         env = {**os.environ, "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor"}
-        return words, subprocess.run([str(VENV_BIN / words[0]), *words[1:], "--help"],
-                                     capture_output=True, text=True, timeout=120, env=env)
+        return words, subprocess.run(
+            [str(VENV_BIN / words[0]), *words[1:], "--help"], capture_output=True, text=True, timeout=120, env=env
+        )
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         for words, out in pool.map(ask, to_ask):

@@ -33,15 +33,23 @@ DEFAULT_SECRETS = {
 def project_files() -> list[Path]:
     """Every file git tracks or would track (new files not yet committed included), but this
     one: it names the defaults it looks for."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     paths = (ROOT / name for name in out.stdout.split("\0") if name)
     return [p for p in paths if p.is_file() and p.resolve() != Path(__file__).resolve()]
 
 
 def findings(name: str, text: str) -> list[str]:
-    return [f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {what} ({m.group(0).strip()!r})"
-            for what, pattern in DEFAULT_SECRETS.items() for m in pattern.finditer(text)]
+    return [
+        f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {what} ({m.group(0).strip()!r})"
+        for what, pattern in DEFAULT_SECRETS.items()
+        for m in pattern.finditer(text)
+    ]
 
 
 def test_no_file_holds_a_default_secret():

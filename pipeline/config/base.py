@@ -22,8 +22,9 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
         raise ConfigError(name, f"a value in [{low}, {high}]", repr(value))
 
 
-def env_number(env: Mapping[str, str], name: str, kind: type, default: Any,
-               low: float | None = None, high: float | None = None) -> Any:
+def env_number(
+    env: Mapping[str, str], name: str, kind: type, default: Any, low: float | None = None, high: float | None = None
+) -> Any:
     """``env[name]`` as an int or float (``default`` when unset or blank), within ``[low, high]``
     when given; a bad value is a :class:`ConfigError` naming the variable."""
     text = env.get(name, "").strip()
@@ -33,7 +34,9 @@ def env_number(env: Mapping[str, str], name: str, kind: type, default: Any,
         value = kind(text)
     except ValueError:
         what = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
-        raise ConfigError(name, what if low is None or high is None else f"{what} in [{low}, {high}]", repr(text)) from None
+        raise ConfigError(
+            name, what if low is None or high is None else f"{what} in [{low}, {high}]", repr(text)
+        ) from None
     if low is not None and high is not None:
         check_range(name, value, low, high)
     return value

@@ -63,7 +63,9 @@ class SourceLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"PIPELINE_{name.upper()}", "a positive integer number of bytes", repr(value))
         if not 0 < self.download_deadline_s < float("inf"):
-            raise ConfigError("PIPELINE_DOWNLOAD_DEADLINE_S", "a positive number of seconds", repr(self.download_deadline_s))
+            raise ConfigError(
+                "PIPELINE_DOWNLOAD_DEADLINE_S", "a positive number of seconds", repr(self.download_deadline_s)
+            )
         for host in self.redirect_hosts:
             if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
                 raise ConfigError("PIPELINE_REDIRECT_HOSTS", "host names or host:port, comma-separated", repr(host))

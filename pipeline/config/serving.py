@@ -56,12 +56,18 @@ class ServingSettings:
 
     def __post_init__(self) -> None:
         if self.token is not None and (len(self.token) < 16 or any(c.isspace() for c in self.token)):
-            raise ConfigError("PIPELINE_SERVE_TOKEN", "at least 16 characters without spaces",
-                              f"{len(self.token)} characters")
-        for name, low, high in (("max_connections", 1, 1_000_000), ("max_in_flight", 1, 1_000_000),
-                                ("max_buffered_bytes", 1024 * 1024, 1 << 40), ("body_timeout_s", 0.1, 3600),
-                                ("header_timeout_s", 0.1, 3600), ("keep_alive_s", 0.1, 3600),
-                                ("retry_after_s", 0, 3600)):
+            raise ConfigError(
+                "PIPELINE_SERVE_TOKEN", "at least 16 characters without spaces", f"{len(self.token)} characters"
+            )
+        for name, low, high in (
+            ("max_connections", 1, 1_000_000),
+            ("max_in_flight", 1, 1_000_000),
+            ("max_buffered_bytes", 1024 * 1024, 1 << 40),
+            ("body_timeout_s", 0.1, 3600),
+            ("header_timeout_s", 0.1, 3600),
+            ("keep_alive_s", 0.1, 3600),
+            ("retry_after_s", 0, 3600),
+        ):
             check_range(f"PIPELINE_SERVE_{name.upper()}", getattr(self, name), low, high)
 
     @classmethod
@@ -69,17 +75,28 @@ class ServingSettings:
         env = os.environ if environ is None else environ
         token, token_file = env.get("PIPELINE_SERVE_TOKEN") or None, env.get("PIPELINE_SERVE_TOKEN_FILE")
         if token and token_file:
-            raise ConfigError("PIPELINE_SERVE_TOKEN_FILE", "one of PIPELINE_SERVE_TOKEN and PIPELINE_SERVE_TOKEN_FILE",
-                              "both set")
+            raise ConfigError(
+                "PIPELINE_SERVE_TOKEN_FILE", "one of PIPELINE_SERVE_TOKEN and PIPELINE_SERVE_TOKEN_FILE", "both set"
+            )
         if token_file:
             token = read_token_file(Path(token_file))
         return cls(
             token=token,
             metrics_open=env_flag(env, "PIPELINE_SERVE_METRICS_OPEN"),
-            **{name: env_number(env, f"PIPELINE_SERVE_{name.upper()}", type(getattr(cls, name)), getattr(cls, name),
-                                 -1e18, 1e18)
-               for name in ("max_connections", "max_in_flight", "max_buffered_bytes", "body_timeout_s",
-                            "header_timeout_s", "keep_alive_s", "retry_after_s")},
+            **{
+                name: env_number(
+                    env, f"PIPELINE_SERVE_{name.upper()}", type(getattr(cls, name)), getattr(cls, name), -1e18, 1e18
+                )
+                for name in (
+                    "max_connections",
+                    "max_in_flight",
+                    "max_buffered_bytes",
+                    "body_timeout_s",
+                    "header_timeout_s",
+                    "keep_alive_s",
+                    "retry_after_s",
+                )
+            },
         )
 
 

@@ -16,8 +16,16 @@ IDX_FILES = {
 }
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
@@ -99,8 +107,12 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """The environment that makes :meth:`from_env` in a child process give these settings."""
         return {
-            "PIPELINE_HOME": str(self.home), "PIPELINE_STORAGE_URI": self.storage_uri,
-            "MLFLOW_TRACKING_URI": self.tracking_uri, "PIPELINE_ARTIFACT_ROOT": self.artifact_root,
-            "PIPELINE_MODEL_NAME": self.model_name, "PIPELINE_EXPERIMENT": self.experiment_name,
-            "PIPELINE_SOURCE_URI": self.source_uri, "PIPELINE_INCOMING_URI": self.incoming_uri,
+            "PIPELINE_HOME": str(self.home),
+            "PIPELINE_STORAGE_URI": self.storage_uri,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "PIPELINE_ARTIFACT_ROOT": self.artifact_root,
+            "PIPELINE_MODEL_NAME": self.model_name,
+            "PIPELINE_EXPERIMENT": self.experiment_name,
+            "PIPELINE_SOURCE_URI": self.source_uri,
+            "PIPELINE_INCOMING_URI": self.incoming_uri,
         }

@@ -132,8 +132,17 @@ class TrainConfig:
 
 
 #: TrainConfig fields a search may vary: what changes the model, not where or how fast it runs.
-TUNABLE = ("architecture", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing", "lr_schedule",
-           "augment", "test_time_flip")
+TUNABLE = (
+    "architecture",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "optimizer",
+    "label_smoothing",
+    "lr_schedule",
+    "augment",
+    "test_time_flip",
+)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _declared_size(head: bytes) -> int | None:
     if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in IDX_DTYPES or len(head) < 4 + 4 * head[3]:
         return None
     size = IDX_DTYPES[head[2]].itemsize
-    for dim in struct.unpack(f">{head[3]}I", head[4:4 + 4 * head[3]]):
+    for dim in struct.unpack(f">{head[3]}I", head[4 : 4 + 4 * head[3]]):
         size *= dim
     return 4 + 4 * head[3] + size
 
@@ -84,7 +84,7 @@ class _Content:
 
     def _take(self, piece: bytes) -> None:
         if len(self.head) < 1024:  # the longest IDX header: 4 + 4 * 255 bytes
-            self.head += piece[:1024 - len(self.head)]
+            self.head += piece[: 1024 - len(self.head)]
             declared = _declared_size(self.head)
             if declared is not None and declared > self.budget:
                 self._refuse(f"a header declaring {declared} bytes")
@@ -135,22 +135,34 @@ def fetch_file(
     chunks, total = source.stream(name)
     try:
         if total is not None and total > limits.max_download_bytes:
-            raise SourceLimitError(where, f"at most {limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
-                                   f"a file of {total} bytes")
+            raise SourceLimitError(
+                where,
+                f"at most {limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
+                f"a file of {total} bytes",
+            )
         file_digest = hashlib.sha256()
         content = _Content(where, limits.max_dataset_bytes if budget is None else budget)
         size = 0
-        with dest.open("wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty(), leave=False
-        ) as bar:
+        with (
+            dest.open("wb") as out,
+            tqdm(
+                total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty(), leave=False
+            ) as bar,
+        ):
             for block in chunks:
                 size += len(block)
                 if size > limits.max_download_bytes:
-                    raise SourceLimitError(where, f"at most {limits.max_download_bytes} bytes "
-                                           "(PIPELINE_MAX_DOWNLOAD_BYTES)", f"more than {limits.max_download_bytes}")
+                    raise SourceLimitError(
+                        where,
+                        f"at most {limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
+                        f"more than {limits.max_download_bytes}",
+                    )
                 if time.monotonic() > deadline:
-                    raise SourceLimitError(where, f"a download within {limits.download_deadline_s:g} s "
-                                           "(PIPELINE_DOWNLOAD_DEADLINE_S)", f"{size} bytes by then, not the end")
+                    raise SourceLimitError(
+                        where,
+                        f"a download within {limits.download_deadline_s:g} s (PIPELINE_DOWNLOAD_DEADLINE_S)",
+                        f"{size} bytes by then, not the end",
+                    )
                 out.write(block)
                 file_digest.update(block)
                 content.feed(block)
@@ -168,10 +180,18 @@ def fetch_file(
     content.finish()
     if content.broken:
         log.warning("%s is not a complete gzip stream; storing it as served for validate to judge", where)
-        return {"size": size, "sha256": file_digest.hexdigest(), "content_sha256": file_digest.hexdigest(),
-                "content_size": size}
-    return {"size": size, "sha256": file_digest.hexdigest(), "content_sha256": content.digest.hexdigest(),
-            "content_size": content.size}
+        return {
+            "size": size,
+            "sha256": file_digest.hexdigest(),
+            "content_sha256": file_digest.hexdigest(),
+            "content_size": size,
+        }
+    return {
+        "size": size,
+        "sha256": file_digest.hexdigest(),
+        "content_sha256": content.digest.hexdigest(),
+        "content_size": content.size,
+    }
 
 
 def _verify(config: AcquireConfig, source: Source, name: str, info: dict[str, Any]) -> None:
@@ -198,7 +218,12 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
         record = storage.get_json(record_key)
         raw_manifest = f"raw/{record['dataset_hash']}/{MANIFEST}"
         unknown = any(fp is None for fp in fingerprints.values())
-        if not unknown and record["fingerprints"] == fingerprints and "files" in record and storage.exists(raw_manifest):
+        if (
+            not unknown
+            and record["fingerprints"] == fingerprints
+            and "files" in record
+            and storage.exists(raw_manifest)
+        ):
             # This source's own digests: another source may have stored the same content
             # under different bytes (recompressed), and checksums refer to what is served here.
             files = record["files"]
@@ -219,7 +244,9 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
             files[name] = fetch_file(source, name, Path(staging) / name, limits, budget)
             budget -= files[name]["content_size"]
             _verify(config, source, name, files[name])
-            log.info("fetched %s: %d bytes, sha256 %s", source.file_uri(name), files[name]["size"], files[name]["sha256"])
+            log.info(
+                "fetched %s: %d bytes, sha256 %s", source.file_uri(name), files[name]["size"], files[name]["sha256"]
+            )
         digest = dataset_hash({name: info["content_sha256"] for name, info in files.items()})
         prefix = f"raw/{digest}"
         if not storage.exists(f"{prefix}/{MANIFEST}"):
@@ -228,7 +255,7 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
             storage.put_json({"dataset_hash": digest, "files": files}, f"{prefix}/{MANIFEST}")
     storage.put_json(
         {"source_uri": shown, "fingerprints": fingerprints, "dataset_hash": digest, "files": files},
-        record_key  # the key hashes the full URI: two tokens for one prefix are two sources
+        record_key,  # the key hashes the full URI: two tokens for one prefix are two sources
     )
     return RawDatasetRef(dataset_hash=digest, uri=storage.uri(prefix), source_uri=shown, files=files, fetched=names)
 

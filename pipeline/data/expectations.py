@@ -37,7 +37,9 @@ def load_suite(name: str, directory: Path | None = None) -> Any:
         suite = gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
     except Exception as exc:  # GX raises pydantic and its own errors alike; all mean a bad file
         first = str(exc).strip().splitlines()
-        raise ConfigError(str(path), "a valid expectation suite", f"{type(exc).__name__}: {' '.join(first[:3])}") from exc
+        raise ConfigError(
+            str(path), "a valid expectation suite", f"{type(exc).__name__}: {' '.join(first[:3])}"
+        ) from exc
     # GX logs and drops an invalid expectation instead of raising: a typo would silently weaken
     # the gate, so count what was loaded.
     if len(suite.expectations) != len(spec["expectations"]):
@@ -98,7 +100,9 @@ def failure_error(
             kind = "labels" if column == "label" else "images"
             found += " in " + ", ".join(files[f"{s}_{kind}"] for s in sorted(set(bad["split"])))
         else:  # one row per split: show each offending split's value
-            found = ", ".join(f"split {s}: {column}={float(v):.4g}" for s, v in zip(bad["split"], bad[column], strict=True))
+            found = ", ".join(
+                f"split {s}: {column}={float(v):.4g}" for s, v in zip(bad["split"], bad[column], strict=True)
+            )
     others = sum(1 for r in validation.results if not r.success) - 1
     if others:
         found += f" (and {others} more failed expectation{'s' if others > 1 else ''} in the report)"

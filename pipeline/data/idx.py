@@ -106,7 +106,7 @@ class ContentStream:
             self.compressed = block.startswith(GZIP_MAGIC)
         if not self.compressed:
             for start in range(0, len(block), CHUNK):
-                yield block[start:start + CHUNK]
+                yield block[start : start + CHUNK]
             return
         yield from self._inflate(block)
 
@@ -144,9 +144,7 @@ class ContentStream:
                 yield self._pending
             return
         if self.compressed and (self._inflater is not None or self._pending):
-            raise CorruptFileError(
-                self.name, "a complete gzip stream", f"one truncated after {self.file_bytes} bytes"
-            )
+            raise CorruptFileError(self.name, "a complete gzip stream", f"one truncated after {self.file_bytes} bytes")
 
 
 def _content(path: Path) -> Iterator[bytes]:
@@ -178,7 +176,7 @@ class _Pieces:
         self.held = self.held[filled:]
         while filled < len(view) and (piece := next(self.pieces, None)) is not None:
             take = min(len(piece), len(view) - filled)
-            view[filled:filled + take] = piece[:take]
+            view[filled : filled + take] = piece[:take]
             filled += take
             self.held = piece[take:]
         return filled
@@ -220,7 +218,8 @@ def _layout(
         raise IdxFormatError(name, "dimensions whose product fits in 63 bits", f"shape {shape}")
     if max_bytes is not None and header + expected > max_bytes:
         raise SourceLimitError(
-            name, f"at most {max_bytes} bytes of content (PIPELINE_MAX_DATASET_BYTES)",
+            name,
+            f"at most {max_bytes} bytes of content (PIPELINE_MAX_DATASET_BYTES)",
             f"a header declaring {expected} payload bytes for shape {shape}",
         )
     return shape, file_dtype, expected
@@ -233,7 +232,7 @@ def parse_idx(
 
     The reference decoding that :func:`read_idx` (which streams from disk) agrees with."""
     type_code, dims = _type_and_dims(data[:4], name, ndim)
-    shape, file_dtype, expected = _layout(data[:4 + 4 * dims], name, type_code, dims, dtype, max_bytes)
+    shape, file_dtype, expected = _layout(data[: 4 + 4 * dims], name, type_code, dims, dtype, max_bytes)
     found = len(data) - (4 + 4 * dims)
     if found != expected:
         raise IdxFormatError(name, f"{expected} payload bytes for shape {shape}", f"{found}")

@@ -79,7 +79,9 @@ def _pooled(images: np.ndarray) -> np.ndarray:
     return images.reshape(n, rows // 4, 4, cols // 4, 4).astype(np.float32).mean(axis=(2, 4)).reshape(n, -1)
 
 
-def near_duplicates(a: np.ndarray, b: np.ndarray, radius: float = NEAR_DUPLICATE_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+def near_duplicates(
+    a: np.ndarray, b: np.ndarray, radius: float = NEAR_DUPLICATE_RADIUS
+) -> tuple[np.ndarray, np.ndarray]:
     """Masks of the images of ``a`` with a near-duplicate in ``b``, and of ``b`` with one in ``a``.
 
     Exact nearest neighbours on downsampled images, in chunks through one matrix product each

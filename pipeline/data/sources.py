@@ -67,7 +67,9 @@ class LocalSource(Source):
             raise SourceNotFoundError(str(path), "a file", "no such file")
         real = path.resolve()
         if not real.is_relative_to(self.folder.resolve()):
-            raise SourceNotFoundError(str(path), "a file inside the source folder", "a symbolic link to a file outside it")
+            raise SourceNotFoundError(
+                str(path), "a file inside the source folder", "a symbolic link to a file outside it"
+            )
         return real
 
     def fingerprint(self, name: str) -> dict[str, Any]:
@@ -109,7 +111,11 @@ def _redact_library_logs() -> None:
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return (
+        parts.scheme.lower(),
+        (parts.hostname or "").lower(),
+        parts.port or {"http": 80, "https": 443}.get(parts.scheme),
+    )
 
 
 class HttpSource(Source):
@@ -126,8 +132,14 @@ class HttpSource(Source):
         self.limits = limits or SourceLimits.from_env()
         _redact_library_logs()
         self.session = requests.Session()
-        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504), allowed_methods=None,
-                      redirect=False, raise_on_redirect=False)
+        retry = Retry(
+            total=3,
+            backoff_factor=0.5,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=None,
+            redirect=False,
+            raise_on_redirect=False,
+        )
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
         self.timeout = (5, 60)
@@ -140,8 +152,10 @@ class HttpSource(Source):
         scheme, host, port = _origin(target)
         if scheme not in ("http", "https"):
             return False
-        return _origin(start) == (scheme, host, port) or host in self.limits.redirect_hosts or (
-            f"{host}:{port}" in self.limits.redirect_hosts
+        return (
+            _origin(start) == (scheme, host, port)
+            or host in self.limits.redirect_hosts
+            or (f"{host}:{port}" in self.limits.redirect_hosts)
         )
 
     def _send(self, method: str, name: str, **kwargs: Any) -> Any:
@@ -155,11 +169,17 @@ class HttpSource(Source):
             same_origin = _origin(url) == _origin(start)
             try:
                 response = self.session.request(
-                    method, url, timeout=self.timeout, allow_redirects=False,
-                    auth=auth if same_origin and any(auth) else None, **kwargs,
+                    method,
+                    url,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                    auth=auth if same_origin and any(auth) else None,
+                    **kwargs,
                 )
             except requests.RequestException as exc:
-                raise SourceUnavailableError(self.file_uri(name), "a reachable HTTP server", type(exc).__name__) from exc
+                raise SourceUnavailableError(
+                    self.file_uri(name), "a reachable HTTP server", type(exc).__name__
+                ) from exc
             if not response.is_redirect:
                 return response
             target = urljoin(url, response.headers["location"])
@@ -202,8 +222,11 @@ class HttpSource(Source):
         url = self.file_uri(name)
         if size.isdigit() and int(size) > self.limits.max_download_bytes:
             response.close()
-            raise SourceLimitError(url, f"at most {self.limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
-                                   f"Content-Length {size}")
+            raise SourceLimitError(
+                url,
+                f"at most {self.limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
+                f"Content-Length {size}",
+            )
 
         def chunks() -> Iterator[bytes]:
             try:
@@ -246,7 +269,9 @@ class S3Source(Source):
             kind = SourceUnavailableError if status >= 500 else SourceNotFoundError
             raise kind(self.file_uri(name), "an existing S3 object", f"S3 {error.get('Code', status)}") from exc
         except NoCredentialsError as exc:
-            raise SourceNotFoundError(self.file_uri(name), "AWS credentials (environment, profile or role)", "none") from exc
+            raise SourceNotFoundError(
+                self.file_uri(name), "AWS credentials (environment, profile or role)", "none"
+            ) from exc
         except BotoCoreError as exc:
             where = f"a reachable S3 endpoint at {endpoint_url(self.client)}"
             raise SourceUnavailableError(self.file_uri(name), where, redact_text(str(exc))) from exc
@@ -262,14 +287,19 @@ class S3Source(Source):
         where, endpoint = self.file_uri(name), endpoint_url(self.client)
         if (obj.get("ContentLength") or 0) > self.limits.max_download_bytes:
             obj["Body"].close()
-            raise SourceLimitError(where, f"at most {self.limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
-                                   f"an object of {obj['ContentLength']} bytes")
+            raise SourceLimitError(
+                where,
+                f"at most {self.limits.max_download_bytes} bytes (PIPELINE_MAX_DOWNLOAD_BYTES)",
+                f"an object of {obj['ContentLength']} bytes",
+            )
 
         def chunks() -> Iterator[bytes]:
             try:
                 yield from obj["Body"].iter_chunks(CHUNK)
             except (BotoCoreError, OSError) as exc:
-                raise SourceUnavailableError(where, f"a complete download from {endpoint}", redact_text(str(exc))) from exc
+                raise SourceUnavailableError(
+                    where, f"a complete download from {endpoint}", redact_text(str(exc))
+                ) from exc
 
         return chunks(), obj.get("ContentLength")
 
@@ -289,4 +319,3 @@ def open_source(uri: str, limits: SourceLimits | None = None) -> Source:
     if parsed.scheme == "":
         return LocalSource(Path(uri).expanduser(), uri)
     raise SourceNotFoundError("source_uri", "a folder, file://, http(s):// or s3:// URI", redact_uri(uri))
-

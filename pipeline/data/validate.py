@@ -84,11 +84,16 @@ def validate_raw(raw: RawDatasetRef, storage: Storage, directory: Path | None = 
     splits = load_raw_splits(raw, storage)
     profile = profile_table(splits)
     near = dict(zip(("train", "test"), near_duplicates(splits["train"][0], splits["test"][0]), strict=True))
-    facts = dataset_facts(profile, extra={
-        split: {"near_overlap_fraction": float(near[split].mean()),
-                "near_duplicate_fraction": near_duplicate_fraction(splits[split][0])}
-        for split in ("train", "test")
-    })
+    facts = dataset_facts(
+        profile,
+        extra={
+            split: {
+                "near_overlap_fraction": float(near[split].mean()),
+                "near_duplicate_fraction": near_duplicate_fraction(splits[split][0]),
+            }
+            for split in ("train", "test")
+        },
+    )
     tables = {"raw_profile": profile, "raw_dataset": facts}
     context = ephemeral_context()
     validations = {name: run_suite(context, suites[name], tables[name], name) for name in RAW_SUITES}

@@ -69,8 +69,10 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         return
     if command == "monitor":
         verdict = "DRIFT: " + "; ".join(result["reasons"]) if result["drifted"] else "no drift"
-        print(f"{verdict}\nreport: {result['report_uri']}\nagainst {result['model_name']} "
-              f"v{result['model_version']} ({result['model_alias']}); MLflow run {result['run_id']}")
+        print(
+            f"{verdict}\nreport: {result['report_uri']}\nagainst {result['model_name']} "
+            f"v{result['model_version']} ({result['model_alias']}); MLflow run {result['run_id']}"
+        )
         return
     if command == "run":
         from pipeline.entrypoints.summary import format_run
@@ -86,13 +88,21 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         if not result["moved"]:
             print(f"{result['alias']} is version {result['to_version']} already; nothing moved")
         else:
-            print(f"{result['alias']}: version {result['from_version'] or '(none)'} -> {result['to_version']}  "
-                  f"({result['action']} #{result['seq']} by {result['actor']})")
+            print(
+                f"{result['alias']}: version {result['from_version'] or '(none)'} -> {result['to_version']}  "
+                f"({result['action']} #{result['seq']} by {result['actor']})"
+            )
         return
     if command == "gate":
-        print(f"gate {'passed' if result['passed'] else 'failed'}: candidate v{result['version']} accuracy "
-              f"{result['candidate']['accuracy']:.4f}" + (f", production v{result['production']['version']} "
-              f"{result['production']['accuracy']:.4f}" if result["production"] else ", no production version yet"))
+        print(
+            f"gate {'passed' if result['passed'] else 'failed'}: candidate v{result['version']} accuracy "
+            f"{result['candidate']['accuracy']:.4f}"
+            + (
+                f", production v{result['production']['version']} {result['production']['accuracy']:.4f}"
+                if result["production"]
+                else ", no production version yet"
+            )
+        )
         return
     for key, value in result.items():
         if not isinstance(value, (dict, list)):
@@ -100,12 +110,19 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    common.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress (-v) or everything (-vv) on stderr; default: errors only")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log progress (-v) or everything (-vv) on stderr; default: errors only",
+    )
 
     def add(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -113,10 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def source_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--source", dest="source_uri", help="folder, file://, http(s):// or s3:// prefix holding "
-                       f"{', '.join(IDX_FILES.values())} (default: $PIPELINE_SOURCE_URI or {Settings.source_uri})")
-        p.add_argument("--sha256", action="append", metavar="NAME=HEX",
-                       help="expected sha256 of a file (its bytes, or its decompressed IDX content); repeatable")
+        p.add_argument(
+            "--source",
+            dest="source_uri",
+            help="folder, file://, http(s):// or s3:// prefix holding "
+            f"{', '.join(IDX_FILES.values())} (default: $PIPELINE_SOURCE_URI or {Settings.source_uri})",
+        )
+        p.add_argument(
+            "--sha256",
+            action="append",
+            metavar="NAME=HEX",
+            help="expected sha256 of a file (its bytes, or its decompressed IDX content); repeatable",
+        )
 
     def preprocess_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sample-cap", type=int, help="keep at most this many train and test images (quick runs)")
@@ -128,49 +153,85 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--architecture", choices=ARCHITECTURES, help=f"network ({d.architecture})")
         p.add_argument("--epochs", type=int, help=f"epochs ({d.epochs})")
         p.add_argument("--batch-size", type=int, help=f"images per step on each device ({d.batch_size})")
-        p.add_argument("--learning-rate", type=float, help=f"peak learning rate for a global batch of 128 images, "
-                       f"scaled linearly with the global batch ({d.learning_rate})")
+        p.add_argument(
+            "--learning-rate",
+            type=float,
+            help=f"peak learning rate for a global batch of 128 images, "
+            f"scaled linearly with the global batch ({d.learning_rate})",
+        )
         p.add_argument("--weight-decay", type=float, help=f"weight decay ({d.weight_decay})")
         p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer ({d.optimizer})")
-        p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the training loss ({d.label_smoothing})")
+        p.add_argument(
+            "--label-smoothing", type=float, help=f"label smoothing of the training loss ({d.label_smoothing})"
+        )
         p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
-        p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                       help="random crop with padding and horizontal flip (on)")
-        p.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction,
-                       help="predict the mean of the image's and its mirror's probabilities (on)")
-        p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping (0: off)")
+        p.add_argument(
+            "--augment", action=argparse.BooleanOptionalAction, help="random crop with padding and horizontal flip (on)"
+        )
+        p.add_argument(
+            "--test-time-flip",
+            action=argparse.BooleanOptionalAction,
+            help="predict the mean of the image's and its mirror's probabilities (on)",
+        )
+        p.add_argument(
+            "--early-stopping-patience", type=int, help="epochs without improvement before stopping (0: off)"
+        )
         p.add_argument("--accelerator", choices=ACCELERATORS, help="Lightning accelerator (auto)")
         p.add_argument("--devices", help="devices per node: auto, a count, or ids like 0,1 (auto)")
         p.add_argument("--num-nodes", type=int, help="machines in one training (1)")
         p.add_argument("--strategy", choices=STRATEGIES, help="distributed strategy (auto)")
-        p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU or AMX CPU that has it, else 32-true")
+        p.add_argument(
+            "--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU or AMX CPU that has it, else 32-true"
+        )
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network (off)")
         p.add_argument("--num-threads", type=int, help="CPU threads for torch (0: the CPUs this process may use)")
-        p.add_argument("--force", action="store_true", help="train and register again even if this data and "
-                       "config were trained before")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="train and register again even if this data and config were trained before",
+        )
 
     def gate_flags(p: argparse.ArgumentParser) -> None:
         d = GatePolicy()
         p.add_argument("--gate-min-accuracy", type=float, help=f"floor on test accuracy ({d.min_accuracy})")
-        p.add_argument("--gate-max-accuracy-drop", type=float,
-                       help=f"tolerated fall in test accuracy against production ({d.max_accuracy_drop})")
-        p.add_argument("--gate-max-class-drop", type=float,
-                       help=f"tolerated fall in any class's recall against production ({d.max_class_drop})")
-        p.add_argument("--gate-min-improvement", type=float,
-                       help=f"required gain over production ({d.min_improvement}: none)")
+        p.add_argument(
+            "--gate-max-accuracy-drop",
+            type=float,
+            help=f"tolerated fall in test accuracy against production ({d.max_accuracy_drop})",
+        )
+        p.add_argument(
+            "--gate-max-class-drop",
+            type=float,
+            help=f"tolerated fall in any class's recall against production ({d.max_class_drop})",
+        )
+        p.add_argument(
+            "--gate-min-improvement", type=float, help=f"required gain over production ({d.min_improvement}: none)"
+        )
 
-    p = add("run", cmd_run, "run the whole chain: acquire, validate, preprocess, train, evaluate, register, gate, "
-            "infra-validate (alias staging), and promote with --auto-promote")
+    p = add(
+        "run",
+        cmd_run,
+        "run the whole chain: acquire, validate, preprocess, train, evaluate, register, gate, "
+        "infra-validate (alias staging), and promote with --auto-promote",
+    )
     source_flags(p)
     preprocess_flags(p)
     train_flags(p)
     gate_flags(p)
     p.add_argument("--auto-promote", action="store_true", help="move production to the new version when it passes")
     t = TuneConfig()
-    p.add_argument("--tune", action="store_true", default=None,
-                   help="search training configs on a sample first (MLflow child runs) and train with the best")
-    p.add_argument("--tune-space", type=_json_object, metavar="JSON",
-                   help=f'{{"field": [values]}} over {", ".join(TUNABLE)} ({json.dumps(t.space)})')
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        default=None,
+        help="search training configs on a sample first (MLflow child runs) and train with the best",
+    )
+    p.add_argument(
+        "--tune-space",
+        type=_json_object,
+        metavar="JSON",
+        help=f'{{"field": [values]}} over {", ".join(TUNABLE)} ({json.dumps(t.space)})',
+    )
     p.add_argument("--tune-method", choices=("grid", "random"), help=f"search method ({t.method})")
     p.add_argument("--tune-trials", type=int, help=f"random search: trials ({t.trials})")
     p.add_argument("--tune-sample-cap", type=int, help=f"images per trial ({t.sample_cap})")
@@ -191,13 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
     p = add("register", cmd_register, "register a run's model and set the alias 'candidate'")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
-    p = add("gate", cmd_gate, "evaluate a version against production on the same test data; exit 2 if it fails "
-            "the promotion policy")
+    p = add(
+        "gate",
+        cmd_gate,
+        "evaluate a version against production on the same test data; exit 2 if it fails the promotion policy",
+    )
     p.add_argument("--version", required=True, help="the candidate's version number")
     p.add_argument("--processed", help="processed hash of the test data (default: the version's own)")
     gate_flags(p)
-    p = add("infra-validate", cmd_infra_validate, "serve a version in a fresh process, check its answers against "
-            "offline predictions, then set the alias staging")
+    p = add(
+        "infra-validate",
+        cmd_infra_validate,
+        "serve a version in a fresh process, check its answers against offline predictions, then set the alias staging",
+    )
     p.add_argument("--version", required=True, help="a version that passed the gate")
     p.add_argument("--processed", help="processed hash of the test images (default: the version's own)")
     p = add("promote", cmd_promote, "move the alias production to the staging version (or --version)")
@@ -207,18 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="version to go back to (default: the one before the current)")
     p.add_argument("--reason", help="why, for the promotion history")
     p = add("history", cmd_history, "list every alias move of the registered model (promotion history)")
-    p = add("serve", cmd_serve, "serve a registered model over HTTP (/predict, /health, /ready, /metadata, "
-            "/metrics); on an alias, follow it when it moves")
-    p.add_argument("--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> "
-                   "(default: models:/<model>@production)")
+    p = add(
+        "serve",
+        cmd_serve,
+        "serve a registered model over HTTP (/predict, /health, /ready, /metadata, "
+        "/metrics); on an alias, follow it when it moves",
+    )
+    p.add_argument(
+        "--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> (default: models:/<model>@production)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--poll-interval", type=float, default=10.0,
-                   help="seconds between registry checks of the alias (10)")
-    p = add("monitor", cmd_monitor, "check a batch of new images for drift against the production (else "
-            "candidate) model's data; writes a drift report")
-    p.add_argument("--batch", help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "
-                   "optionally labels-idx1-ubyte.gz (default: $PIPELINE_INCOMING_URI or <home>/new-data)")
+    p.add_argument(
+        "--poll-interval", type=float, default=10.0, help="seconds between registry checks of the alias (10)"
+    )
+    p = add(
+        "monitor",
+        cmd_monitor,
+        "check a batch of new images for drift against the production (else "
+        "candidate) model's data; writes a drift report",
+    )
+    p.add_argument(
+        "--batch",
+        help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "
+        "optionally labels-idx1-ubyte.gz (default: $PIPELINE_INCOMING_URI or <home>/new-data)",
+    )
     p = add("summary", cmd_summary, "show a registered version (by alias), its metrics and how to open the UIs")
     p.add_argument("--alias", default="candidate", help="registry alias to show (candidate)")
     return parser
@@ -240,7 +320,15 @@ def configure_logging(verbosity: int) -> None:
         warnings.filterwarnings("ignore")
         # MLflow configures its own handler when imported; this is the way to quiet it.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING" if verbosity else "ERROR")
-        for noisy in ("great_expectations", "alembic", "botocore", "urllib3", "mlflow", "lightning", "pytorch_lightning"):
+        for noisy in (
+            "great_expectations",
+            "alembic",
+            "botocore",
+            "urllib3",
+            "mlflow",
+            "lightning",
+            "pytorch_lightning",
+        ):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

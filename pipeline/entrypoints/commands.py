@@ -26,9 +26,26 @@ def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
 
 
 #: TrainConfig fields that are CLI flags (and DAG Params) of the same name.
-TRAIN_FLAGS = ("architecture", "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "label_smoothing",
-               "lr_schedule", "augment", "test_time_flip", "early_stopping_patience", "accelerator", "devices",
-               "num_nodes", "strategy", "precision", "compile", "num_threads")
+TRAIN_FLAGS = (
+    "architecture",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "optimizer",
+    "label_smoothing",
+    "lr_schedule",
+    "augment",
+    "test_time_flip",
+    "early_stopping_patience",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "compile",
+    "num_threads",
+)
 
 
 #: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``), and TuneConfig fields as ``--tune...``.
@@ -37,8 +54,17 @@ TUNE_FLAGS = ("tune", "tune_space", "tune_method", "tune_trials", "tune_sample_c
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("source_uri", "sample_cap", "seed", "val_fraction", "force", "auto_promote", *TRAIN_FLAGS, *GATE_FLAGS,
-            *TUNE_FLAGS)
+    keys = (
+        "source_uri",
+        "sample_cap",
+        "seed",
+        "val_fraction",
+        "force",
+        "auto_promote",
+        *TRAIN_FLAGS,
+        *GATE_FLAGS,
+        *TUNE_FLAGS,
+    )
     params = {k: getattr(args, k, None) for k in keys}
     params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
     return params
@@ -54,7 +80,9 @@ def cmd_acquire(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.data.acquire import acquire
     from pipeline.storage import storage_for
 
-    config = AcquireConfig(source_uri=args.source_uri or settings.source_uri, expected_sha256=_sha256_pairs(args.sha256))
+    config = AcquireConfig(
+        source_uri=args.source_uri or settings.source_uri, expected_sha256=_sha256_pairs(args.sha256)
+    )
     return acquire(config, storage_for(settings)).to_dict()
 
 
@@ -134,8 +162,14 @@ def _version_ref(settings: Settings, version: str) -> Any:
         found = tracking_client(settings).get_model_version(name, version)
     except MlflowException as exc:
         raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
-    return ModelVersionRef(model_name=name, version=str(found.version), alias="", run_id=found.run_id or "",
-                           model_uri=f"models:/{name}/{found.version}", created=False)
+    return ModelVersionRef(
+        model_name=name,
+        version=str(found.version),
+        alias="",
+        run_id=found.run_id or "",
+        model_uri=f"models:/{name}/{found.version}",
+        created=False,
+    )
 
 
 def _processed_of(settings: Settings, storage: Any, version: Any, processed_hash: str | None) -> Any:
@@ -189,8 +223,13 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.serving.server import serve
 
-    serve(args.model_uri or f"models:/{settings.model_name}@production", settings, args.host, args.port,
-          args.poll_interval)
+    serve(
+        args.model_uri or f"models:/{settings.model_name}@production",
+        settings,
+        args.host,
+        args.port,
+        args.poll_interval,
+    )
     return {"stopped": True}
 
 

@@ -47,8 +47,11 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     version = register(trained, evaluation, validation, processed, storage, settings, actor)
     verdict = gate(version, processed, storage, settings, config.gate)
     served = infra_validate(version, processed, storage, settings, actor)
-    promoted = (promote(settings, version.version, actor, "pipeline run --auto-promote", forward_only=True)
-                if config.auto_promote else None)
+    promoted = (
+        promote(settings, version.version, actor, "pipeline run --auto-promote", forward_only=True)
+        if config.auto_promote
+        else None
+    )
     return {
         "acquire": raw.to_dict(),
         "validate": validation.to_dict(),
@@ -61,4 +64,3 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "infra_validate": served.to_dict(),
         "promote": outcome(settings, promoted) if config.auto_promote else None,
     }
-

@@ -31,8 +31,9 @@ def model_summary(settings: Settings, alias: str = "candidate") -> dict[str, Any
             f"model {settings.model_name}", f"a version with alias {alias!r} in {settings.tracking_uri}", "none"
         ) from exc
     if not version.run_id:
-        raise ReferenceNotFoundError(f"model {settings.model_name} version {version.version}", "a version registered "
-                                     "from a training run", "none")
+        raise ReferenceNotFoundError(
+            f"model {settings.model_name} version {version.version}", "a version registered from a training run", "none"
+        )
     run = client.get_run(version.run_id)
     return {
         "model_name": settings.model_name,
@@ -63,18 +64,28 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def format_run(result: dict[str, Any]) -> str:
     version, evaluation, trained = result["register"], result["evaluate"], result["train"]
-    return "\n".join([
-        f"dataset:          {result['acquire']['dataset_hash']} ({len(result['acquire']['fetched'])} files fetched)",
-        f"data report:      {result['validate']['report_uri']}",
-        f"test accuracy:    {evaluation['test_accuracy']:.4f}",
-        f"MLflow run id:    {trained['run_id']}{' (reused)' if trained['reused'] else ''}",
-        f"registered model: {version['model_name']}",
-        f"version:          {version['version']}{'' if version['created'] else ' (already registered)'}",
-        f"alias:            {version['alias']}",
-        "gate:             passed" + (f" (production v{result['gate']['production']['version']}: "
-                                       f"{result['gate']['production']['accuracy']:.4f})" if result["gate"]["production"]
-                                       else " (no production version yet: accuracy floor only)"),
-        "staging:          version " + version["version"] + " (served and checked: infra validation passed)",
-        "production:       " + (f"version {result['promote']['to_version']}" if result.get("promote")
-                                else "unchanged (promote with `pipeline promote`, or the promote_model DAG)"),
-    ])
+    return "\n".join(
+        [
+            f"dataset:          {result['acquire']['dataset_hash']} ({len(result['acquire']['fetched'])} files fetched)",
+            f"data report:      {result['validate']['report_uri']}",
+            f"test accuracy:    {evaluation['test_accuracy']:.4f}",
+            f"MLflow run id:    {trained['run_id']}{' (reused)' if trained['reused'] else ''}",
+            f"registered model: {version['model_name']}",
+            f"version:          {version['version']}{'' if version['created'] else ' (already registered)'}",
+            f"alias:            {version['alias']}",
+            "gate:             passed"
+            + (
+                f" (production v{result['gate']['production']['version']}: "
+                f"{result['gate']['production']['accuracy']:.4f})"
+                if result["gate"]["production"]
+                else " (no production version yet: accuracy floor only)"
+            ),
+            "staging:          version " + version["version"] + " (served and checked: infra validation passed)",
+            "production:       "
+            + (
+                f"version {result['promote']['to_version']}"
+                if result.get("promote")
+                else "unchanged (promote with `pipeline promote`, or the promote_model DAG)"
+            ),
+        ]
+    )

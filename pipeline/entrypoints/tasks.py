@@ -70,7 +70,9 @@ def tune_trial(params: Params | None, spec: dict[str, Any]) -> dict[str, Any]:
 
     settings, storage, config = _context(params)
     sample = ProcessedDatasetRef.from_dict(spec["sample"])
-    result = tune.run_trial(sample, storage, config.train, spec["overrides"], config.tune, settings, spec["parent_run_id"])
+    result = tune.run_trial(
+        sample, storage, config.train, spec["overrides"], config.tune, settings, spec["parent_run_id"]
+    )
     return {**result, "parent_run_id": spec["parent_run_id"]}
 
 
@@ -169,11 +171,15 @@ def gate(params: Params | None, version: dict[str, Any], processed: dict[str, An
     return stage(ref, ProcessedDatasetRef.from_dict(processed), storage, settings, config.gate).to_dict()
 
 
-def infra_validate(params: Params | None, version: dict[str, Any], processed: dict[str, Any], actor: str) -> dict[str, Any]:
+def infra_validate(
+    params: Params | None, version: dict[str, Any], processed: dict[str, Any], actor: str
+) -> dict[str, Any]:
     from pipeline.registry.infra_validate import infra_validate as stage
 
     settings, storage, _ = _context(params)
-    return stage(ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, actor).to_dict()
+    return stage(
+        ModelVersionRef.from_dict(version), ProcessedDatasetRef.from_dict(processed), storage, settings, actor
+    ).to_dict()
 
 
 def auto_promote(params: Params | None) -> bool:
@@ -221,5 +227,7 @@ def batch_inference(params: Params | None) -> dict[str, Any]:
     settings, storage, _ = _context({})
     params = params or {}
     if not params.get("batch_uri"):
-        raise ConfigError("batch_uri", "a folder or URI prefix holding images-idx3-ubyte.gz", repr(params.get("batch_uri")))
+        raise ConfigError(
+            "batch_uri", "a folder or URI prefix holding images-idx3-ubyte.gz", repr(params.get("batch_uri"))
+        )
     return stage(params["batch_uri"], storage, settings, params.get("alias") or "production").to_dict()

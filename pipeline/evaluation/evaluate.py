@@ -78,7 +78,9 @@ def predict(model: object, images: np.ndarray, batch_size: int = 2048) -> np.nda
     return np.concatenate(outputs)
 
 
-def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIBRATION_BINS) -> list[dict[str, Any]]:
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIBRATION_BINS
+) -> list[dict[str, Any]]:
     """Equal-width confidence bins ``(lower, upper]`` with the count, accuracy and mean confidence
     of the predictions in each (0 for an empty bin)."""
     confidence = np.asarray(confidence, dtype=np.float64)
@@ -88,11 +90,15 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
     for b in range(n_bins):
         member = index == b
         count = int(member.sum())
-        table.append({
-            "lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count,
-            "accuracy": float(correct[member].mean()) if count else 0.0,
-            "confidence": float(confidence[member].mean()) if count else 0.0,
-        })
+        table.append(
+            {
+                "lower": b / n_bins,
+                "upper": (b + 1) / n_bins,
+                "count": count,
+                "accuracy": float(correct[member].mean()) if count else 0.0,
+                "confidence": float(confidence[member].mean()) if count else 0.0,
+            }
+        )
     return table
 
 
@@ -107,8 +113,13 @@ def worst_class(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
     without test images left out)."""
     recall = {name: values["recall"] for name, values in per_class.items() if values["support"]}
     worst, best = min(recall, key=recall.__getitem__), max(recall, key=recall.__getitem__)
-    return {"class": worst, "recall": recall[worst], "best_class": best, "best_recall": recall[best],
-            "gap": recall[best] - recall[worst]}
+    return {
+        "class": worst,
+        "recall": recall[worst],
+        "best_class": best,
+        "best_recall": recall[best],
+        "gap": recall[best] - recall[worst],
+    }
 
 
 def most_confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 5) -> list[dict[str, Any]]:
@@ -119,9 +130,15 @@ def most_confused_pairs(matrix: np.ndarray, classes: list[str], top: int = 5) ->
         for j in range(i + 1, len(classes)):
             count = int(matrix[i, j] + matrix[j, i])
             if count:
-                pairs.append({"classes": [classes[i], classes[j]], "count": count,
-                              "first_as_second": int(matrix[i, j]), "second_as_first": int(matrix[j, i]),
-                              "share_of_mistakes": count / mistakes})
+                pairs.append(
+                    {
+                        "classes": [classes[i], classes[j]],
+                        "count": count,
+                        "first_as_second": int(matrix[i, j]),
+                        "second_as_first": int(matrix[j, i]),
+                        "share_of_mistakes": count / mistakes,
+                    }
+                )
     return sorted(pairs, key=lambda pair: -pair["count"])[:top]
 
 
@@ -131,7 +148,9 @@ def confident_mistakes(probabilities: np.ndarray, labels: np.ndarray, count: int
     return wrong[np.argsort(-probabilities.max(axis=1)[wrong], kind="stable")][:count]
 
 
-def integrated_gradients(model: Any, images: np.ndarray, targets: np.ndarray, steps: int = IG_STEPS) -> tuple[np.ndarray, np.ndarray]:
+def integrated_gradients(
+    model: Any, images: np.ndarray, targets: np.ndarray, steps: int = IG_STEPS
+) -> tuple[np.ndarray, np.ndarray]:
     """Attributions ``(n, 28, 28)`` of the served model's probability of ``targets`` to the pixels
     of uint8 ``images``, from a black baseline (the background of every image), and the
     completeness error of each: sum of attributions minus (p(image) - p(baseline))."""
@@ -143,8 +162,11 @@ def integrated_gradients(model: Any, images: np.ndarray, targets: np.ndarray, st
     served = export_for_serving(copy.deepcopy(model))  # the registered form: pixels in [0, 1]
     pixels = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
     attributions, delta = IntegratedGradients(served).attribute(
-        pixels, baselines=torch.zeros_like(pixels), target=torch.from_numpy(targets.astype(np.int64)),
-        n_steps=steps, return_convergence_delta=True,
+        pixels,
+        baselines=torch.zeros_like(pixels),
+        target=torch.from_numpy(targets.astype(np.int64)),
+        n_steps=steps,
+        return_convergence_delta=True,
     )
     return attributions[:, 0].detach().numpy(), delta.detach().numpy()
 
@@ -167,10 +189,13 @@ def build_report(probabilities: np.ndarray, labels: np.ndarray, classes: list[st
     mistakes = confident_mistakes(probabilities, labels)
     return {
         "overall": {
-            "test_images": len(labels), "accuracy": accuracy, "macro_f1": float(np.mean(f1)),
+            "test_images": len(labels),
+            "accuracy": accuracy,
+            "macro_f1": float(np.mean(f1)),
             # Normal approximation of the binomial: how far accuracy may move on another sample.
             "accuracy_margin_95": float(1.96 * np.sqrt(accuracy * (1 - accuracy) / len(labels))),
-            "ece": expected_calibration_error(bins), "mean_confidence": float(confidence.mean()),
+            "ece": expected_calibration_error(bins),
+            "mean_confidence": float(confidence.mean()),
         },
         "per_class": per_class,
         "worst_class": worst_class(per_class),
@@ -178,7 +203,8 @@ def build_report(probabilities: np.ndarray, labels: np.ndarray, classes: list[st
         "confusion_matrix": matrix.tolist(),
         "most_confused_pairs": most_confused_pairs(matrix, classes),
         "mistakes": {
-            "count": int((~correct).sum()), "confident_threshold": CONFIDENT,
+            "count": int((~correct).sum()),
+            "confident_threshold": CONFIDENT,
             "confident_count": int(((~correct) & (confidence >= CONFIDENT)).sum()),
             "most_confident": [_describe(i, probabilities, labels, classes) for i in mistakes],
         },
@@ -187,8 +213,12 @@ def build_report(probabilities: np.ndarray, labels: np.ndarray, classes: list[st
 
 def _describe(index: int, probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     predicted = int(probabilities[index].argmax())
-    return {"index": int(index), "true": classes[labels[index]], "predicted": classes[predicted],
-            "confidence": float(probabilities[index, predicted])}
+    return {
+        "index": int(index),
+        "true": classes[labels[index]],
+        "predicted": classes[predicted],
+        "confidence": float(probabilities[index, predicted]),
+    }
 
 
 def _title(item: dict[str, Any]) -> str:
@@ -197,13 +227,20 @@ def _title(item: dict[str, Any]) -> str:
 
 def _result(run_id: str, report: dict[str, Any]) -> EvaluationResult:
     return EvaluationResult(
-        run_id=run_id, test_accuracy=report["overall"]["accuracy"], macro_f1=report["overall"]["macro_f1"],
-        per_class=report["per_class"], artifacts=list(ARTIFACTS), ece=report["overall"]["ece"],
-        worst_class=report["worst_class"]["class"], worst_class_gap=report["worst_class"]["gap"],
+        run_id=run_id,
+        test_accuracy=report["overall"]["accuracy"],
+        macro_f1=report["overall"]["macro_f1"],
+        per_class=report["per_class"],
+        artifacts=list(ARTIFACTS),
+        ece=report["overall"]["ece"],
+        worst_class=report["worst_class"]["class"],
+        worst_class_gap=report["worst_class"]["gap"],
     )
 
 
-def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Storage, settings: Settings) -> EvaluationResult:
+def evaluate(
+    trained: TrainResult, processed: ProcessedDatasetRef, storage: Storage, settings: Settings
+) -> EvaluationResult:
     """Evaluate the run's best checkpoint on the test split; log everything to the run."""
     client = tracking_client(settings)
     run = client.get_run(trained.run_id)
@@ -224,8 +261,13 @@ def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Stor
     classes = processed.classes
     report = {
         "run_id": trained.run_id,
-        "data": {"dataset_hash": processed.dataset_hash, "processed_hash": processed.processed_hash,
-                 "counts": processed.counts, "removed": processed.removed, "classes": classes},
+        "data": {
+            "dataset_hash": processed.dataset_hash,
+            "processed_hash": processed.processed_hash,
+            "counts": processed.counts,
+            "removed": processed.removed,
+            "classes": classes,
+        },
         **build_report(probabilities, labels, classes),
     }
     # The temperature the training stage fitted on the validation split (1: none; older runs).
@@ -237,13 +279,19 @@ def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Stor
     attributions, completeness = integrated_gradients(model, images[explained], probabilities[explained].argmax(axis=1))
     report["attributions"] = {
         "method": IG_METHOD,
-        "images": [{**_describe(i, probabilities, labels, classes), "completeness_error": float(error)}
-                   for i, error in zip(explained, completeness, strict=True)],
+        "images": [
+            {**_describe(i, probabilities, labels, classes), "completeness_error": float(error)}
+            for i, error in zip(explained, completeness, strict=True)
+        ],
     }
 
     overall, worst = report["overall"], report["worst_class"]
-    metrics = {"test_accuracy": overall["accuracy"], "test_macro_f1": overall["macro_f1"],
-               "test_ece": overall["ece"], "test_worst_class_gap": worst["gap"]}
+    metrics = {
+        "test_accuracy": overall["accuracy"],
+        "test_macro_f1": overall["macro_f1"],
+        "test_ece": overall["ece"],
+        "test_worst_class_gap": worst["gap"],
+    }
     for name, values in report["per_class"].items():
         for kind in ("precision", "recall", "f1"):
             metrics[f"test_{kind}_{metric_key(name)}"] = values[kind]
@@ -253,16 +301,29 @@ def evaluate(trained: TrainResult, processed: ProcessedDatasetRef, storage: Stor
         (folder / Path(REPORT).name).write_text(json.dumps(report, indent=2))
         figures.confusion_figure(np.array(report["confusion_matrix"]), classes, folder / Path(CONFUSION).name)
         figures.reliability_figure(report["calibration"]["table"], overall["ece"], folder / Path(RELIABILITY).name)
-        figures.mistakes_figure(images[mistakes], [_title(m) for m in report["mistakes"]["most_confident"]],
-                                folder / Path(MISTAKES).name)
-        figures.attribution_figure(images[explained], attributions, [_title(m) for m in report["attributions"]["images"]],
-                                   IG_METHOD, folder / Path(ATTRIBUTIONS).name)
+        figures.mistakes_figure(
+            images[mistakes], [_title(m) for m in report["mistakes"]["most_confident"]], folder / Path(MISTAKES).name
+        )
+        figures.attribution_figure(
+            images[explained],
+            attributions,
+            [_title(m) for m in report["attributions"]["images"]],
+            IG_METHOD,
+            folder / Path(ATTRIBUTIONS).name,
+        )
         (folder / Path(MODEL_CARD_MD).name).write_text(model_card_markdown(report, run.data.params))
         (folder / Path(MODEL_CARD_HTML).name).write_text(model_card_html(report, run.data.params))
         client.log_artifacts(trained.run_id, tmp, ARTIFACT_DIR)
     # Metrics last: their presence marks the evaluation as complete (see the reuse check above).
     for key, value in sorted(metrics.items(), key=lambda kv: kv[0] == "test_accuracy"):
         client.log_metric(trained.run_id, key, value)
-    log.info("run %s: test_accuracy %.4f, macro F1 %.4f, ECE %.4f, worst class %s (recall gap %.4f)",
-             trained.run_id, overall["accuracy"], overall["macro_f1"], overall["ece"], worst["class"], worst["gap"])
+    log.info(
+        "run %s: test_accuracy %.4f, macro F1 %.4f, ECE %.4f, worst class %s (recall gap %.4f)",
+        trained.run_id,
+        overall["accuracy"],
+        overall["macro_f1"],
+        overall["ece"],
+        worst["class"],
+        worst["gap"],
+    )
     return _result(trained.run_id, report)

@@ -38,8 +38,15 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], path: Path) -> None
     ax.set_ylabel("true")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+            )
     ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -57,11 +64,27 @@ def reliability_figure(bins: list[dict[str, float]], ece: float, path: Path) -> 
     filled = counts > 0
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(lower[filled], accuracy[filled], width=width[filled], align="edge", color="tab:blue",
-            edgecolor="black", label="accuracy in the bin")
-    top.bar(lower[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width[filled],
-            align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
-            label="gap to the bin's mean confidence")
+    top.bar(
+        lower[filled],
+        accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        label="accuracy in the bin",
+    )
+    top.bar(
+        lower[filled],
+        (confidence - accuracy)[filled],
+        bottom=accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to the bin's mean confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", label="perfectly calibrated")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.05)
@@ -99,7 +122,9 @@ def mistakes_figure(images: np.ndarray, titles: list[str], path: Path, columns: 
     plt.close(fig)
 
 
-def attribution_figure(images: np.ndarray, attributions: np.ndarray, titles: list[str], method: str, path: Path) -> None:
+def attribution_figure(
+    images: np.ndarray, attributions: np.ndarray, titles: list[str], method: str, path: Path
+) -> None:
     """Each uint8 image ``(28, 28)`` beside its attribution map, two pairs a row. Red pixels raise
     the explained class's probability, blue ones lower it; each map has its own symmetric scale."""
     plt = _pyplot()
@@ -109,7 +134,10 @@ def attribution_figure(images: np.ndarray, attributions: np.ndarray, titles: lis
     for ax in axes.flat:
         ax.axis("off")
     for k, (image, attribution, title) in enumerate(zip(images, attributions, titles, strict=True)):
-        left, right = axes[k // pairs_per_row, 2 * (k % pairs_per_row)], axes[k // pairs_per_row, 2 * (k % pairs_per_row) + 1]
+        left, right = (
+            axes[k // pairs_per_row, 2 * (k % pairs_per_row)],
+            axes[k // pairs_per_row, 2 * (k % pairs_per_row) + 1],
+        )
         left.imshow(image, cmap="gray", vmin=0, vmax=255)
         left.set_title(title, fontsize=8)
         scale = float(np.abs(attribution).max()) or 1.0

@@ -37,62 +37,95 @@ def _f(value: float) -> str:
 
 
 def _intended_use(classes: list[str]) -> Section:
-    return Section("Intended use", [
-        "Classifies 28x28 grayscale images of a single fashion product, centred on a black background as in "
-        f"Fashion-MNIST, into one of {len(classes)} classes: {', '.join(classes)}.",
-        "Out of scope:",
+    return Section(
+        "Intended use",
         [
-            "Other image domains: photographs, colour or differently sized images, other kinds of object. The "
-            "model still answers with a class and a probability, which then mean nothing.",
-            "Decisions about people (customers, workers, what they wear).",
-            "Decisions where a wrong class is costly and no person checks it: see the limitations below.",
+            "Classifies 28x28 grayscale images of a single fashion product, centred on a black background as in "
+            f"Fashion-MNIST, into one of {len(classes)} classes: {', '.join(classes)}.",
+            "Out of scope:",
+            [
+                "Other image domains: photographs, colour or differently sized images, other kinds of object. The "
+                "model still answers with a class and a probability, which then mean nothing.",
+                "Decisions about people (customers, workers, what they wear).",
+                "Decisions where a wrong class is costly and no person checks it: see the limitations below.",
+            ],
         ],
-    ])
+    )
 
 
 def _data(data: dict[str, Any]) -> Section:
     counts, removed = data["counts"], data["removed"]
-    return Section("Data", [
-        Table(("Item", "Value"), [
-            ("Dataset hash (raw files)", data["dataset_hash"]),
-            ("Processed-data hash", data["processed_hash"]),
-            *((f"{split.capitalize()} images", str(n)) for split, n in counts.items()),
-            ("Duplicate training images removed", str(removed.get("duplicates", 0))),
-            ("Training images removed because they are also in the test split", str(removed.get("leaked", 0))),
-        ]),
-    ])
+    return Section(
+        "Data",
+        [
+            Table(
+                ("Item", "Value"),
+                [
+                    ("Dataset hash (raw files)", data["dataset_hash"]),
+                    ("Processed-data hash", data["processed_hash"]),
+                    *((f"{split.capitalize()} images", str(n)) for split, n in counts.items()),
+                    ("Duplicate training images removed", str(removed.get("duplicates", 0))),
+                    ("Training images removed because they are also in the test split", str(removed.get("leaked", 0))),
+                ],
+            ),
+        ],
+    )
 
 
 def _metrics(report: dict[str, Any]) -> Section:
     overall, worst = report["overall"], report["worst_class"]
-    return Section("Metrics (test split)", [
-        Table(("Metric", "Value", "Meaning"), [
-            ("Accuracy", _f(overall["accuracy"]),
-             f"share of the {overall['test_images']} test images classified correctly "
-             f"(±{_f(overall['accuracy_margin_95'])} at 95% on another sample of this size)"),
-            ("Macro F1", _f(overall["macro_f1"]), "mean of the per-class F1 scores: every class counts the same"),
-            ("Expected calibration error", _f(overall["ece"]),
-             f"mean gap between confidence and accuracy over {report['calibration']['bins']} confidence bins, "
-             "weighted by the images in each; 0 is perfectly calibrated"
-             + (f" (logits divided by a temperature of {report['calibration']['temperature']:.3f}, fitted on the "
-                "validation split)" if report["calibration"].get("temperature", 1.0) != 1.0 else "")),
-            ("Worst-class recall gap", _f(worst["gap"]), "best per-class recall minus the worst"),
-        ]),
-    ])
+    return Section(
+        "Metrics (test split)",
+        [
+            Table(
+                ("Metric", "Value", "Meaning"),
+                [
+                    (
+                        "Accuracy",
+                        _f(overall["accuracy"]),
+                        f"share of the {overall['test_images']} test images classified correctly "
+                        f"(±{_f(overall['accuracy_margin_95'])} at 95% on another sample of this size)",
+                    ),
+                    (
+                        "Macro F1",
+                        _f(overall["macro_f1"]),
+                        "mean of the per-class F1 scores: every class counts the same",
+                    ),
+                    (
+                        "Expected calibration error",
+                        _f(overall["ece"]),
+                        f"mean gap between confidence and accuracy over {report['calibration']['bins']} confidence bins, "
+                        "weighted by the images in each; 0 is perfectly calibrated"
+                        + (
+                            f" (logits divided by a temperature of {report['calibration']['temperature']:.3f}, fitted on the "
+                            "validation split)"
+                            if report["calibration"].get("temperature", 1.0) != 1.0
+                            else ""
+                        ),
+                    ),
+                    ("Worst-class recall gap", _f(worst["gap"]), "best per-class recall minus the worst"),
+                ],
+            ),
+        ],
+    )
 
 
 def _per_class(report: dict[str, Any]) -> Section:
     worst = report["worst_class"]
     notes = {worst["class"]: "worst recall", worst["best_class"]: "best recall"}
-    rows = [(name, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"]), notes.get(name, ""))
-            for name, v in report["per_class"].items()]
+    rows = [
+        (name, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"]), notes.get(name, ""))
+        for name, v in report["per_class"].items()
+    ]
     disparity = (
         f"Disparity: {worst['class']} is the worst-served class (recall {_f(worst['recall'])}), "
         f"{worst['best_class']} the best (recall {_f(worst['best_recall'])}): a gap of {_f(worst['gap'])}."
     )
     if worst["best_recall"] < 1:
         ratio = (1 - worst["recall"]) / (1 - worst["best_recall"])
-        disparity += f" An image of {worst['class']} is missed {ratio:.1f} times as often as one of {worst['best_class']}."
+        disparity += (
+            f" An image of {worst['class']} is missed {ratio:.1f} times as often as one of {worst['best_class']}."
+        )
     return Section("Per class", [Table(("Class", "Precision", "Recall", "F1", "Support", "Note"), rows), disparity])
 
 
@@ -121,12 +154,17 @@ def _limitations(report: dict[str, Any]) -> Section:
 
 
 def _figures() -> Section:
-    return Section("Figures (in the run's evaluation/ folder)", [[
-        "confusion_matrix.png: true against predicted class.",
-        "reliability_diagram.png: accuracy per confidence bin against the diagonal, with the images per bin.",
-        "confident_mistakes.png: the wrong predictions made with the highest confidence.",
-        "attributions.png: integrated-gradients maps of the pixels behind a few predictions.",
-    ]])
+    return Section(
+        "Figures (in the run's evaluation/ folder)",
+        [
+            [
+                "confusion_matrix.png: true against predicted class.",
+                "reliability_diagram.png: accuracy per confidence bin against the diagonal, with the images per bin.",
+                "confident_mistakes.png: the wrong predictions made with the highest confidence.",
+                "attributions.png: integrated-gradients maps of the pixels behind a few predictions.",
+            ]
+        ],
+    )
 
 
 def _configuration(params: dict[str, str]) -> Section:
@@ -194,8 +232,15 @@ def model_card_html(report: dict[str, Any], params: dict[str, str]) -> str:
     title, sections = model_card_sections(report, params)
     e = html.escape
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{e(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>",
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        f"<style>{STYLE}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{e(title)}</h1>",
     ]
     for section in sections:
         parts.append(f"<h2>{e(section.title)}</h2>")

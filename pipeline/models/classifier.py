@@ -45,8 +45,9 @@ def make_optimizer(parameters, name: str, learning_rate: float, weight_decay: fl
     parameters = list(parameters)
     fused = True if all(p.device.type in ("cpu", "cuda") for p in parameters) else None
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay,
-                               fused=fused)
+        return torch.optim.SGD(
+            parameters, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay, fused=fused
+        )
     kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return kind(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
@@ -136,8 +137,24 @@ class ImageClassifier(pl.LightningModule):
         if batch_idx == self.trainer.num_training_batches - 1:
             loss_sum, correct_sum, count = self._epoch_sums
             # sync_dist: under DDP each rank sees an equal shard; epoch values are averaged over ranks.
-            self.log("train_loss", loss_sum / count, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=1)
-            self.log("train_accuracy", correct_sum / count, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=1)
+            self.log(
+                "train_loss",
+                loss_sum / count,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=1,
+            )
+            self.log(
+                "train_accuracy",
+                correct_sum / count,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=1,
+            )
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -27,8 +27,9 @@ class ServingModel(nn.Module):
     std: torch.Tensor
     temperature: torch.Tensor
 
-    def __init__(self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.net = net
         self.test_time_flip = test_time_flip
@@ -45,8 +46,13 @@ class ServingModel(nn.Module):
 def export_for_serving(model: ImageClassifier) -> ServingModel:
     # Served inputs arrive NCHW-contiguous; plain weights keep the exported graph simple.
     net = model.net.to(memory_format=torch.contiguous_format)
-    return ServingModel(net, model.hp.mean, model.hp.std, bool(model.hparams.get("test_time_flip")),
-                        float(model.hparams.get("temperature", 1.0))).eval()
+    return ServingModel(
+        net,
+        model.hp.mean,
+        model.hp.std,
+        bool(model.hparams.get("test_time_flip")),
+        float(model.hparams.get("temperature", 1.0)),
+    ).eval()
 
 
 def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:

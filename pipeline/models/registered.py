@@ -93,7 +93,9 @@ def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
 
     match = MODEL_URI.match(model_uri)
     if not match:
-        raise ReferenceNotFoundError("--model-uri", "models:/<name>/<version> or models:/<name>@<alias>", repr(model_uri))
+        raise ReferenceNotFoundError(
+            "--model-uri", "models:/<name>/<version> or models:/<name>@<alias>", repr(model_uri)
+        )
     client = tracking_client(settings)
     try:
         if match["alias"]:
@@ -103,8 +105,11 @@ def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
     except MlflowException as exc:
         raise ReferenceNotFoundError(model_uri, "a registered model version", "none") from exc
     return {
-        "model_name": version.name, "version": str(version.version), "alias": match["alias"],
-        "run_id": version.run_id, "dataset_hash": version.tags.get("dataset_hash"),
+        "model_name": version.name,
+        "version": str(version.version),
+        "alias": match["alias"],
+        "run_id": version.run_id,
+        "dataset_hash": version.tags.get("dataset_hash"),
         "processed_hash": version.tags.get("processed_hash"),
         # Registered with the version; versions registered before that were all Fashion-MNIST.
         "classes": json.loads(version.tags["classes"]) if "classes" in version.tags else list(FASHION_MNIST_CLASSES),

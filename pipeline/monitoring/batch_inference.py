@@ -53,13 +53,15 @@ def predictions_table(probabilities: np.ndarray, classes: list[str], version: st
     import pandas as pd
 
     ids = probabilities.argmax(axis=1)
-    table = pd.DataFrame({
-        "id": np.arange(len(ids), dtype=np.int64),
-        "class_id": ids.astype(np.int64),
-        "class_name": [classes[i] for i in ids],
-        "probabilities": list(probabilities.astype(np.float32)),
-        "model_version": version,
-    })
+    table = pd.DataFrame(
+        {
+            "id": np.arange(len(ids), dtype=np.int64),
+            "class_id": ids.astype(np.int64),
+            "class_name": [classes[i] for i in ids],
+            "probabilities": list(probabilities.astype(np.float32)),
+            "model_version": version,
+        }
+    )
     if labels is not None:
         table["label"] = labels.astype(np.int64)
     return table
@@ -77,7 +79,9 @@ def summary(probabilities: np.ndarray, classes: list[str], labels: np.ndarray | 
     return numbers
 
 
-def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias: str = "production") -> BatchPredictions:
+def batch_inference(
+    source_uri: str, storage: Storage, settings: Settings, alias: str = "production"
+) -> BatchPredictions:
     """Predict every image of the batch at ``source_uri`` with the version behind ``alias``."""
     from pipeline.models.export import predict_probabilities
     from pipeline.models.registered import load_registered, resolve
@@ -88,25 +92,41 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
     if images.shape[1:] != (28, 28) or not len(images):
         from pipeline.errors import IdxFormatError
 
-        raise IdxFormatError(f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz", "one or more 28x28 images",
-                             f"shape {images.shape}")
+        raise IdxFormatError(
+            f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz",
+            "one or more 28x28 images",
+            f"shape {images.shape}",
+        )
     name = settings.model_name
     try:
         facts = resolve(f"models:/{name}@{alias}", settings)
     except ReferenceNotFoundError as exc:
-        raise ReferenceNotFoundError(f"model {name}", f"a version with alias {alias}", "none; promote one first") from exc
+        raise ReferenceNotFoundError(
+            f"model {name}", f"a version with alias {alias}", "none; promote one first"
+        ) from exc
     version = facts["version"]
     key = f"predictions/{batch_hash}/{name}/v{version}/predictions.parquet"
     client = tracking_client(settings)
     experiment = experiment_id(client, settings, EXPERIMENT)
-    done = client.search_runs([experiment], f"tags.`pipeline.batch_hash` = '{batch_hash}' and "
-                              f"tags.model_name = '{name}' and tags.model_version = '{version}' and "
-                              "attributes.status = 'FINISHED'", max_results=1)
+    done = client.search_runs(
+        [experiment],
+        f"tags.`pipeline.batch_hash` = '{batch_hash}' and "
+        f"tags.model_name = '{name}' and tags.model_version = '{version}' and "
+        "attributes.status = 'FINISHED'",
+        max_results=1,
+    )
     if done and storage.exists(key):
         log.info("batch %s was predicted by version %s already: %s", batch_hash, version, storage.uri(key))
-        return BatchPredictions(batch_hash=batch_hash, images=len(images), predictions_uri=storage.uri(key),
-                                model_name=name, model_version=version, alias=alias, run_id=done[0].info.run_id,
-                                reused=True)
+        return BatchPredictions(
+            batch_hash=batch_hash,
+            images=len(images),
+            predictions_uri=storage.uri(key),
+            model_name=name,
+            model_version=version,
+            alias=alias,
+            run_id=done[0].info.run_id,
+            reused=True,
+        )
 
     probabilities = predict_probabilities(load_registered(f"models:/{name}/{version}"), images)
     table = predictions_table(probabilities, facts["classes"], version, labels)
@@ -115,17 +135,33 @@ def batch_inference(source_uri: str, storage: Storage, settings: Settings, alias
     uri = storage.put_bytes(buffer.getvalue(), key)  # atomic: a reader never sees half a file
 
     numbers = summary(probabilities, facts["classes"], labels)
-    run = client.create_run(experiment, run_name=f"predict-{batch_hash[:8]}-v{version}", tags={
-        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": redact_uri(source_uri), "model_name": name, "model_version": version,
-        "model_alias": alias, "predictions_uri": uri,
-    })
+    run = client.create_run(
+        experiment,
+        run_name=f"predict-{batch_hash[:8]}-v{version}",
+        tags={
+            "pipeline.batch_hash": batch_hash,
+            "pipeline.batch_uri": redact_uri(source_uri),
+            "model_name": name,
+            "model_version": version,
+            "model_alias": alias,
+            "predictions_uri": uri,
+        },
+    )
     for key_, value in numbers.items():
         client.log_metric(run.info.run_id, key_, value)
     with tempfile.TemporaryDirectory(prefix="batch-summary-") as tmp:
-        (Path(tmp) / "summary.json").write_text(json.dumps(
-            {"predictions_uri": uri, "classes": facts["classes"], **numbers}, indent=2))
+        (Path(tmp) / "summary.json").write_text(
+            json.dumps({"predictions_uri": uri, "classes": facts["classes"], **numbers}, indent=2)
+        )
         client.log_artifacts(run.info.run_id, tmp, "batch_inference")
     client.set_terminated(run.info.run_id, "FINISHED")
     log.info("batch %s: %d images predicted by %s v%s -> %s", batch_hash, len(images), name, version, uri)
-    return BatchPredictions(batch_hash=batch_hash, images=len(images), predictions_uri=uri, model_name=name,
-                            model_version=version, alias=alias, run_id=run.info.run_id)
+    return BatchPredictions(
+        batch_hash=batch_hash,
+        images=len(images),
+        predictions_uri=uri,
+        model_name=name,
+        model_version=version,
+        alias=alias,
+        run_id=run.info.run_id,
+    )

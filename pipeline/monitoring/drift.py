@@ -60,8 +60,13 @@ class DriftConfig:
     """Profile columns compared."""
 
     def __post_init__(self) -> None:
-        for name in ("psi_threshold", "label_distance_threshold", "prediction_distance_threshold",
-                     "confidence_drop_threshold", "agreement_drop_threshold"):
+        for name in (
+            "psi_threshold",
+            "label_distance_threshold",
+            "prediction_distance_threshold",
+            "confidence_drop_threshold",
+            "agreement_drop_threshold",
+        ):
             value = getattr(self, name)
             if not 0 < value <= 10:
                 raise ConfigError(name, "a value in (0, 10]", repr(value))
@@ -150,21 +155,31 @@ def compute_drift(
             "drifted": bool(drifted),
         }
         if drifted:
-            reasons.append(f"{name}: PSI {psi:.3f} > {config.psi_threshold} (mean {ref.mean():.2f} -> {cur.mean():.2f})")
+            reasons.append(
+                f"{name}: PSI {psi:.3f} > {config.psi_threshold} (mean {ref.mean():.2f} -> {cur.mean():.2f})"
+            )
 
     labels = None
     if "label" in batch and batch["label"].notna().all():
-        ref_dist, cur_dist = label_distribution(reference["label"].to_numpy()), label_distribution(batch["label"].to_numpy())
+        ref_dist, cur_dist = (
+            label_distribution(reference["label"].to_numpy()),
+            label_distribution(batch["label"].to_numpy()),
+        )
         distance = total_variation(ref_dist, cur_dist)
-        labels = {"distance": distance, "reference": ref_dist.tolist(), "batch": cur_dist.tolist(),
-                  "drifted": distance > config.label_distance_threshold}
+        labels = {
+            "distance": distance,
+            "reference": ref_dist.tolist(),
+            "batch": cur_dist.tolist(),
+            "drifted": distance > config.label_distance_threshold,
+        }
         if labels["drifted"]:
             reasons.append(f"labels: total variation {distance:.3f} > {config.label_distance_threshold}")
 
     outputs = None
     if reference_outputs is not None and batch_outputs is not None:
-        distance = total_variation(np.array(reference_outputs.prediction_distribution),
-                                   np.array(batch_outputs.prediction_distribution))
+        distance = total_variation(
+            np.array(reference_outputs.prediction_distribution), np.array(batch_outputs.prediction_distribution)
+        )
         confidence_drop = reference_outputs.mean_confidence - batch_outputs.mean_confidence
         outputs = {
             "prediction_distance": distance,
@@ -177,14 +192,18 @@ def compute_drift(
         if distance > config.prediction_distance_threshold:
             reasons.append(f"predictions: total variation {distance:.3f} > {config.prediction_distance_threshold}")
         if confidence_drop > config.confidence_drop_threshold:
-            reasons.append(f"model confidence: dropped {confidence_drop:.3f} > {config.confidence_drop_threshold} "
-                           f"({reference_outputs.mean_confidence:.3f} -> {batch_outputs.mean_confidence:.3f})")
+            reasons.append(
+                f"model confidence: dropped {confidence_drop:.3f} > {config.confidence_drop_threshold} "
+                f"({reference_outputs.mean_confidence:.3f} -> {batch_outputs.mean_confidence:.3f})"
+            )
         if reference_outputs.agreement is not None and batch_outputs.agreement is not None:
             drop = reference_outputs.agreement - batch_outputs.agreement
             outputs["agreement_drop"] = drop
             if drop > config.agreement_drop_threshold:
-                reasons.append(f"prediction-label agreement: dropped {drop:.3f} > {config.agreement_drop_threshold} "
-                               f"({reference_outputs.agreement:.3f} -> {batch_outputs.agreement:.3f})")
+                reasons.append(
+                    f"prediction-label agreement: dropped {drop:.3f} > {config.agreement_drop_threshold} "
+                    f"({reference_outputs.agreement:.3f} -> {batch_outputs.agreement:.3f})"
+                )
 
     return DriftReport(
         drifted=bool(reasons),

@@ -86,12 +86,17 @@ def fetch_batch(
         for name in names:
             if not storage.exists(f"incoming/{digest}/{name}"):
                 storage.put_file(Path(staging) / name, f"incoming/{digest}/{name}")
-        images = read_idx(Path(staging) / BATCH_IMAGES, ndim=3, dtype=np.dtype(np.uint8),
-                          max_bytes=limits.max_dataset_bytes)
+        images = read_idx(
+            Path(staging) / BATCH_IMAGES, ndim=3, dtype=np.dtype(np.uint8), max_bytes=limits.max_dataset_bytes
+        )
         labels = None
         if BATCH_LABELS in files:
-            labels = read_idx(Path(staging) / BATCH_LABELS, ndim=1, dtype=np.dtype(np.uint8),
-                              max_bytes=max(1, limits.max_dataset_bytes - images.nbytes))
+            labels = read_idx(
+                Path(staging) / BATCH_LABELS,
+                ndim=1,
+                dtype=np.dtype(np.uint8),
+                max_bytes=max(1, limits.max_dataset_bytes - images.nbytes),
+            )
     if labels is not None and len(labels) != len(images):
         from pipeline.errors import IdxFormatError
 
@@ -156,10 +161,17 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     storage.put_json(report.to_dict(), f"{prefix}/report.json")
     report_uri = storage.put_bytes(page.encode(), f"{prefix}/report.html")
 
-    run = client.create_run(experiment_id(client, settings, EXPERIMENT), run_name=f"drift-{batch_hash[:8]}", tags={
-        "pipeline.batch_hash": batch_hash, "pipeline.batch_uri": redact_uri(source_uri), "drifted": str(report.drifted).lower(),
-        "model_version": str(version.version), "model_alias": alias,
-    })
+    run = client.create_run(
+        experiment_id(client, settings, EXPERIMENT),
+        run_name=f"drift-{batch_hash[:8]}",
+        tags={
+            "pipeline.batch_hash": batch_hash,
+            "pipeline.batch_uri": redact_uri(source_uri),
+            "drifted": str(report.drifted).lower(),
+            "model_version": str(version.version),
+            "model_alias": alias,
+        },
+    )
     metrics = {f"psi_{name}": values["psi"] for name, values in report.features.items()}
     if report.labels:
         metrics["label_distance"] = report.labels["distance"]
@@ -175,8 +187,13 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     client.set_terminated(run.info.run_id, "FINISHED")
     log.info("drift report: %s (%s)", report_uri, "; ".join(report.reasons) or "no drift")
     return MonitorResult(
-        batch_hash=batch_hash, batch_size=len(images), drifted=report.drifted, reasons=report.reasons,
-        report_uri=report_uri, model_name=settings.model_name, model_version=str(version.version),
-        model_alias=alias, run_id=run.info.run_id,
+        batch_hash=batch_hash,
+        batch_size=len(images),
+        drifted=report.drifted,
+        reasons=report.reasons,
+        report_uri=report_uri,
+        model_name=settings.model_name,
+        model_version=str(version.version),
+        model_alias=alias,
+        run_id=run.info.run_id,
     )
-

@@ -69,8 +69,10 @@ class GateResult(Ref):
 
 def score(version: str, probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> ModelScore:
     predicted = probabilities.argmax(axis=1)
-    recall = {name: float((predicted[labels == i] == i).mean()) if (labels == i).any() else 0.0
-              for i, name in enumerate(classes)}
+    recall = {
+        name: float((predicted[labels == i] == i).mean()) if (labels == i).any() else 0.0
+        for i, name in enumerate(classes)
+    }
     return ModelScore(version=version, accuracy=float((predicted == labels).mean()), class_recall=recall)
 
 
@@ -88,14 +90,21 @@ def decide(candidate: ModelScore, production: ModelScore | None, policy: GatePol
             f"({production.accuracy:.4f}; tolerance {policy.max_accuracy_drop:.4f})"
         )
     elif policy.min_improvement > 0 and delta < policy.min_improvement - EPSILON:
-        reasons.append(f"gain over production v{production.version} {delta:+.4f}, less than the required "
-                       f"{policy.min_improvement:.4f}")
-    drops = {name: production.class_recall[name] - recall for name, recall in candidate.class_recall.items()
-             if name in production.class_recall}
+        reasons.append(
+            f"gain over production v{production.version} {delta:+.4f}, less than the required "
+            f"{policy.min_improvement:.4f}"
+        )
+    drops = {
+        name: production.class_recall[name] - recall
+        for name, recall in candidate.class_recall.items()
+        if name in production.class_recall
+    }
     for name, drop in sorted(drops.items(), key=lambda kv: -kv[1]):
         if drop > policy.max_class_drop + EPSILON:
-            reasons.append(f"class {name} recall {candidate.class_recall[name]:.4f} is {drop:.4f} below production "
-                           f"({production.class_recall[name]:.4f}; tolerance {policy.max_class_drop:.4f})")
+            reasons.append(
+                f"class {name} recall {candidate.class_recall[name]:.4f} is {drop:.4f} below production "
+                f"({production.class_recall[name]:.4f}; tolerance {policy.max_class_drop:.4f})"
+            )
     return reasons
 
 
@@ -109,7 +118,8 @@ def report_markdown(result: GateResult) -> str:
         "",
         "Policy: " + ", ".join(f"{k} {v}" for k, v in result.policy.items()) + ".",
         "",
-        f"| | candidate v{cand['version']} | " + (f"production v{prod['version']} | delta |" if prod else "production |"),
+        f"| | candidate v{cand['version']} | "
+        + (f"production v{prod['version']} | delta |" if prod else "production |"),
         "|---|---|" + ("---|---|" if prod else "---|"),
     ]
 
@@ -137,15 +147,20 @@ def _record(client: MlflowClient, result: GateResult) -> None:
             (Path(tmp) / Path(REPORT_MD).name).write_text(markdown)
             client.log_artifacts(found.run_id, tmp, "gate")
     card = (found.description or "").split(DESCRIPTION_MARK)[0]
-    client.update_model_version(name, version, description=fit_description(card, DESCRIPTION_MARK + markdown, found.run_id or ""))
+    client.update_model_version(
+        name, version, description=fit_description(card, DESCRIPTION_MARK + markdown, found.run_id or "")
+    )
     tags = {
         "gate.reasons": "; ".join(result.reasons)[:4900] or "none",
         "gate.candidate_accuracy": f"{result.candidate['accuracy']:.4f}",
-        "gate.candidate_class_recall": json.dumps({k: round(v, 4) for k, v in result.candidate["class_recall"].items()}),
+        "gate.candidate_class_recall": json.dumps(
+            {k: round(v, 4) for k, v in result.candidate["class_recall"].items()}
+        ),
         TAG_GATE_PRODUCTION: prod["version"] if prod else "none",
         "gate.production_accuracy": f"{prod['accuracy']:.4f}" if prod else "none",
         "gate.production_class_recall": json.dumps({k: round(v, 4) for k, v in prod["class_recall"].items()})
-        if prod else "none",
+        if prod
+        else "none",
         "gate.policy": json.dumps(result.policy, sort_keys=True),
         "gate.test_data": result.processed_hash,
         TAG_GATE: "passed" if result.passed else "failed",
@@ -180,16 +195,30 @@ def gate(
         prod = evaluate(production_version) if production_version else None
     reasons = decide(cand, prod, policy)
     result = GateResult(
-        model_name=name, version=candidate.version, passed=not reasons, reasons=reasons, candidate=cand.to_dict(),
-        production=prod.to_dict() if prod else None, policy=asdict(policy), test_images=len(labels),
+        model_name=name,
+        version=candidate.version,
+        passed=not reasons,
+        reasons=reasons,
+        candidate=cand.to_dict(),
+        production=prod.to_dict() if prod else None,
+        policy=asdict(policy),
+        test_images=len(labels),
         processed_hash=processed.processed_hash,
     )
     _record(client, result)
     if reasons:
         against = f" against production v{production_version}" if prod else " (no production version yet)"
-        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more (tag gate.reasons)" if len(reasons) > 3 else "")
-        raise GateFailedError(f"{name} version {candidate.version}{against}", "a model that meets the promotion "
-                              "policy", shown)
-    log.info("%s version %s passed the gate (accuracy %.4f%s)", name, candidate.version, cand.accuracy,
-             f", production v{prod.version} {prod.accuracy:.4f}" if prod else ", no production yet")
+        shown = "; ".join(reasons[:3]) + (
+            f"; and {len(reasons) - 3} more (tag gate.reasons)" if len(reasons) > 3 else ""
+        )
+        raise GateFailedError(
+            f"{name} version {candidate.version}{against}", "a model that meets the promotion policy", shown
+        )
+    log.info(
+        "%s version %s passed the gate (accuracy %.4f%s)",
+        name,
+        candidate.version,
+        cand.accuracy,
+        f", production v{prod.version} {prod.accuracy:.4f}" if prod else ", no production yet",
+    )
     return result

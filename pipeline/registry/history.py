@@ -89,8 +89,9 @@ def read_history(client: MlflowClient, name: str) -> list[AliasMove]:
 
 def _entries(tags: dict[str, str]) -> list[AliasMove]:
     entries = [
-        AliasMove.from_dict(json.loads(v)) for k, v in tags.items()
-        if k.startswith(HISTORY_PREFIX) and k[len(HISTORY_PREFIX):].isdigit()
+        AliasMove.from_dict(json.loads(v))
+        for k, v in tags.items()
+        if k.startswith(HISTORY_PREFIX) and k[len(HISTORY_PREFIX) :].isdigit()
     ]
     return sorted(entries, key=lambda e: e.seq)
 
@@ -108,7 +109,9 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         raise
 
 
-def record_move(client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> AliasMove:
+def record_move(
+    client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str
+) -> AliasMove:
     """Point ``alias`` at ``version`` and append the move to the history (the caller holds the lock).
 
     The move is written to :data:`PENDING_TAG` first, then the alias moves, then the entry is
@@ -120,8 +123,13 @@ def record_move(client: MlflowClient, name: str, alias: str, version: str, actio
     previous = alias_version(client, name, alias)
     history = read_history(client, name)
     entry = AliasMove(
-        seq=(history[-1].seq + 1) if history else 1, alias=alias, action=action, from_version=previous,
-        to_version=str(version), actor=actor, at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        seq=(history[-1].seq + 1) if history else 1,
+        alias=alias,
+        action=action,
+        from_version=previous,
+        to_version=str(version),
+        actor=actor,
+        at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         reason=reason[:MAX_REASON],
     )
     client.set_registered_model_tag(name, PENDING_TAG, json.dumps(entry.to_dict()))
@@ -161,19 +169,32 @@ def reconcile(client: MlflowClient, name: str) -> None:
         recorded = any(e.seq == pending.seq and e.at == pending.at for e in history)
         if not recorded:
             pending = dataclasses.replace(
-                pending, seq=(history[-1].seq + 1) if history else 1,
+                pending,
+                seq=(history[-1].seq + 1) if history else 1,
                 reason=f"{pending.reason} (recorded after an interrupted move)".strip()[:MAX_REASON],
             )
-            log.warning("%s: recording the move of %s to version %s that a fault interrupted (%s by %s)", name,
-                        pending.alias, pending.to_version, pending.action, pending.actor)
+            log.warning(
+                "%s: recording the move of %s to version %s that a fault interrupted (%s by %s)",
+                name,
+                pending.alias,
+                pending.to_version,
+                pending.action,
+                pending.actor,
+            )
         _record(client, name, pending, history_entry=not recorded)
     else:
-        log.warning("%s: dropping the move of %s to version %s that a fault interrupted before the alias moved",
-                    name, pending.alias, pending.to_version)
+        log.warning(
+            "%s: dropping the move of %s to version %s that a fault interrupted before the alias moved",
+            name,
+            pending.alias,
+            pending.to_version,
+        )
     client.delete_registered_model_tag(name, PENDING_TAG)
 
 
-def already_there(client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str) -> bool:
+def already_there(
+    client: MlflowClient, name: str, alias: str, version: str, action: str, actor: str, reason: str
+) -> bool:
     """True when ``alias`` is at ``version`` already. If the history does not say so (a retry
     after a crash between the move and its entry), the entry is written now."""
     if alias_version(client, name, alias) != str(version):

@@ -108,8 +108,9 @@ def _ready(base: str, server: subprocess.Popen, log_path: Path, where: str, time
             last = _last_line(log_path)
             if "address already in use" in last.lower():
                 return False
-            raise InfraValidationError(where, "a serving process that loads the model",
-                                       f"exit status {server.returncode}: {last}")
+            raise InfraValidationError(
+                where, "a serving process that loads the model", f"exit status {server.returncode}: {last}"
+            )
         try:
             with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
                 if response.status == 200:
@@ -117,8 +118,10 @@ def _ready(base: str, server: subprocess.Popen, log_path: Path, where: str, time
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass  # not listening yet, or 503 while loading
         time.sleep(0.25)
-    raise ServingTimeoutError(f"{where}: expected /ready within {timeout_s:.0f} s, found the server still "
-                              f"starting; its last line: {_last_line(log_path)}")
+    raise ServingTimeoutError(
+        f"{where}: expected /ready within {timeout_s:.0f} s, found the server still "
+        f"starting; its last line: {_last_line(log_path)}"
+    )
 
 
 @contextmanager
@@ -128,12 +131,26 @@ def serving_process(name: str, version: str, settings: Settings, where: str) -> 
         log_path = Path(tmp) / "serve.log"
         for _ in range(3):  # a free port can be taken by someone else before the server binds it
             port = free_port()
-            command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", f"models:/{name}/{version}",
-                       "--host", "127.0.0.1", "--port", str(port)]
+            command = [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "serve",
+                "--model-uri",
+                f"models:/{name}/{version}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
             with log_path.open("wb") as server_log:
-                server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, **settings.to_env()},
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                server = subprocess.Popen(
+                    command,
+                    stdout=server_log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **settings.to_env()},
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
             try:
                 base = f"http://127.0.0.1:{port}"
                 if _ready(base, server, log_path, where, READY_TIMEOUT_S):
@@ -158,7 +175,9 @@ def offline_probabilities(run_id: str, storage: Storage, images: np.ndarray) -> 
     return predict_probabilities(model, images)
 
 
-def served_probabilities(base: str, images: np.ndarray, version: str, where: str) -> tuple[np.ndarray, dict[str, float]]:
+def served_probabilities(
+    base: str, images: np.ndarray, version: str, where: str
+) -> tuple[np.ndarray, dict[str, float]]:
     """Ask the server for every image (one batch) and for the first few one by one (with the
     bearer token the server reads from the same environment, when one is configured)."""
     from pipeline.config import ServingSettings
@@ -175,8 +194,11 @@ def served_probabilities(base: str, images: np.ndarray, version: str, where: str
     served = np.asarray([p["probabilities"] for p in batch["predictions"]], dtype=np.float32)
     if not np.allclose(np.asarray(singles, dtype=np.float32), served[:SINGLE_REQUESTS], atol=PROBABILITY_TOLERANCE):
         raise InfraValidationError(where, "the same answer for an image alone and in a batch", "different answers")
-    latency = {"single_p50": float(np.percentile(latencies, 50)), "single_p99": float(np.percentile(latencies, 99)),
-               "batch": batch_ms}
+    latency = {
+        "single_p50": float(np.percentile(latencies, 50)),
+        "single_p99": float(np.percentile(latencies, 99)),
+        "batch": batch_ms,
+    }
     return served, latency
 
 
@@ -191,8 +213,9 @@ def infra_validate(
     where = f"{name} version {version}"
     tags = client.get_model_version(name, version).tags
     if tags.get(TAG_GATE) != "passed":
-        raise PromotionRefusedError(where, f"a version that passed the gate (tag {TAG_GATE}=passed)",
-                                    repr(tags.get(TAG_GATE, "no such tag")))
+        raise PromotionRefusedError(
+            where, f"a version that passed the gate (tag {TAG_GATE}=passed)", repr(tags.get(TAG_GATE, "no such tag"))
+        )
     images = load_split(processed, storage, "test")[0][:BATCH_IMAGES]
     offline = offline_probabilities(candidate.run_id, storage, images)
 
@@ -212,28 +235,45 @@ def infra_validate(
     if not same_classes or difference > PROBABILITY_TOLERANCE:
         changed = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
         error = InfraValidationError(
-            where, f"served predictions equal to the offline ones of run {candidate.run_id} (probabilities within "
-            f"{PROBABILITY_TOLERANCE})", f"{changed} of {len(images)} classes differ, largest probability difference "
-            f"{difference:.4g}")
+            where,
+            f"served predictions equal to the offline ones of run {candidate.run_id} (probabilities within "
+            f"{PROBABILITY_TOLERANCE})",
+            f"{changed} of {len(images)} classes differ, largest probability difference {difference:.4g}",
+        )
         client.set_model_version_tag(name, version, "infra.reason", str(error)[:4900])
         client.set_model_version_tag(name, version, TAG_INFRA, "failed")
         raise error
 
-    record = {"infra.reason": "none", "infra.max_probability_difference": f"{difference:.3g}",
-              "infra.images": str(len(images)), **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()},
-              TAG_INFRA: "passed"}  # the verdict last
+    record = {
+        "infra.reason": "none",
+        "infra.max_probability_difference": f"{difference:.3g}",
+        "infra.images": str(len(images)),
+        **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()},
+        TAG_INFRA: "passed",
+    }  # the verdict last
     for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
     # Forward only: a rerun that reused an old model does not take staging back from a newer one.
-    move = move_alias(settings, STAGING, version, "stage", actor, "passed the gate and infra validation",
-                      forward_only=True)
+    move = move_alias(
+        settings, STAGING, version, "stage", actor, "passed the gate and infra validation", forward_only=True
+    )
     result = InfraValidationResult(
-        model_name=name, version=version, images=len(images), single_requests=SINGLE_REQUESTS,
-        max_probability_difference=difference, latency_ms=latency, staging=move.to_dict() if move else None,
+        model_name=name,
+        version=version,
+        images=len(images),
+        single_requests=SINGLE_REQUESTS,
+        max_probability_difference=difference,
+        latency_ms=latency,
+        staging=move.to_dict() if move else None,
     )
     with tempfile.TemporaryDirectory(prefix="infra-report-") as tmp:
         (Path(tmp) / "infra_validation.json").write_text(json.dumps(result.to_dict(), indent=2))
         client.log_artifacts(candidate.run_id, tmp, "infra")
-    log.info("%s served correctly (p50 %.1f ms single, %.1f ms for %d images); alias staging", where,
-             latency["single_p50"], latency["batch"], len(images))
+    log.info(
+        "%s served correctly (p50 %.1f ms single, %.1f ms for %d images); alias staging",
+        where,
+        latency["single_p50"],
+        latency["batch"],
+        len(images),
+    )
     return result

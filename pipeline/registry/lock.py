@@ -63,7 +63,8 @@ def registry_lock(client: MlflowClient, name: str, actor: str, wait_s: float = L
         while True:
             try:
                 client.create_registered_model(
-                    lock, tags={"holder": actor, "token": token},
+                    lock,
+                    tags={"holder": actor, "token": token},
                     description=f"Held while an alias of {name} moves (pipeline.registry.lock); broken when held by "
                     f"one holder for {LOCK_STALE_S:.0f} s.",
                 )
@@ -84,8 +85,10 @@ def registry_lock(client: MlflowClient, name: str, actor: str, wait_s: float = L
                 _delete_lock(client, lock)
                 continue
             if now > deadline:
-                raise RegistryBusyError(f"registry lock {lock}: expected it free within {wait_s:.0f} s, found it "
-                                        f"held for {now - seen[1]:.0f} s; try again")
+                raise RegistryBusyError(
+                    f"registry lock {lock}: expected it free within {wait_s:.0f} s, found it "
+                    f"held for {now - seen[1]:.0f} s; try again"
+                )
             time.sleep(0.05 + random.random() * 0.2)  # jitter: waiters do not retry in step
         reconcile(client, name)
         yield
@@ -107,8 +110,12 @@ def _release(client: MlflowClient, lock: str, token: str) -> None:
             if not is_unavailable(exc):
                 raise
             if time.monotonic() + delay > deadline:
-                log.warning("registry lock %s left held (%s): it is broken as stale after %.0f s", lock,
-                            first_line(exc), LOCK_STALE_S)
+                log.warning(
+                    "registry lock %s left held (%s): it is broken as stale after %.0f s",
+                    lock,
+                    first_line(exc),
+                    LOCK_STALE_S,
+                )
                 return
         time.sleep(delay)
         delay *= 2

@@ -14,8 +14,12 @@ def error_code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
-_UNAVAILABLE_CODES = ("TEMPORARILY_UNAVAILABLE", "SERVICE_UNDER_MAINTENANCE", "WORKSPACE_TEMPORARILY_UNAVAILABLE",
-                      "DEADLINE_EXCEEDED")
+_UNAVAILABLE_CODES = (
+    "TEMPORARILY_UNAVAILABLE",
+    "SERVICE_UNDER_MAINTENANCE",
+    "WORKSPACE_TEMPORARILY_UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+)
 
 
 def is_unavailable(exc: BaseException | None) -> bool:
@@ -28,16 +32,18 @@ def is_unavailable(exc: BaseException | None) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen and not isinstance(exc, PipelineError):
         seen.add(id(exc))
-        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
-                      | sqlalchemy.exc.DisconnectionError):
+        if isinstance(
+            exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError | sqlalchemy.exc.DisconnectionError
+        ):
             return True
         if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
             return True
         if isinstance(exc, MlflowException):
             text = str(exc)
-            if error_code(exc) in _UNAVAILABLE_CODES or (text.startswith("API request to") and any(
-                f"failed with {what}" in text for what in ("exception", "timeout", "error code 5")
-            )):
+            if error_code(exc) in _UNAVAILABLE_CODES or (
+                text.startswith("API request to")
+                and any(f"failed with {what}" in text for what in ("exception", "timeout", "error code 5"))
+            ):
                 return True
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return False

@@ -77,23 +77,29 @@ def _require_promotable(
         raise ReferenceNotFoundError(f"model {name}", f"a version {version}", "none") from exc
     for tag, what in ((TAG_GATE, "the gate"), (TAG_INFRA, "infra validation")):
         if tags.get(tag) != "passed":
-            raise PromotionRefusedError(where, f"a version that passed {what} (tag {tag}=passed)",
-                                        repr(tags.get(tag, "no such tag")))
+            raise PromotionRefusedError(
+                where, f"a version that passed {what} (tag {tag}=passed)", repr(tags.get(tag, "no such tag"))
+            )
     gated_against = tags.get(TAG_GATE_PRODUCTION)
     if (by_default or automatic) and gated_against != (production or "none"):
         raise PromotionRefusedError(
-            where, f"a gate against today's production ({production or 'none'})",
+            where,
+            f"a gate against today's production ({production or 'none'})",
             f"a gate against {gated_against}; run the gate again (pipeline gate --version {version})",
         )
     if by_default and TAG_ROLLED_BACK in tags:
         raise PromotionRefusedError(
-            where, "a staging version production was not rolled back from",
+            where,
+            "a staging version production was not rolled back from",
             f"rolled back at {tags[TAG_ROLLED_BACK]}; name it (--version {version}) to promote it again",
         )
 
 
 def promote(
-    settings: Settings, version: str | None = None, actor: str | None = None, reason: str = "",
+    settings: Settings,
+    version: str | None = None,
+    actor: str | None = None,
+    reason: str = "",
     forward_only: bool = False,
 ) -> AliasMove | None:
     """Move ``production`` to ``version`` (default: the ``staging`` version), which must have
@@ -121,7 +127,9 @@ def promote(
         return record_move(client, name, PRODUCTION, target, "promote", actor, reason)
 
 
-def rollback(settings: Settings, to_version: str | None = None, actor: str | None = None, reason: str = "") -> AliasMove:
+def rollback(
+    settings: Settings, to_version: str | None = None, actor: str | None = None, reason: str = ""
+) -> AliasMove:
     """Move ``production`` back to the version before it, or to ``to_version``, which must have
     been production before. The version rolled back from is tagged, so that a default
     ``promote`` (the staging version) does not bring it straight back."""
@@ -134,7 +142,8 @@ def rollback(settings: Settings, to_version: str | None = None, actor: str | Non
             earlier = [v for v in production_stack(history) if v != current]
             if current is None or not earlier:
                 raise PromotionRefusedError(
-                    f"model {name} production history", "an earlier production version to roll back to",
+                    f"model {name} production history",
+                    "an earlier production version to roll back to",
                     f"none (production is {current or 'unset'})",
                 )
             to_version = earlier[-1]
@@ -142,8 +151,10 @@ def rollback(settings: Settings, to_version: str | None = None, actor: str | Non
         been_production = {e.to_version for e in history if e.alias == PRODUCTION}
         if to_version == current or to_version not in been_production:
             raise PromotionRefusedError(
-                f"model {name} rollback", f"a version that was production before, other than the current "
-                f"({', '.join(sorted(been_production - {current}, key=int)) or 'none'})", to_version,
+                f"model {name} rollback",
+                f"a version that was production before, other than the current "
+                f"({', '.join(sorted(been_production - {current}, key=int)) or 'none'})",
+                to_version,
             )
         return record_move(client, name, PRODUCTION, to_version, "rollback", actor, reason or "rolled back")
 

@@ -64,14 +64,15 @@ def _logged_model_uri(client: object, trained: TrainResult, processed: Processed
     # Status is checked here, not in the filter: a PostgreSQL-backed MLflow server stores it as
     # an integer and rejects `status = 'READY'` (SQLite lets the comparison through).
     found = client.search_logged_models(  # type: ignore[attr-defined]
-        [experiment], filter_string=f"source_run_id = '{trained.run_id}' AND name = 'model'",
+        [experiment],
+        filter_string=f"source_run_id = '{trained.run_id}' AND name = 'model'",
     )
     ready = [model for model in found if model.status == LoggedModelStatus.READY]
     if ready:
         return f"models:/{ready[0].model_id}"
     model = export_for_serving(load_checkpoint(str(storage.local_path(f"checkpoints/{trained.run_id}/best.ckpt"))))
     images, _ = load_split(processed, storage, "test")
-    example = (images[:4, None].astype(np.float32) / 255.0)
+    example = images[:4, None].astype(np.float32) / 255.0
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
     with mlflow.start_run(run_id=trained.run_id):
@@ -89,8 +90,12 @@ def _logged_model_uri(client: object, trained: TrainResult, processed: Processed
 
 
 def register_version(
-    settings: Settings, run_id: str, model_uri: str, actor: str,
-    tags: dict[str, str] | None = None, description: str = "",
+    settings: Settings,
+    run_id: str,
+    model_uri: str,
+    actor: str,
+    tags: dict[str, str] | None = None,
+    description: str = "",
 ) -> tuple[str, bool]:
     """The registry version of ``run_id`` (created from ``model_uri`` unless it exists), with its
     ``tags`` (and ``description`` when new), then the alias ``candidate`` moved to it as a
@@ -132,13 +137,20 @@ def _version_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
     """The run's registry version: its first. Later ones from the same source that no alias
     points at are duplicates (a creation retried after its answer was lost) and are deleted, so
     that a run has one version whatever the network did."""
-    found = sorted(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"), key=lambda v: int(v.version))
+    found = sorted(
+        client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"), key=lambda v: int(v.version)
+    )
     if not found:
         return None
     for extra in found[1:]:
         if extra.source == found[0].source and not client.get_model_version(name, extra.version).aliases:
-            log.warning("%s version %s duplicates version %s of run %s (a retried creation): deleted",
-                        name, extra.version, found[0].version, run_id)
+            log.warning(
+                "%s version %s duplicates version %s of run %s (a retried creation): deleted",
+                name,
+                extra.version,
+                found[0].version,
+                run_id,
+            )
             client.delete_model_version(name, extra.version)
     return str(found[0].version)
 
@@ -182,8 +194,11 @@ def version_description(
         try:
             card = Path(client.download_artifacts(trained.run_id, MODEL_CARD, tmp)).read_text()  # type: ignore[attr-defined]
         except (MlflowException, OSError) as exc:
-            raise ReferenceNotFoundError(f"run {trained.run_id}", f"the model card {MODEL_CARD} that evaluate writes",
-                                         "none; evaluate the run first") from exc
+            raise ReferenceNotFoundError(
+                f"run {trained.run_id}",
+                f"the model card {MODEL_CARD} that evaluate writes",
+                "none; evaluate the run first",
+            ) from exc
     return fit_description(f"{header}\n\n{card}", "", trained.run_id)
 
 
@@ -221,6 +236,10 @@ def register(
         client.update_registered_model(name, description=MODEL_DESCRIPTION)
     log.info("%s version %s (%s) has alias %s", name, version, "new" if created else "existing", CANDIDATE)
     return ModelVersionRef(
-        model_name=name, version=version, alias=CANDIDATE, run_id=trained.run_id,
-        model_uri=f"models:/{name}/{version}", created=created,
+        model_name=name,
+        version=version,
+        alias=CANDIDATE,
+        run_id=trained.run_id,
+        model_uri=f"models:/{name}/{version}",
+        created=created,
     )

@@ -74,16 +74,31 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("serve_requests", "HTTP requests by route and status code", ["route", "code"],
-                                registry=self.registry)
-        self.latency = Histogram("serve_request_seconds", "Request latency by route", ["route"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-        self.batch = Histogram("serve_batch_images", "Images per forward pass (micro-batching)", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-        self.version = Gauge("serve_model_version", "The model version being served (1 on its labels)",
-                             ["model_name", "version", "alias"], registry=self.registry)
-        self.reloads = Counter("serve_model_reloads", "Alias moves followed (swapped) or not (failed)", ["result"],
-                               registry=self.registry)
+        self.requests = Counter(
+            "serve_requests", "HTTP requests by route and status code", ["route", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "serve_request_seconds",
+            "Request latency by route",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.batch = Histogram(
+            "serve_batch_images",
+            "Images per forward pass (micro-batching)",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
+        self.version = Gauge(
+            "serve_model_version",
+            "The model version being served (1 on its labels)",
+            ["model_name", "version", "alias"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "serve_model_reloads", "Alias moves followed (swapped) or not (failed)", ["result"], registry=self.registry
+        )
 
     def served(self, served: ServedModel) -> None:
         meta = served.metadata
@@ -131,8 +146,6 @@ PREDICT_BODY = {
 }
 
 
-
-
 def _secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
     """Declare the bearer scheme, and 401, on every operation that needs the token."""
     build = app.openapi
@@ -148,15 +161,21 @@ def _secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
                     operation["security"] = [{"bearer": []}]
                     operation["responses"]["401"] = {
                         "description": "No bearer token, or a wrong one",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                    }
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
 
 
-def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settings | None = None,
-               poll_s: float = POLL_S, serving: ServingSettings | None = None) -> Any:
+def create_app(
+    slot: ModelSlot,
+    metrics: Metrics | None = None,
+    settings: Settings | None = None,
+    poll_s: float = POLL_S,
+    serving: ServingSettings | None = None,
+) -> Any:
     """The ASGI app over ``slot``; with ``settings``, it loads the model and follows an alias.
     ``serving`` holds the token and the limits (default: none, and the default limits)."""
     from contextlib import asynccontextmanager
@@ -180,11 +199,13 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
             decoder.start()
             threading.Thread(target=slot.load_first, args=(settings,), daemon=True, name="model-loader").start()
             if slot.follows_alias():
+
                 def reloaded(result: str) -> None:
                     metrics.reloads.labels(result=result).inc()
 
-                threading.Thread(target=slot.watch, args=(settings, poll_s, stop, reloaded), daemon=True,
-                                 name="registry-watch").start()
+                threading.Thread(
+                    target=slot.watch, args=(settings, poll_s, stop, reloaded), daemon=True, name="registry-watch"
+                ).start()
         yield
         stop.set()
         await batcher.stop()
@@ -215,7 +236,9 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
             return JSONResponse({"ready": True, "version": slot.current.version})
         return JSONResponse({"ready": False, "error": slot.error}, status_code=503)
 
-    busy: dict[int | str, dict[str, Any]] = {503: {"model": Problem, "description": "No model loaded yet, or too many requests (Retry-After)"}}
+    busy: dict[int | str, dict[str, Any]] = {
+        503: {"model": Problem, "description": "No model loaded yet, or too many requests (Retry-After)"}
+    }
 
     @app.get("/metadata", summary="The model being served", responses=busy)
     def metadata() -> JSONResponse:
@@ -231,13 +254,21 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
-        "/predict", summary="Classify one image or a batch", response_model=PredictResponse,
+        "/predict",
+        summary="Classify one image or a batch",
+        response_model=PredictResponse,
         openapi_extra={"requestBody": PREDICT_BODY},
-        responses={code: {"model": Problem, "description": text} for code, text in (
-            (400, "Not UTF-8 JSON"), (408, "The body did not arrive in time (the connection is closed)"),
-            (413, "Body too large"), (415, "Neither JSON nor PNG"),
-            (422, "Wrong shape, type or range, an empty batch, or an unreadable PNG"),
-            (503, "No model loaded yet, no answer in time, or too many requests or bytes in flight (Retry-After)"))},
+        responses={
+            code: {"model": Problem, "description": text}
+            for code, text in (
+                (400, "Not UTF-8 JSON"),
+                (408, "The body did not arrive in time (the connection is closed)"),
+                (413, "Body too large"),
+                (415, "Neither JSON nor PNG"),
+                (422, "Wrong shape, type or range, an empty batch, or an unreadable PNG"),
+                (503, "No model loaded yet, no answer in time, or too many requests or bytes in flight (Retry-After)"),
+            )
+        },
     )
     async def predict(request: Request) -> Response:
         if not batcher.alive() or slot.current is None:
@@ -260,9 +291,14 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
 
         async def over_budget() -> Response:
             await drain(request.scope, request.receive)
-            return JSONResponse({"detail": f"request bodies in memory: expected at most {serving.max_buffered_bytes} "
-                                 "bytes over all requests, found that many already; retry later"}, status_code=503,
-                                headers={"retry-after": str(serving.retry_after_s), "connection": "close"})
+            return JSONResponse(
+                {
+                    "detail": f"request bodies in memory: expected at most {serving.max_buffered_bytes} "
+                    "bytes over all requests, found that many already; retry later"
+                },
+                status_code=503,
+                headers={"retry-after": str(serving.retry_after_s), "connection": "close"},
+            )
 
         try:
             if declared and declared.isdigit() and not reserve(int(declared)):
@@ -275,8 +311,13 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
                     message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0))
                 except TimeoutError:
                     return JSONResponse(
-                        {"detail": f"body: expected all of it within {serving.body_timeout_s:g} s, found {size} bytes "
-                                   "by then"}, status_code=408, headers={"connection": "close"})
+                        {
+                            "detail": f"body: expected all of it within {serving.body_timeout_s:g} s, found {size} bytes "
+                            "by then"
+                        },
+                        status_code=408,
+                        headers={"connection": "close"},
+                    )
                 if message["type"] == "http.disconnect":
                     return Response(status_code=499)  # nobody is listening; counted, not an error of ours
                 chunk = message.get("body", b"")
@@ -302,12 +343,14 @@ def create_app(slot: ModelSlot, metrics: Metrics | None = None, settings: Settin
             return problem(503, f"no answer from the model within {ANSWER_TIMEOUT_S:.0f} s")
         classes = served.metadata["classes"]
         ids = probabilities.argmax(axis=1)
-        return JSONResponse({
-            "model_version": served.version,
-            "predictions": [{"class_id": int(i), "class_name": classes[int(i)], "probabilities": p.tolist()}
-                            for i, p in zip(ids, probabilities, strict=True)],
-        })
+        return JSONResponse(
+            {
+                "model_version": served.version,
+                "predictions": [
+                    {"class_id": int(i), "class_name": classes[int(i)], "probabilities": p.tolist()}
+                    for i, p in zip(ids, probabilities, strict=True)
+                ],
+            }
+        )
 
     return app
-
-

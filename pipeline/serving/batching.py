@@ -29,8 +29,7 @@ class _Pending:
 
 
 class MicroBatcher:
-    def __init__(self, slot: ModelSlot, max_images: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, slot: ModelSlot, max_images: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
         self.slot = slot
         self.max_images = max_images
         self._on_batch = on_batch

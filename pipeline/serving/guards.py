@@ -46,8 +46,14 @@ async def drain(scope: MutableMapping[str, Any], receive: Any, seconds: float = 
             return
 
 
-async def refuse(scope: MutableMapping[str, Any], receive: Any, send: Any, status: int, detail: str,
-                 headers: dict[str, str] | None = None) -> None:
+async def refuse(
+    scope: MutableMapping[str, Any],
+    receive: Any,
+    send: Any,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> None:
     await drain(scope, receive)
     await send_problem(send, status, detail, headers)
 
@@ -55,8 +61,12 @@ async def refuse(scope: MutableMapping[str, Any], receive: Any, send: Any, statu
 async def send_problem(send: Any, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     """A JSON problem straight on the ASGI ``send`` (for middleware), closing the connection."""
     body = json.dumps({"detail": detail}).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"), *((k.encode(), v.encode()) for k, v in (headers or {}).items())]
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
@@ -74,8 +84,14 @@ class RequireToken:
             scheme, _, given = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
                 found = "no Authorization header" if not header else "a wrong or malformed one"
-                await refuse(scope, receive, send, 401, f"Authorization: expected a bearer token, found {found}",
-                             {"www-authenticate": 'Bearer realm="pipeline serve"'})
+                await refuse(
+                    scope,
+                    receive,
+                    send,
+                    401,
+                    f"Authorization: expected a bearer token, found {found}",
+                    {"www-authenticate": 'Bearer realm="pipeline serve"'},
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -92,8 +108,15 @@ class Admission:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.serving.max_in_flight:
-            await refuse(scope, receive, send, 503, f"requests in flight: expected at most {self.serving.max_in_flight}, found "
-                               "that many already; retry later", {"retry-after": str(self.serving.retry_after_s)})
+            await refuse(
+                scope,
+                receive,
+                send,
+                503,
+                f"requests in flight: expected at most {self.serving.max_in_flight}, found "
+                "that many already; retry later",
+                {"retry-after": str(self.serving.retry_after_s)},
+            )
             return
         self.in_flight += 1
         try:
@@ -116,8 +139,12 @@ class BodyDecoder:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the server process runs threads (torch, the registry watch).
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_die_with_server, initargs=(os.getpid(),))
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with_server,
+                initargs=(os.getpid(),),
+            )
 
     async def decode(self, kind: str, body: bytes) -> Any:
         from concurrent.futures.process import BrokenProcessPool

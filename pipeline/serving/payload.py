@@ -54,8 +54,10 @@ def load_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise NotJSONError(f"body: expected UTF-8 JSON, found a byte that is not UTF-8 at offset {exc.start} "
-                           f"({body[exc.start:exc.start + 1]!r})") from None
+        raise NotJSONError(
+            f"body: expected UTF-8 JSON, found a byte that is not UTF-8 at offset {exc.start} "
+            f"({body[exc.start : exc.start + 1]!r})"
+        ) from None
     if "\x00" in text:
         raise NotJSONError("body: expected UTF-8 JSON, found NUL characters (UTF-16 or UTF-32?)")
     literal = _LITERALS.search(text)
@@ -88,8 +90,10 @@ def parse_images(payload: Any) -> np.ndarray:
     """
     if not isinstance(payload, dict) or len(payload) != 1 or not ({"instances", "image"} & payload.keys()):
         keys = f" with keys {sorted(payload)[:8]}" if isinstance(payload, dict) else ""
-        raise RequestError('body: expected a JSON object with one key, "instances" (a list of images) or "image", '
-                           f"found {type(payload).__name__}{keys}")
+        raise RequestError(
+            'body: expected a JSON object with one key, "instances" (a list of images) or "image", '
+            f"found {type(payload).__name__}{keys}"
+        )
     images = payload["instances"] if "instances" in payload else [payload["image"]]
     if not isinstance(images, list) or not images:
         raise RequestError(f"instances: expected a non-empty list of 28x28 images, found {_describe(images)}")
@@ -110,8 +114,10 @@ def _image_pixels(image: Any, where: str) -> np.ndarray:
         array = np.empty(0, dtype=object)
     if array.dtype == object or array.shape != IMAGE_SHAPE:
         if _shape(image) == str(IMAGE_SHAPE):
-            raise RequestError(f"{where}: expected numbers (integers 0-255 or floats 0-1), found other values "
-                               "(strings, objects or integers beyond 64 bits)")
+            raise RequestError(
+                f"{where}: expected numbers (integers 0-255 or floats 0-1), found other values "
+                "(strings, objects or integers beyond 64 bits)"
+            )
         raise RequestError(f"{where}: expected images of shape {IMAGE_SHAPE}, found {_shape(image)}")
     if array.dtype.kind in "iu":
         if array.min() < 0 or array.max() > 255:
@@ -123,11 +129,15 @@ def _image_pixels(image: Any, where: str) -> np.ndarray:
         if array.min() < 0.0 or array.max() > 1.0:
             if array.min() >= 0.0 and array.max() <= 255.0 and (array == np.round(array)).all():
                 return array.astype(np.float32) / 255.0
-            raise RequestError(f"{where}: expected floats in [0, 1] (or integers 0-255), found values from "
-                               f"{array.min()} to {array.max()}")
+            raise RequestError(
+                f"{where}: expected floats in [0, 1] (or integers 0-255), found values from "
+                f"{array.min()} to {array.max()}"
+            )
         return array.astype(np.float32)
-    raise RequestError(f"{where}: expected numbers (integers 0-255 or floats 0-1), found {array.dtype.kind!r} values "
-                       f"such as {array.flat[0]!r}")
+    raise RequestError(
+        f"{where}: expected numbers (integers 0-255 or floats 0-1), found {array.dtype.kind!r} values "
+        f"such as {array.flat[0]!r}"
+    )
 
 
 def _describe(value: Any) -> str:
@@ -153,8 +163,10 @@ def parse_png(body: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(body), formats=["PNG"]) as image:
             if image.size != IMAGE_SHAPE[::-1] or image.mode not in ("L", "1"):
-                raise RequestError(f"image: expected a {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} grayscale PNG (mode L), found "
-                                   f"{image.size[0]}x{image.size[1]} mode {image.mode}")
+                raise RequestError(
+                    f"image: expected a {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} grayscale PNG (mode L), found "
+                    f"{image.size[0]}x{image.size[1]} mode {image.mode}"
+                )
             pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     except RequestError:
         raise
@@ -185,20 +197,35 @@ def request_schema() -> dict[str, Any]:
 
     one_image = {
         "description": f"{height} rows of {width} pixels: all integers 0-255, or all numbers in [0, 1].",
-        "anyOf": [image({"type": "integer", "minimum": 0, "maximum": 255}, "Integers 0-255"),
-                  image({"type": "number", "minimum": 0, "maximum": 1}, "Numbers in [0, 1]")],
+        "anyOf": [
+            image({"type": "integer", "minimum": 0, "maximum": 255}, "Integers 0-255"),
+            image({"type": "number", "minimum": 0, "maximum": 1}, "Numbers in [0, 1]"),
+        ],
     }
-    batch = {"type": "array", "items": one_image, "minItems": 1, "maxItems": MAX_BATCH,
-             "description": f"1 to {MAX_BATCH} images (and at most {MAX_BODY_BYTES} bytes of JSON)."}
+    batch = {
+        "type": "array",
+        "items": one_image,
+        "minItems": 1,
+        "maxItems": MAX_BATCH,
+        "description": f"1 to {MAX_BATCH} images (and at most {MAX_BODY_BYTES} bytes of JSON).",
+    }
     return {
         "title": "PredictRequest",
         "description": 'Exactly one of "instances" (a batch) and "image" (one image). UTF-8 JSON; true, false and '
-                       "null appear nowhere.",
+        "null appear nowhere.",
         "oneOf": [
-            {"type": "object", "properties": {"instances": batch}, "required": ["instances"],
-             "additionalProperties": False},
-            {"type": "object", "properties": {"image": one_image}, "required": ["image"],
-             "additionalProperties": False},
+            {
+                "type": "object",
+                "properties": {"instances": batch},
+                "required": ["instances"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"image": one_image},
+                "required": ["image"],
+                "additionalProperties": False,
+            },
         ],
     }
 
@@ -206,6 +233,11 @@ def request_schema() -> dict[str, Any]:
 def png_schema() -> dict[str, Any]:
     """The schema of an ``image/png`` ``/predict`` body."""
     height, width = IMAGE_SHAPE
-    return {"type": "string", "format": "binary", "minLength": 33, "maxLength": MAX_BODY_BYTES,
-            "description": f"One {width}x{height} grayscale PNG (color type 0: mode L or 1-bit), at most "
-                           f"{MAX_BODY_BYTES} bytes; any other size or color type gets 422."}
+    return {
+        "type": "string",
+        "format": "binary",
+        "minLength": 33,
+        "maxLength": MAX_BODY_BYTES,
+        "description": f"One {width}x{height} grayscale PNG (color type 0: mode L or 1-bit), at most "
+        f"{MAX_BODY_BYTES} bytes; any other size or color type gets 422.",
+    }

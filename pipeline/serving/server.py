@@ -25,7 +25,9 @@ micro-batcher has ever formed: +1.2 GB over a few hundred sizes with the default
 soak's slow growth. 64 keeps single-image passes at full speed (their kernels stay cached)."""
 
 
-def serve(model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, poll_s: float = POLL_S) -> None:
+def serve(
+    model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, poll_s: float = POLL_S
+) -> None:
     """Run the endpoint until stopped; raise if the model never loaded."""
     import torch
     import uvicorn
@@ -79,9 +81,16 @@ def server_config(app: Any, serving: ServingSettings, host: str = "127.0.0.1", p
     the keep-alive timeout, and :func:`guarded_protocol` for the connection limit and timeouts."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          http=guarded_protocol(serving), timeout_keep_alive=serving.keep_alive_s,  # type: ignore[arg-type]  # a float delay works
-                          h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=guarded_protocol(serving),
+        timeout_keep_alive=serving.keep_alive_s,  # type: ignore[arg-type]  # a float delay works
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
 
 
 def guarded_protocol(serving: ServingSettings) -> type:
@@ -118,12 +127,17 @@ def guarded_protocol(serving: ServingSettings) -> type:
                 self.over_limit = False
             if self.over_limit:
                 if not self.transport.is_closing():
-                    body = json.dumps({"detail": f"connections: expected at most {serving.max_connections}, found "
-                                                 "that many already; retry later"}).encode()
+                    body = json.dumps(
+                        {
+                            "detail": f"connections: expected at most {serving.max_connections}, found "
+                            "that many already; retry later"
+                        }
+                    ).encode()
                     self.transport.write(
                         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
                         + f"retry-after: {serving.retry_after_s}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-                        + body)
+                        + body
+                    )
                     self.transport.close()
                 return
             super().data_received(data)

@@ -24,6 +24,7 @@ from pipeline.models.registered import MODEL_URI, resolve
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ServedModel:
     model: Any
@@ -87,8 +88,12 @@ class ModelSlot:
         self.ready.set()
         if self._on_swap:
             self._on_swap(served)
-        log.info("serving %s version %s%s", served.metadata["model_name"], served.version,
-                 f" (was {previous.version})" if previous else "")
+        log.info(
+            "serving %s version %s%s",
+            served.metadata["model_name"],
+            served.version,
+            f" (was {previous.version})" if previous else "",
+        )
 
     def load_first(self, settings: Settings) -> None:
         try:
@@ -101,8 +106,9 @@ class ModelSlot:
         match = MODEL_URI.match(self.model_uri)
         return bool(match and match["alias"])
 
-    def watch(self, settings: Settings, poll_s: float, stop: threading.Event,
-              on_reload: Callable[[str], None] | None = None) -> None:
+    def watch(
+        self, settings: Settings, poll_s: float, stop: threading.Event, on_reload: Callable[[str], None] | None = None
+    ) -> None:
         """Until ``stop``: every ``poll_s`` seconds, reload when the alias points elsewhere."""
         failed: str | None = None  # a version that would not load: not downloaded again and again
         while not stop.wait(poll_s):

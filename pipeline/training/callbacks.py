@@ -32,8 +32,13 @@ class EpochLog(pl.Callback):
         self.started = time.perf_counter()
         loader: Any = trainer.train_dataloader
         sampler = loader.sampler.sampler
-        log.info("rank %d of %d: training on %d images per epoch from epoch %d",
-                 trainer.global_rank, trainer.world_size, sampler.num_samples, trainer.current_epoch + 1)
+        log.info(
+            "rank %d of %d: training on %d images per epoch from epoch %d",
+            trainer.global_rank,
+            trainer.world_size,
+            sampler.num_samples,
+            trainer.current_epoch + 1,
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -42,9 +47,13 @@ class EpochLog(pl.Callback):
         # Runs after the epoch's validation, so both train and val metrics are this epoch's.
         if trainer.is_global_zero:
             shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("loss", "accuracy"))}
-            log.info("epoch %d/%d: %s (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs,
-                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())),
-                     time.perf_counter() - self.started)
+            log.info(
+                "epoch %d/%d: %s (%.1f s)",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())),
+                time.perf_counter() - self.started,
+            )
 
 
 class StorageCheckpoints(pl.Callback):

@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def _result_from_run(run: object, reused: bool) -> TrainResult:
     tags, metrics = run.data.tags, run.data.metrics  # type: ignore[attr-defined]
     return TrainResult(
@@ -135,8 +134,17 @@ def train(
                     client.set_tag(run_id, TAG_LAST_CHECKPOINT, uri)
                     client.log_metric(run_id, "checkpoint_epoch", epoch, step=epoch)
 
-            trainer, module = fit(processed, storage, config, settings, run_id=run_id, workdir=workdir,
-                                  resume_from=resume_from, owner=True, on_saved=on_saved)
+            trainer, module = fit(
+                processed,
+                storage,
+                config,
+                settings,
+                run_id=run_id,
+                workdir=workdir,
+                resume_from=resume_from,
+                owner=True,
+                on_saved=on_saved,
+            )
         best = next(cb for cb in trainer.callbacks if isinstance(cb, StorageCheckpoints))
         checkpoint_uri = storage.uri(f"checkpoints/{run_id}/best.ckpt")
         temperature = calibrate(processed, storage, run_id, "cuda" if trains_on_gpu(config) else "cpu")
@@ -163,8 +171,13 @@ def train(
     finally:
         os.environ.pop(ENV_RUN, None)
         os.environ.pop(ENV_RESUME, None)
-    log.info("run %s: val_accuracy %.4f (best, epoch %d) after %d epochs",
-             run_id, metrics["val_accuracy"], best.best_epoch, metrics["epochs"])
+    log.info(
+        "run %s: val_accuracy %.4f (best, epoch %d) after %d epochs",
+        run_id,
+        metrics["val_accuracy"],
+        best.best_epoch,
+        metrics["epochs"],
+    )
     return TrainResult(
         run_id=run_id,
         checkpoint_uri=checkpoint_uri,
@@ -173,8 +186,6 @@ def train(
         config_hash=lineage[TAG_CONFIG],
         metrics=metrics,
     )
-
-
 
 
 def _last_key(run_id: str) -> str:
@@ -186,8 +197,14 @@ def _resumable_run(client: MlflowClient, experiment: str, lineage: dict[str, str
 
     Storage, not the run's tag, says whether there is a checkpoint: a process killed between
     writing the checkpoint and tagging the run has still saved its epoch."""
-    return next((run for run in find_unfinished_runs(client, experiment, lineage)
-                 if storage.exists(_last_key(run.info.run_id))), None)
+    return next(
+        (
+            run
+            for run in find_unfinished_runs(client, experiment, lineage)
+            if storage.exists(_last_key(run.info.run_id))
+        ),
+        None,
+    )
 
 
 def _train_other_rank(
@@ -206,8 +223,14 @@ def _train_other_rank(
                 run_id, resume_from = resumable.info.run_id, Path(workdir) / "resume.ckpt"
                 resume_from.write_bytes(storage.get_bytes(_last_key(run_id)))
         fit(processed, storage, config, settings, run_id=run_id, workdir=workdir, resume_from=resume_from, owner=False)
-    return TrainResult(run_id=run_id, checkpoint_uri="", processed_hash=processed.processed_hash,
-                       dataset_hash=processed.dataset_hash, config_hash=lineage[TAG_CONFIG], metrics={})
+    return TrainResult(
+        run_id=run_id,
+        checkpoint_uri="",
+        processed_hash=processed.processed_hash,
+        dataset_hash=processed.dataset_hash,
+        config_hash=lineage[TAG_CONFIG],
+        metrics={},
+    )
 
 
 def fit(
@@ -251,13 +274,15 @@ def fit(
             experiment_name=settings.experiment_name, tracking_uri=settings.tracking_uri, run_id=run_id
         )
         if resume_from is None:
-            logger.log_hyperparams({
-                **dataclasses.asdict(config),
-                "world_size": world,
-                "effective_learning_rate": learning_rate,
-                "effective_precision": resolve_precision(config),
-                **{f"data_{k}": v for k, v in processed.counts.items()},
-            })
+            logger.log_hyperparams(
+                {
+                    **dataclasses.asdict(config),
+                    "world_size": world,
+                    "effective_learning_rate": learning_rate,
+                    "effective_precision": resolve_precision(config),
+                    **{f"data_{k}": v for k, v in processed.counts.items()},
+                }
+            )
     model = ImageClassifier(
         architecture=config.architecture,
         learning_rate=learning_rate,
@@ -313,5 +338,7 @@ def load_train_result(settings: Settings, run_id: str) -> TrainResult:
     except MlflowException as exc:
         raise ReferenceNotFoundError("--run-id", f"a run in {settings.tracking_uri}", repr(run_id)) from exc
     if TAG_CHECKPOINT not in run.data.tags:
-        raise ReferenceNotFoundError("--run-id", "a finished training run with a checkpoint", f"run {run_id} ({run.info.status})")
+        raise ReferenceNotFoundError(
+            "--run-id", "a finished training run with a checkpoint", f"run {run_id} ({run.info.status})"
+        )
     return _result_from_run(run, reused=True)

@@ -42,7 +42,9 @@ def candidates(config: TuneConfig, base: TrainConfig) -> list[dict[str, Any]]:
     return grid
 
 
-def sample_data(raw: RawDatasetRef, storage: Storage, config: TuneConfig, preprocess: PreprocessConfig) -> ProcessedDatasetRef:
+def sample_data(
+    raw: RawDatasetRef, storage: Storage, config: TuneConfig, preprocess: PreprocessConfig
+) -> ProcessedDatasetRef:
     """The capped, stratified sample the trials train on (content-addressed, made once)."""
     from pipeline.data.preprocess import preprocess as run_preprocess
 
@@ -80,13 +82,20 @@ def run_trial(
     from pipeline.training.fit import train
 
     trial_config = dataclasses.replace(base, **overrides, epochs=config.trial_epochs)
-    result = train(sample, storage, trial_config, settings,
-                   tags={"mlflow.parentRunId": parent_run_id, "pipeline.tune_trial": "true"})
+    result = train(
+        sample,
+        storage,
+        trial_config,
+        settings,
+        tags={"mlflow.parentRunId": parent_run_id, "pipeline.tune_trial": "true"},
+    )
     log.info("trial %s: val_accuracy %.4f (run %s)", overrides, result.metrics["val_accuracy"], result.run_id)
     return {"overrides": overrides, "val_accuracy": result.metrics["val_accuracy"], "run_id": result.run_id}
 
 
-def choose(trials: Sequence[Mapping[str, Any]], settings: Settings | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+def choose(
+    trials: Sequence[Mapping[str, Any]], settings: Settings | None = None, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """The best trial's overrides (highest validation accuracy; ties go to the earlier trial)."""
     if not trials:
         return {}
@@ -106,7 +115,9 @@ def choose(trials: Sequence[Mapping[str, Any]], settings: Settings | None = None
 def study_name(raw: RawDatasetRef, config: TuneConfig, base: TrainConfig, preprocess: PreprocessConfig) -> str:
     """A name that is the same for the same data and search, so a rerun finds its study (and
     its finished trials) again instead of starting over."""
-    return f"pipeline-run/{raw.dataset_hash[:12]}/{config.fingerprint()}-{base.fingerprint()}-{preprocess.fingerprint()}"
+    return (
+        f"pipeline-run/{raw.dataset_hash[:12]}/{config.fingerprint()}-{base.fingerprint()}-{preprocess.fingerprint()}"
+    )
 
 
 def run_study(

@@ -18,11 +18,20 @@ def test_embedded_defaults_live_under_one_folder(tmp_path):
 
 
 def test_standard_variables_win():
-    env = {"PIPELINE_HOME": "/x", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "PIPELINE_STORAGE_URI": "s3://b/p",
-           "PIPELINE_MODEL_NAME": "m", "PIPELINE_SOURCE_URI": "s3://d/fashion"}
+    env = {
+        "PIPELINE_HOME": "/x",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "PIPELINE_STORAGE_URI": "s3://b/p",
+        "PIPELINE_MODEL_NAME": "m",
+        "PIPELINE_SOURCE_URI": "s3://d/fashion",
+    }
     settings = Settings.from_env(env)
     assert (settings.tracking_uri, settings.storage_uri, settings.model_name, settings.source_uri) == (
-        "http://mlflow:5000", "s3://b/p", "m", "s3://d/fashion")
+        "http://mlflow:5000",
+        "s3://b/p",
+        "m",
+        "s3://d/fashion",
+    )
 
 
 def test_default_home_is_the_gitignored_runtime_folder():
@@ -33,8 +42,16 @@ def test_default_home_is_the_gitignored_runtime_folder():
 
 def test_params_become_typed_config():
     config = run_config_from_params(
-        {"source_uri": "http://h/d", "epochs": 3, "batch_size": "64", "learning_rate": 0.01, "sample_cap": None,
-         "architecture": "seed_cnn", "force": True, "seed": 1}
+        {
+            "source_uri": "http://h/d",
+            "epochs": 3,
+            "batch_size": "64",
+            "learning_rate": 0.01,
+            "sample_cap": None,
+            "architecture": "seed_cnn",
+            "force": True,
+            "seed": 1,
+        }
     )
     assert config.acquire.source_uri == "http://h/d"
     assert (config.train.epochs, config.train.batch_size, config.train.architecture) == (3, 64, "seed_cnn")
@@ -49,7 +66,10 @@ def test_empty_source_falls_back_to_the_settings():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"architecture": "resnet999"}, "architecture: expected one of ['resnet_deep', 'resnet_small', 'resnet_wide', 'resnet_large', 'simple_cnn', 'seed_cnn'], found 'resnet999'"),
+        (
+            {"architecture": "resnet999"},
+            "architecture: expected one of ['resnet_deep', 'resnet_small', 'resnet_wide', 'resnet_large', 'simple_cnn', 'seed_cnn'], found 'resnet999'",
+        ),
         ({"epochs": 0}, "epochs: expected a value in [1, 200], found 0"),
         ({"learning_rate": -1}, "learning_rate: expected a value in [1e-07, 1.0], found -1.0"),
         ({"batch_size": "many"}, "batch_size: expected an integer, found 'many'"),

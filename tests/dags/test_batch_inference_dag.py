@@ -32,13 +32,16 @@ def production_model(small_dataset, settings, storage):
     validation = validate_raw(raw, storage)
     processed = preprocess(raw, storage, PreprocessConfig())
     trained = train(processed, storage, TrainConfig(**SMALL_RECIPE, epochs=1, batch_size=64), settings)
-    version = register(trained, evaluate(trained, processed, storage, settings), validation, processed, storage, settings)
+    version = register(
+        trained, evaluate(trained, processed, storage, settings), validation, processed, storage, settings
+    )
     move_alias(settings, PRODUCTION, version.version, "promote", "test", "batch inference test")
     return version
 
 
-def test_batch_predictions_in_parquet_match_the_service(production_model, settings, storage, real_splits, tmp_path,
-                                                        airflow_db):
+def test_batch_predictions_in_parquet_match_the_service(
+    production_model, settings, storage, real_splits, tmp_path, airflow_db
+):
     import pandas as pd
     from airflow.dag_processing.dagbag import DagBag
     from fastapi.testclient import TestClient

@@ -132,8 +132,13 @@ def test_train_task_queue_follows_the_environment(dagbag):
         "import json, runpy, sys; ns = runpy.run_path(sys.argv[1]); dag = ns['training_pipeline'](); "
         "print(json.dumps({t.task_id: t.queue for t in dag.tasks}))"
     )
-    out = subprocess.run([sys.executable, "-c", probe, str(ROOT / "dags" / "training_pipeline.py")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PIPELINE_TRAIN_QUEUE": "gpu"})
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT / "dags" / "training_pipeline.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PIPELINE_TRAIN_QUEUE": "gpu"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     queues = json.loads(out.stdout.strip().splitlines()[-1])
     assert queues.pop("train") == "gpu" and queues.pop("tune_trial") == "gpu"
@@ -169,8 +174,14 @@ def test_every_task_retries_exactly_the_errors_that_declare_it(dagbag):
 
     classes = error_classes()
     assert {c.__name__ for c in classes if c.retryable} >= {
-        "SourceUnavailableError", "StorageUnavailableError", "StorageFullError", "RegistryBusyError",
-        "RegistryUnavailableError", "ServingTimeoutError", "TrainingInterruptedError"}
+        "SourceUnavailableError",
+        "StorageUnavailableError",
+        "StorageFullError",
+        "RegistryBusyError",
+        "RegistryUnavailableError",
+        "ServingTimeoutError",
+        "TrainingInterruptedError",
+    }
     for dag_id, dag in dagbag.dags.items():
         for task in dag.tasks:
             for cls in classes:
@@ -188,8 +199,9 @@ def test_the_retry_policy_and_shared_names_are_defined_once():
 
 
 def test_airflow_lint_rules_pass_on_dags():
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "AIR", str(ROOT / "dags")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "AIR", str(ROOT / "dags")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout
 
 

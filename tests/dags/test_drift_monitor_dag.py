@@ -37,8 +37,10 @@ def asset_events() -> list[dict]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).filter(
-            AssetModel.name == ASSET
+        rows = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == ASSET)
         )
         return [dict(row.extra or {}) for row in rows]
 
@@ -72,12 +74,21 @@ def states(dag_run) -> dict[str, str]:
         return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
 
 
-def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(dags, small_dataset, real_splits, settings, tmp_path):
+def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(
+    dags, small_dataset, real_splits, settings, tmp_path
+):
     from pipeline.tracking import tracking_client
 
     training, monitor = dags
-    trained = training.test(run_conf={"source_uri": str(small_dataset), **SMALL_RECIPE, "epochs": 1, "batch_size": 64,
-                                      "gate_min_accuracy": 0.5})  # one epoch on 1,800 images: about 0.55
+    trained = training.test(
+        run_conf={
+            "source_uri": str(small_dataset),
+            **SMALL_RECIPE,
+            "epochs": 1,
+            "batch_size": 64,
+            "gate_min_accuracy": 0.5,
+        }
+    )  # one epoch on 1,800 images: about 0.55
     assert trained.state == "success"
     unpause("training_pipeline")
     images = real_splits["t10k"][0][500:2500]  # not in the small dataset's test split
@@ -114,7 +125,9 @@ def test_broken_batch_fails_the_check_at_once_and_asks_for_nothing(dags, pipelin
     _, monitor = dags
     folder = write_batch(tmp_path / "blank", np.zeros((300, 28, 28), dtype=np.uint8))
     settings = Settings.from_env()
-    with pytest.raises(DataValidationError, match=f"suite incoming_profile, .*pixel_max.* in {folder}/images-idx3-ubyte.gz"):
+    with pytest.raises(
+        DataValidationError, match=f"suite incoming_profile, .*pixel_max.* in {folder}/images-idx3-ubyte.gz"
+    ):
         check(str(folder), storage_for(settings), settings)
 
     events_before = len(asset_events())

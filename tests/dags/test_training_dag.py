@@ -84,8 +84,14 @@ def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset,
 
 
 def test_tuning_maps_one_trial_per_candidate_and_trains_with_the_best(training_dag, small_dataset, settings):
-    conf = {"source_uri": str(small_dataset), **QUICK, "tune": True, "tune_epochs": 1, "tune_sample_cap": 1000,
-            "tune_space": {"learning_rate": [0.0001, 0.004]}}
+    conf = {
+        "source_uri": str(small_dataset),
+        **QUICK,
+        "tune": True,
+        "tune_epochs": 1,
+        "tune_sample_cap": 1000,
+        "tune_space": {"learning_rate": [0.0001, 0.004]},
+    }
     dag_run = training_dag.test(run_conf=conf)
     assert dag_run.state == "success", task_states(dag_run)
 
@@ -147,8 +153,11 @@ def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db)
     assert rolled.state == "success", task_states(rolled)
     assert alias_version(client, name, PRODUCTION) == "1"
 
-    moves = [(e.action, e.from_version, e.to_version, e.actor.split(" via ")[-1].split("/")[0], e.reason)
-             for e in history(settings) if e.alias == PRODUCTION]
+    moves = [
+        (e.action, e.from_version, e.to_version, e.actor.split(" via ")[-1].split("/")[0], e.reason)
+        for e in history(settings)
+        if e.alias == PRODUCTION
+    ]
     assert moves == [
         ("promote", None, "1", "airflow:training_pipeline", "auto_promote: passed the gate and infra validation"),
         ("promote", "1", "3", "airflow:promote_model", "reviewed the model card"),

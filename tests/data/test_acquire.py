@@ -158,15 +158,24 @@ HEADROOM = 384 << 20
 
 
 def limited_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(HEADROOM), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", LIMITED_CLI, str(HEADROOM), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def bomb_dataset(tmp_path_factory, small_dataset) -> Path:
     """The small dataset with a 0.5 MB train-images file that declares 10^9 images and expands to 512 MiB."""
-    return dataset_with(small_dataset, tmp_path_factory.mktemp("bomb") / "src", TRAIN_IMAGES,
-                        lambda path: gzip_bomb(path, zeros=512 << 20))
+    return dataset_with(
+        small_dataset,
+        tmp_path_factory.mktemp("bomb") / "src",
+        TRAIN_IMAGES,
+        lambda path: gzip_bomb(path, zeros=512 << 20),
+    )
 
 
 def test_finding_gzip_bomb_ends_with_exit_2_and_one_line_without_expanding(bomb_dataset, storage, monkeypatch):
@@ -224,8 +233,9 @@ def test_finding_symlink_out_of_the_source_root_is_not_followed(tmp_path, small_
     folder = dataset_with(small_dataset, tmp_path / "src", TRAIN_LABELS, lambda path: path.symlink_to(outside))
     with pytest.raises(SourceNotFoundError) as info:
         acquire(AcquireConfig(source_uri=str(folder)), storage)
-    assert str(info.value) == (f"{folder / TRAIN_LABELS}: expected a file inside the source folder, "
-                               "found a symbolic link to a file outside it")
+    assert str(info.value) == (
+        f"{folder / TRAIN_LABELS}: expected a file inside the source folder, found a symbolic link to a file outside it"
+    )
     assert not storage.exists("raw") and not storage.exists("sources")
 
     # A link that stays inside the root is followed (a dataset that shares one file between names).
@@ -257,17 +267,25 @@ def test_finding_credentials_in_a_local_error_are_redacted(storage):
     assert SECRET not in str(info.value) and "ftp://***@127.0.0.1/data?token=***" in str(info.value)
 
 
-@pytest.mark.parametrize(("uri", "shown"), [
-    ("https://user:pw@host:8443/a/b", "https://***@host:8443/a/b"),
-    ("https://tok@host/a", "https://***@host/a"),
-    ("https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab&X-Amz-Security-Token=t&v=1",
-     "https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&v=1"),
-    ("https://h/f?Signature=x&Expires=1&AWSAccessKeyId=k", "https://h/f?Signature=***&Expires=1&AWSAccessKeyId=***"),
-    ("https://h/p?sv=1&sig=abc&token=t&access_token=u", "https://h/p?sv=1&sig=***&token=***&access_token=***"),
-    ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist"),
-    ("s3://bucket/prefix", "s3://bucket/prefix"),
-    ("http://127.0.0.1:8000/data", "http://127.0.0.1:8000/data"),
-])
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:pw@host:8443/a/b", "https://***@host:8443/a/b"),
+        ("https://tok@host/a", "https://***@host/a"),
+        (
+            "https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab&X-Amz-Security-Token=t&v=1",
+            "https://h/f.gz?X-Amz-Algorithm=AWS4&X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&v=1",
+        ),
+        (
+            "https://h/f?Signature=x&Expires=1&AWSAccessKeyId=k",
+            "https://h/f?Signature=***&Expires=1&AWSAccessKeyId=***",
+        ),
+        ("https://h/p?sv=1&sig=abc&token=t&access_token=u", "https://h/p?sv=1&sig=***&token=***&access_token=***"),
+        ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("http://127.0.0.1:8000/data", "http://127.0.0.1:8000/data"),
+    ],
+)
 def test_redact_uri_masks_passwords_and_signatures(uri, shown):
     from pipeline.redact import redact_text, redact_uri
 
@@ -279,14 +297,22 @@ def test_source_limits_come_from_the_environment_and_are_checked():
     from pipeline.config import SourceLimits
     from pipeline.errors import ConfigError
 
-    limits = SourceLimits.from_env({"PIPELINE_MAX_DATASET_BYTES": "1000", "PIPELINE_MAX_DOWNLOAD_BYTES": "10",
-                                    "PIPELINE_DOWNLOAD_DEADLINE_S": "2.5", "PIPELINE_REDIRECT_HOSTS": "a.example, B:81"})
+    limits = SourceLimits.from_env(
+        {
+            "PIPELINE_MAX_DATASET_BYTES": "1000",
+            "PIPELINE_MAX_DOWNLOAD_BYTES": "10",
+            "PIPELINE_DOWNLOAD_DEADLINE_S": "2.5",
+            "PIPELINE_REDIRECT_HOSTS": "a.example, B:81",
+        }
+    )
     assert limits == SourceLimits(1000, 10, 2.5, ("a.example", "b:81"))
     assert SourceLimits.from_env({}) == SourceLimits()
-    for env, words in [({"PIPELINE_MAX_DATASET_BYTES": "4G"}, "PIPELINE_MAX_DATASET_BYTES: expected an integer"),
-                       ({"PIPELINE_MAX_DOWNLOAD_BYTES": "0"}, "PIPELINE_MAX_DOWNLOAD_BYTES: expected a positive"),
-                       ({"PIPELINE_DOWNLOAD_DEADLINE_S": "-1"}, "PIPELINE_DOWNLOAD_DEADLINE_S: expected a positive"),
-                       ({"PIPELINE_REDIRECT_HOSTS": "https://x/"}, "PIPELINE_REDIRECT_HOSTS: expected host names")]:
+    for env, words in [
+        ({"PIPELINE_MAX_DATASET_BYTES": "4G"}, "PIPELINE_MAX_DATASET_BYTES: expected an integer"),
+        ({"PIPELINE_MAX_DOWNLOAD_BYTES": "0"}, "PIPELINE_MAX_DOWNLOAD_BYTES: expected a positive"),
+        ({"PIPELINE_DOWNLOAD_DEADLINE_S": "-1"}, "PIPELINE_DOWNLOAD_DEADLINE_S: expected a positive"),
+        ({"PIPELINE_REDIRECT_HOSTS": "https://x/"}, "PIPELINE_REDIRECT_HOSTS: expected host names"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             SourceLimits.from_env(env)
 

@@ -70,13 +70,16 @@ def test_broken_gzip_is_a_corrupt_file_error(tmp_path):
         read_split(tmp_path / "x.gz", tmp_path / "x.gz")
 
 
-@pytest.mark.parametrize(("head", "found"), [
-    (b"\x00\x00\x07\x03", "magic 0x00000703"),  # the IDX zeros: the rest are format fields, shown
-    (b"root:x:0:0:root", "4 bytes of text, not an IDX magic"),
-    (b"\x1f\x8b\x08\x00", "gzip data (compressed twice?)"),
-    (b"PK\x03\x04rest", "a ZIP archive"),
-    (b"\xde\xad\xbe\xef", "4 bytes that are not an IDX magic"),
-])
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        (b"\x00\x00\x07\x03", "magic 0x00000703"),  # the IDX zeros: the rest are format fields, shown
+        (b"root:x:0:0:root", "4 bytes of text, not an IDX magic"),
+        (b"\x1f\x8b\x08\x00", "gzip data (compressed twice?)"),
+        (b"PK\x03\x04rest", "a ZIP archive"),
+        (b"\xde\xad\xbe\xef", "4 bytes that are not an IDX magic"),
+    ],
+)
 def test_finding_a_wrong_magic_is_described_not_echoed(head, found):
     with pytest.raises(IdxFormatError) as info:
         parse_idx(head + bytes(16), "x")
@@ -91,6 +94,9 @@ def test_finding_a_header_declaring_more_than_the_limit_is_refused_before_readin
 
     gzip_bomb(tmp_path / "bomb.gz", zeros=1 << 20)
     monkeypatch.setenv("PIPELINE_MAX_DATASET_BYTES", str(1 << 30))
-    with pytest.raises(SourceLimitError, match=r"bomb.gz: expected at most 1073741824 bytes of content "
-                       r"\(PIPELINE_MAX_DATASET_BYTES\), found a header declaring 784000000000 payload bytes"):
+    with pytest.raises(
+        SourceLimitError,
+        match=r"bomb.gz: expected at most 1073741824 bytes of content "
+        r"\(PIPELINE_MAX_DATASET_BYTES\), found a header declaring 784000000000 payload bytes",
+    ):
         read_idx(tmp_path / "bomb.gz")

@@ -40,7 +40,9 @@ def test_duplicates_and_test_images_in_train_are_dropped(tmp_path, small_splits,
     ref = preprocess(raw, storage, PreprocessConfig())
     assert ref.removed == {"duplicates": 30, "leaked": 20}
     assert ref.counts["train"] + ref.counts["val"] == 2000
-    kept = set(image_hashes(load_split(ref, storage, "train")[0])) | set(image_hashes(load_split(ref, storage, "val")[0]))
+    kept = set(image_hashes(load_split(ref, storage, "train")[0])) | set(
+        image_hashes(load_split(ref, storage, "val")[0])
+    )
     assert not kept & set(image_hashes(xt))
 
 
@@ -79,5 +81,7 @@ def test_split_check_refuses_an_image_in_two_splits_and_a_missing_class(raw, sto
     with pytest.raises(DataValidationError, match=r"suite processed_splits, .*\(overlap_fraction\): .*split val"):
         check_splits({"train": train, "val": leaked_val, "test": test})
     no_bags = (train[0][train[1] != 8], train[1][train[1] != 8])
-    with pytest.raises(DataValidationError, match=r"\(n_classes\): expected n_classes in \[10, 10\], found split train: n_classes=9"):
+    with pytest.raises(
+        DataValidationError, match=r"\(n_classes\): expected n_classes in \[10, 10\], found split train: n_classes=9"
+    ):
         check_splits({"train": no_bags, "val": val, "test": test})

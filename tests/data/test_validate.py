@@ -63,7 +63,9 @@ def test_blank_images_stop_the_gate_naming_suite_expectation_and_file(tmp_path, 
     with pytest.raises(DataValidationError) as info:
         validate_raw(acquired(folder, storage), storage)
     message = str(info.value)
-    assert message.startswith("suite raw_profile, expect_column_values_to_be_between(pixel_max): expected pixel_max in [32, 255]")
+    assert message.startswith(
+        "suite raw_profile, expect_column_values_to_be_between(pixel_max): expected pixel_max in [32, 255]"
+    )
     assert "found 7 of 2500 rows outside, e.g. [0, 0, 0, 0, 0] in train-images-idx3-ubyte.gz" in message
     assert info.value.suite == "raw_profile"
 
@@ -73,7 +75,10 @@ def test_one_class_taking_over_stops_the_gate(tmp_path, small_splits, storage):
     y = y.copy()
     y[: len(y) // 2] = 3
     folder = write_dataset(tmp_path / "skewed", {"train": (x, y), "t10k": test})
-    with pytest.raises(DataValidationError, match=r"suite raw_dataset, .*\(min_class_fraction\): .*found split train: min_class_fraction=0\.04.*\(and 1 more failed expectation in the report\)"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"suite raw_dataset, .*\(min_class_fraction\): .*found split train: min_class_fraction=0\.04.*\(and 1 more failed expectation in the report\)",
+    ):
         validate_raw(acquired(folder, storage), storage)
 
 
@@ -81,7 +86,10 @@ def test_test_images_copied_into_train_are_leakage(tmp_path, small_splits, stora
     (x, y), (xt, yt) = small_splits["train"], small_splits["t10k"]
     x, y = np.concatenate([x, xt[:100]]), np.concatenate([y, yt[:100]])
     folder = write_dataset(tmp_path / "leak", {"train": (x, y), "t10k": (xt, yt)})
-    with pytest.raises(DataValidationError, match=r"\(overlap_fraction\): expected overlap_fraction in \[-inf, 0.01\], found .*split test: overlap_fraction=0.2"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"\(overlap_fraction\): expected overlap_fraction in \[-inf, 0.01\], found .*split test: overlap_fraction=0.2",
+    ):
         validate_raw(acquired(folder, storage), storage)
 
 
@@ -106,7 +114,9 @@ def test_a_suite_with_an_invalid_expectation_is_refused(tmp_path):
     spec = json.loads((suites_dir() / "raw_profile.json").read_text())
     spec["expectations"].append({"type": "expect_column_values_to_be_between", "kwargs": {"min_value": 1}})
     (tmp_path / "raw_profile.json").write_text(json.dumps(spec))
-    with pytest.raises(ConfigError, match="raw_profile.json: expected a valid expectation suite, found ValidationError.*column"):
+    with pytest.raises(
+        ConfigError, match="raw_profile.json: expected a valid expectation suite, found ValidationError.*column"
+    ):
         load_suite("raw_profile", tmp_path)
 
 

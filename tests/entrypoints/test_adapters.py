@@ -12,8 +12,16 @@ import pipeline.registry.promote
 from pipeline.entrypoints import commands, tasks
 from pipeline.registry.history import AliasMove
 
-MOVE = AliasMove(seq=3, alias="production", action="promote", from_version="1", to_version="2",
-                 actor="ana via airflow:promote_model/manual__1", at="2026-12-02T05:00:00.000+00:00", reason="why")
+MOVE = AliasMove(
+    seq=3,
+    alias="production",
+    action="promote",
+    from_version="1",
+    to_version="2",
+    actor="ana via airflow:promote_model/manual__1",
+    at="2026-12-02T05:00:00.000+00:00",
+    reason="why",
+)
 
 
 @pytest.fixture
@@ -26,6 +34,7 @@ def stages(monkeypatch):
         def stage(settings, version, actor=None, reason="", **kwargs):
             calls.append((name, (version, actor, reason)))
             return moves.get(name)
+
         return stage
 
     monkeypatch.setattr(pipeline.registry.promote, "promote", fake("promote"))

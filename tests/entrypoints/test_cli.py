@@ -10,8 +10,23 @@ from services import free_port, run_cli
 
 from pipeline.entrypoints.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "acquire", "validate", "preprocess", "train", "evaluate", "register", "gate", "infra-validate",
-               "promote", "rollback", "history", "serve", "monitor", "summary"]
+SUBCOMMANDS = [
+    "run",
+    "acquire",
+    "validate",
+    "preprocess",
+    "train",
+    "evaluate",
+    "register",
+    "gate",
+    "infra-validate",
+    "promote",
+    "rollback",
+    "history",
+    "serve",
+    "monitor",
+    "summary",
+]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]], ids=lambda c: " ".join(c) or "pipeline")

@@ -69,7 +69,11 @@ def test_worst_class_and_gap_ignore_classes_without_test_images():
         "Coat": {"recall": 0.0, "support": 0},
     }
     assert worst_class(per_class) == {
-        "class": "Shirt", "recall": 0.61, "best_class": "Trouser", "best_recall": 0.98, "gap": pytest.approx(0.37),
+        "class": "Shirt",
+        "recall": 0.61,
+        "best_class": "Trouser",
+        "best_recall": 0.98,
+        "gap": pytest.approx(0.37),
     }
 
 
@@ -105,9 +109,13 @@ def synthetic_report(classes: list[str]) -> dict:
     report = build_report(probabilities, labels, classes)
     return {
         "run_id": "0123abcd",
-        "data": {"dataset_hash": "feedc0ffee123456", "processed_hash": "abad1dea00000001",
-                 "counts": {"train": 900, "val": 100, "test": 100}, "removed": {"duplicates": 3, "leaked": 2},
-                 "classes": classes},
+        "data": {
+            "dataset_hash": "feedc0ffee123456",
+            "processed_hash": "abad1dea00000001",
+            "counts": {"train": 900, "val": 100, "test": 100},
+            "removed": {"duplicates": 3, "leaked": 2},
+            "classes": classes,
+        },
         **report,
     }
 

@@ -60,7 +60,9 @@ def test_http_checksum_mismatch(http_server, storage):
 
 def test_http_unreachable_and_missing(http_server, storage):
     dead = f"http://127.0.0.1:{free_port()}/fashion"
-    with pytest.raises(SourceUnavailableError, match=f"{dead}/.*: expected a reachable HTTP server, found ConnectionError"):
+    with pytest.raises(
+        SourceUnavailableError, match=f"{dead}/.*: expected a reachable HTTP server, found ConnectionError"
+    ):
         acquire(AcquireConfig(source_uri=dead), storage)
     with pytest.raises(SourceNotFoundError, match="expected HTTP 200, found HTTP 404"):
         acquire(AcquireConfig(source_uri=http_server.url + "/missing"), storage)
@@ -82,8 +84,9 @@ def test_http_connection_dropped_mid_file_is_a_transport_error(small_dataset, st
 
             handler.copyfile = copyfile
 
-    with HalfServer(small_dataset) as server, pytest.raises(
-        SourceUnavailableError, match=f"{server.url}/.*: expected a complete download, found "
+    with (
+        HalfServer(small_dataset) as server,
+        pytest.raises(SourceUnavailableError, match=f"{server.url}/.*: expected a complete download, found "),
     ):
         acquire(AcquireConfig(source_uri=server.url), storage)
     assert not storage.exists("raw")
@@ -119,9 +122,10 @@ def s3_dataset(s3_env, small_dataset) -> str:
 def test_s3_fetches_once(s3_dataset, small_dataset, storage, monkeypatch):
     first = acquire(AcquireConfig(source_uri=s3_dataset), storage)
     assert sorted(first.fetched) == sorted(IDX_FILES.values())
-    assert Path(storage.uri(f"raw/{first.dataset_hash}/{TRAIN_IMAGES}")).read_bytes() == (
-        small_dataset / TRAIN_IMAGES
-    ).read_bytes()
+    assert (
+        Path(storage.uri(f"raw/{first.dataset_hash}/{TRAIN_IMAGES}")).read_bytes()
+        == (small_dataset / TRAIN_IMAGES).read_bytes()
+    )
 
     calls = record_s3_calls(monkeypatch)
     second = acquire(AcquireConfig(source_uri=s3_dataset), storage)
@@ -147,7 +151,9 @@ def test_s3_storage_unreachable_fails_with_the_object_and_endpoint(s3_env, small
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     storage = open_storage("s3://store/pipeline", cache_dir=tmp_path / "cache")
-    with pytest.raises(StorageUnavailableError, match=f"s3://store/pipeline/.*: expected a reachable S3 endpoint at {dead}"):
+    with pytest.raises(
+        StorageUnavailableError, match=f"s3://store/pipeline/.*: expected a reachable S3 endpoint at {dead}"
+    ):
         acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
 
 
@@ -170,6 +176,7 @@ def test_s3_as_pipeline_storage(s3_env, small_dataset, tmp_path, monkeypatch):
 
 
 # --- Bounded sources (issue 16) ---------------------------------------------------------------
+
 
 def endless_body(block: int, pause: float, most_bytes: int, most_seconds: float):
     """A ``respond`` for :class:`ScriptedServer`: 200 and a body without length that goes on
@@ -204,9 +211,12 @@ def staging_root(tmp_path, monkeypatch) -> Path:
 
 def test_finding_endless_http_body_stops_at_the_download_size_limit(storage, staging_root, monkeypatch):
     monkeypatch.setenv("PIPELINE_MAX_DOWNLOAD_BYTES", str(4 << 20))
-    with ScriptedServer(endless_body(64 << 10, 0, most_bytes=256 << 20, most_seconds=30)) as server, pytest.raises(
-        SourceLimitError, match=r"expected at most 4194304 bytes \(PIPELINE_MAX_DOWNLOAD_BYTES\), found more than"
-    ) as info:
+    with (
+        ScriptedServer(endless_body(64 << 10, 0, most_bytes=256 << 20, most_seconds=30)) as server,
+        pytest.raises(
+            SourceLimitError, match=r"expected at most 4194304 bytes \(PIPELINE_MAX_DOWNLOAD_BYTES\), found more than"
+        ) as info,
+    ):
         acquire(AcquireConfig(source_uri=server.url), storage)
     assert "\n" not in str(info.value) and str(info.value).startswith(f"{server.url}/")
     assert list(staging_root.iterdir()) == []
@@ -216,8 +226,11 @@ def test_finding_endless_http_body_stops_at_the_download_size_limit(storage, sta
 def test_finding_endless_http_body_stops_at_the_download_deadline(storage, staging_root, monkeypatch):
     # A trickle: each read returns within the per-read timeout, the whole never ends.
     monkeypatch.setenv("PIPELINE_DOWNLOAD_DEADLINE_S", "1")
-    with ScriptedServer(endless_body(1024, 0.02, most_bytes=64 << 20, most_seconds=5)) as server, pytest.raises(
-        SourceLimitError, match=r"expected a download within 1 s \(PIPELINE_DOWNLOAD_DEADLINE_S\), found \d+ bytes"
+    with (
+        ScriptedServer(endless_body(1024, 0.02, most_bytes=64 << 20, most_seconds=5)) as server,
+        pytest.raises(
+            SourceLimitError, match=r"expected a download within 1 s \(PIPELINE_DOWNLOAD_DEADLINE_S\), found \d+ bytes"
+        ),
     ):
         acquire(AcquireConfig(source_uri=server.url), storage)
     assert list(staging_root.iterdir()) == []
@@ -300,6 +313,11 @@ def test_finding_credentials_in_the_source_uri_are_redacted(http_server, storage
     with pytest.raises(SourceNotFoundError) as info:
         acquire(AcquireConfig(source_uri=uri.replace("/?", "/missing/?")), storage)
     assert str(info.value).startswith(f"http://***@{host}/missing/{TRAIN_IMAGES}?token=***&X-Amz-Signature=***: ")
-    texts = [str(info.value), json.dumps(ref.to_dict()), json.dumps(again.to_dict()), caplog.text,
-             *(str(r.args) for r in caplog.records)]
+    texts = [
+        str(info.value),
+        json.dumps(ref.to_dict()),
+        json.dumps(again.to_dict()),
+        caplog.text,
+        *(str(r.args) for r in caplog.records),
+    ]
     assert secret_anywhere(storage.root, texts) == []

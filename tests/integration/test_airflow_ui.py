@@ -28,8 +28,11 @@ PORT = 8080
 
 
 def listening(pids: set[int]) -> set[tuple[str, int]]:
-    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
 
 
 def tree(root: psutil.Process) -> set[int]:
@@ -54,8 +57,14 @@ def airflow_ui(tmp_path: Path):
     assert port_is_free(PORT), f"port {PORT} is taken: the test needs it to check the documented address"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIPELINE_"))}
     env["PIPELINE_HOME"] = str(tmp_path / "home")
-    process = subprocess.Popen(["make", "airflow-ui"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        ["make", "airflow-ui"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield process, Path(env["PIPELINE_HOME"])
     finally:
@@ -97,11 +106,15 @@ def test_finding_airflow_ui_listens_on_every_interface_with_every_visitor_an_adm
 
 
 def test_no_login_is_refused_on_an_address_beyond_loopback(tmp_path):
-    env = {**os.environ, "AIRFLOW_UI_HOST": "0.0.0.0", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-           "AIRFLOW_HOME": str(tmp_path)}
-    out = subprocess.run([str(ROOT / "scripts" / "airflow-ui.sh")], env=env, capture_output=True, text=True,
-                         timeout=30)
+    env = {
+        **os.environ,
+        "AIRFLOW_UI_HOST": "0.0.0.0",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW_HOME": str(tmp_path),
+    }
+    out = subprocess.run([str(ROOT / "scripts" / "airflow-ui.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.startswith("error: AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS: expected it unset or False "
-                                 "on 0.0.0.0, found True")
+    assert out.stderr.startswith(
+        "error: AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS: expected it unset or False on 0.0.0.0, found True"
+    )
     assert not list(tmp_path.iterdir()), "nothing was started"

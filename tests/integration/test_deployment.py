@@ -95,7 +95,10 @@ def test_a_better_candidate_is_promoted_a_worse_one_is_stopped_and_rollback_rest
     tags = client.get_model_version(name, "2").tags
     assert tags["gate.decision"] == "passed" and tags["gate.production_version"] == "1"
     assert tags["infra_validation"] == "passed" and float(tags["infra.latency_single_p50_ms"]) > 0
-    assert json.loads(tags["gate.production_class_recall"]).keys() == json.loads(tags["gate.candidate_class_recall"]).keys()
+    assert (
+        json.loads(tags["gate.production_class_recall"]).keys()
+        == json.loads(tags["gate.candidate_class_recall"]).keys()
+    )
 
     # v1 clears the floor but is worse than production v2: the comparison stops it.
     with pytest.raises(GateFailedError) as failed:
@@ -139,8 +142,14 @@ def _register_copy(registry, source: str, run_id: str) -> ModelVersionRef:
     client = tracking_client(settings)
     created = client.create_model_version(settings.model_name, source, run_id=run_id)
     client.set_model_version_tag(settings.model_name, created.version, "gate.decision", "passed")
-    return ModelVersionRef(model_name=settings.model_name, version=str(created.version), alias="", run_id=run_id,
-                           model_uri=f"models:/{settings.model_name}/{created.version}", created=True)
+    return ModelVersionRef(
+        model_name=settings.model_name,
+        version=str(created.version),
+        alias="",
+        run_id=run_id,
+        model_uri=f"models:/{settings.model_name}/{created.version}",
+        created=True,
+    )
 
 
 def serving_processes() -> list:
@@ -209,22 +218,26 @@ def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, dep
     settings = registry["settings"]
     with MlflowServer(settings.tracking_uri, settings.artifact_root) as server:
         api = f"{server.url}/api/2.0/mlflow"
-        version = requests.get(f"{api}/model-versions/get", params={"name": settings.model_name, "version": "2"},
-                               timeout=30).json()["model_version"]
+        version = requests.get(
+            f"{api}/model-versions/get", params={"name": settings.model_name, "version": "2"}, timeout=30
+        ).json()["model_version"]
         description = version["description"]
         assert registry["processed"].dataset_hash in description and "Intended use" in description
         assert "## Promotion gate" in description and "production v1" in description
         run_id = version["run_id"]
-        listed = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "evaluation"},
-                              timeout=30).json()["files"]
+        listed = requests.get(
+            f"{api}/artifacts/list", params={"run_id": run_id, "path": "evaluation"}, timeout=30
+        ).json()["files"]
         assert {f["path"] for f in listed} == set(ARTIFACTS)
-        page = requests.get(f"{server.url}/get-artifact", params={"path": MODEL_CARD_HTML, "run_uuid": run_id},
-                            timeout=30)
+        page = requests.get(
+            f"{server.url}/get-artifact", params={"path": MODEL_CARD_HTML, "run_uuid": run_id}, timeout=30
+        )
         assert page.status_code == 200 and "<table" in page.text and "Intended use" in page.text
         gate_files = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "gate"}, timeout=30)
         assert {f["path"] for f in gate_files.json()["files"]} == {"gate/gate_report.json", "gate/gate_report.md"}
-        history_tags = requests.get(f"{api}/registered-models/get", params={"name": settings.model_name},
-                                    timeout=30).json()["registered_model"]["tags"]
+        history_tags = requests.get(
+            f"{api}/registered-models/get", params={"name": settings.model_name}, timeout=30
+        ).json()["registered_model"]["tags"]
         assert any(tag["key"].startswith("promotion.") for tag in history_tags)
 
 
@@ -253,9 +266,21 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve", "--model-uri", f"models:/{settings.model_name}@production",
-             "--port", str(port), "--poll-interval", "0.5"],
-            env={**os.environ, **settings.to_env()}, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "serve",
+                "--model-uri",
+                f"models:/{settings.model_name}@production",
+                "--port",
+                str(port),
+                "--poll-interval",
+                "0.5",
+            ],
+            env={**os.environ, **settings.to_env()},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     images = load_split(registry["processed"], registry["storage"], "test")[0][:8]
@@ -284,11 +309,17 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
             time.sleep(0.2)
         # The real process answers bad input with a 4xx and stays up (the cases themselves:
         # tests/serving/test_serve.py).
-        bad = [(b"{not json", 400), (b'{"image": [[0, 1]]}', 422), (b'{"instances": []}', 422),
-               (b'{"image": ' + str([[300] * 28] * 28).encode() + b"}", 422), (b"0" * (10 * 1024 * 1024), 413)]
+        bad = [
+            (b"{not json", 400),
+            (b'{"image": [[0, 1]]}', 422),
+            (b'{"instances": []}', 422),
+            (b'{"image": ' + str([[300] * 28] * 28).encode() + b"}", 422),
+            (b"0" * (10 * 1024 * 1024), 413),
+        ]
         for body, status in bad:
-            response = requests.post(f"{base}/predict", data=body, headers={"Content-Type": "application/json"},
-                                     timeout=30)
+            response = requests.post(
+                f"{base}/predict", data=body, headers={"Content-Type": "application/json"}, timeout=30
+            )
             assert response.status_code == status and "expected" in response.json()["detail"]
             assert requests.get(f"{base}/health", timeout=5).status_code == 200
         workers = [threading.Thread(target=load, args=(i,)) for i in range(8)]

@@ -96,8 +96,13 @@ class Stack:
         self.workdir = workdir
         self.services = ProcessGroup(workdir)
         self.proxy = TcpProxy(s3_port)
-        self.s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", region_name="us-east-1",
-                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{s3_port}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         self.bucket = f"stack-{self.id}"
         self.databases = [f"stack_{self.id}_{name}" for name in ("airflow", "mlflow", "mlflow_auth")]
         self.redis_db = self._free_redis_db()
@@ -121,8 +126,9 @@ class Stack:
             base = self._base_env()
             self.services.start("mlflow", ["bash", str(ROOT / "docker/mlflow-server.sh")], self._mlflow_env(base))
             self.airflow_env = airflow_env = self._airflow_env(base)
-            init = self.services.start("airflow-init", [*ENTRYPOINT, "bash", str(ROOT / "scripts/airflow-init.sh")],
-                                       airflow_env)
+            init = self.services.start(
+                "airflow-init", [*ENTRYPOINT, "bash", str(ROOT / "scripts/airflow-init.sh")], airflow_env
+            )
             assert init.wait(timeout=300) == 0, self.services.log_tail("airflow-init")
             del self.services.processes["airflow-init"]
             for name, command in {
@@ -150,7 +156,9 @@ class Stack:
         return {
             **env,
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
             "GX_ANALYTICS_ENABLED": "False",
         }
 
@@ -161,9 +169,12 @@ class Stack:
             "MLFLOW_AUTH_DATABASE_URI": f"{POSTGRES}/{self.databases[2]}",
             "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{self.bucket}/mlflow",
             "MLFLOW_S3_ENDPOINT_URL": self.proxy.url,
-            "MLFLOW_AUTH_ADMIN_USERNAME": self.mlflow_user[0], "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_user[1],
+            "MLFLOW_AUTH_ADMIN_USERNAME": self.mlflow_user[0],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_user[1],
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
-            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.mlflow_port), "MLFLOW_WORKERS": "1",
+            "MLFLOW_HOST": "127.0.0.1",
+            "MLFLOW_PORT": str(self.mlflow_port),
+            "MLFLOW_WORKERS": "1",
         }
 
     def _airflow_env(self, base: dict[str, str]) -> dict[str, str]:
@@ -186,7 +197,8 @@ class Stack:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_port),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.airflow_user[0]}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.workdir / "airflow" / "passwords.json"),
-            "AIRFLOW_ADMIN_USERNAME": self.airflow_user[0], "AIRFLOW_ADMIN_PASSWORD": self.airflow_user[1],
+            "AIRFLOW_ADMIN_USERNAME": self.airflow_user[0],
+            "AIRFLOW_ADMIN_PASSWORD": self.airflow_user[1],
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -202,15 +214,19 @@ class Stack:
             "PIPELINE_SOURCE_URI": f"s3://{self.bucket}/datasets/a",
             "PIPELINE_TRAIN_QUEUE": "gpu",
             "MLFLOW_TRACKING_URI": self.mlflow_proxy.url,
-            "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0], "MLFLOW_TRACKING_PASSWORD": self.mlflow_user[1],
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0],
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_user[1],
             "AWS_ENDPOINT_URL": self.proxy.url,
         }
 
     def _wait_until_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         for port in (self.mlflow_port, self.api_port):
-            while not _answers(f"http://127.0.0.1:{port}/health" if port == self.mlflow_port
-                               else f"http://127.0.0.1:{port}/api/v2/monitor/health"):
+            while not _answers(
+                f"http://127.0.0.1:{port}/health"
+                if port == self.mlflow_port
+                else f"http://127.0.0.1:{port}/api/v2/monitor/health"
+            ):
                 self.services.check_alive()
                 assert time.monotonic() < deadline, f"port {port} not ready after {timeout}s"
                 time.sleep(1)
@@ -254,7 +270,9 @@ class Stack:
         report = [str({task: ti["state"] for task, ti in tis.items()})]
         for task, ti in tis.items():
             if ti["state"] == "failed":
-                report.append(f"--- {task}, try {ti['try_number']}:\n{self.api.log(run_id, task, ti['try_number'])[-3000:]}")
+                report.append(
+                    f"--- {task}, try {ti['try_number']}:\n{self.api.log(run_id, task, ti['try_number'])[-3000:]}"
+                )
         return "\n".join(report)
 
     def mlflow_client(self, monkeypatch: pytest.MonkeyPatch):
@@ -374,8 +392,11 @@ def test_finding_test_services_listen_beyond_loopback(stack):
             pids |= {parent.pid, *(child.pid for child in parent.children(recursive=True))}
         except psutil.NoSuchProcess:
             pass
-    sockets = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-               if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    sockets = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
     assert sockets, "the stack's processes listen nowhere: the test looked at the wrong processes"
     beyond = sorted(s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback)
     assert beyond == [], f"listening beyond loopback: {beyond}"
@@ -488,10 +509,19 @@ def faulted_run(stack: Stack, datasets: dict[str, Path]) -> dict:
     try:
         # Three epochs: a config of its own (trained anew), and the kill lands in the second.
         seen["run_id"] = run_id = stack.api.trigger({"source_uri": source, **QUICK, "epochs": 3})
-        seen["checkpoint"] = wait_for(lambda: next((key for key in stack.keys("pipeline/checkpoints/")
-                                                    if key.endswith("/last.ckpt") and key not in before), None),
-                                      timeout=600, what=f"epoch checkpoint from train: {stack.states(run_id)}",
-                                      stack=stack)
+        seen["checkpoint"] = wait_for(
+            lambda: next(
+                (
+                    key
+                    for key in stack.keys("pipeline/checkpoints/")
+                    if key.endswith("/last.ckpt") and key not in before
+                ),
+                None,
+            ),
+            timeout=600,
+            what=f"epoch checkpoint from train: {stack.states(run_id)}",
+            stack=stack,
+        )
         seen["train_at_kill"] = stack.api.task_instances(run_id)["train"]["state"]
         # The worker, its pool, the task supervisor and the task itself (a process group of its own).
         worker = stack.services.processes["worker"]
@@ -515,8 +545,11 @@ def test_fault_worker_sigkilled_during_train_is_rerun_resumes_and_registers_once
 
     assert faulted_run["run"]["state"] == "success", stack.failures(run_id)
     assert stack.api.task_instances(run_id)["train"]["try_number"] == 2
-    noticed = stack.api.call("GET", "/eventLogs", params={"dag_id": DAG_ID, "run_id": run_id, "task_id": "train",
-                                                           "event": "heartbeat timeout"})
+    noticed = stack.api.call(
+        "GET",
+        "/eventLogs",
+        params={"dag_id": DAG_ID, "run_id": run_id, "task_id": "train", "event": "heartbeat timeout"},
+    )
     assert noticed["total_entries"] == 1, noticed
     # The retry continued the killed try's MLflow run from its last checkpoint.
     retry_log = stack.api.log(run_id, "train", 2)
@@ -532,8 +565,17 @@ def test_fault_worker_sigkilled_during_train_is_rerun_resumes_and_registers_once
 
 
 # What pipeline.registry.register.register puts on every version it registers.
-VERSION_TAGS = {"dataset_hash", "processed_hash", "train_config_hash", "code_version", "run_id", "validation",
-                "data_report", "test_accuracy", "classes"}
+VERSION_TAGS = {
+    "dataset_hash",
+    "processed_hash",
+    "train_config_hash",
+    "code_version",
+    "run_id",
+    "validation",
+    "data_report",
+    "test_accuracy",
+    "classes",
+}
 
 
 def test_fault_mlflow_down_20s_during_register_gives_exactly_one_complete_version(stack, faulted_run, monkeypatch):
@@ -554,8 +596,9 @@ def test_fault_mlflow_down_20s_during_register_gives_exactly_one_complete_versio
     assert version.tags["run_id"] == mlflow_run_id and version.description
     assert version.tags["infra_validation"] == "passed"  # the run's later tasks used this version
     assert client.get_model_version_by_alias(MODEL, "candidate").version == version.version
-    registered = [move for move in read_history(client, MODEL)
-                  if move.action == "register" and move.to_version == version.version]
+    registered = [
+        move for move in read_history(client, MODEL) if move.action == "register" and move.to_version == version.version
+    ]
     assert len(registered) == 1, registered
 
 
@@ -567,4 +610,3 @@ def test_stopping_the_stack_leaves_no_process_or_port_behind(stack):
     with _postgres() as cursor:
         cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"stack_{stack.id}_%",))
         assert cursor.fetchall() == []
-

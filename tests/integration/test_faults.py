@@ -71,8 +71,10 @@ def registry(request, postgres: PostgresCluster, tmp_path: Path) -> Iterator[tup
     _admin_sql(postgres, f"CREATE DATABASE {database}")
     direct = f"{postgres.url.replace('postgresql', 'postgresql+psycopg2')}/{database}"
     settings = dataclasses.replace(
-        Settings.from_env({"PIPELINE_HOME": str(tmp_path / "home")}), tracking_uri=direct,
-        artifact_root=str(tmp_path / "artifacts"), model_name=f"faults-{uuid.uuid4().hex[:6]}",
+        Settings.from_env({"PIPELINE_HOME": str(tmp_path / "home")}),
+        tracking_uri=direct,
+        artifact_root=str(tmp_path / "artifacts"),
+        model_name=f"faults-{uuid.uuid4().hex[:6]}",
     )
     client = MlflowClient(tracking_uri=direct)  # creates the schema
     client.create_registered_model(settings.model_name)
@@ -123,8 +125,11 @@ def _promotion_loop(settings: Settings, until: float, seed: int) -> list[dict]:
 
 
 def _cli_loop(settings: Settings, until: float, results: list[dict]) -> None:
-    env = {"PIPELINE_HOME": str(settings.home), "MLFLOW_TRACKING_URI": settings.tracking_uri,
-           "PIPELINE_MODEL_NAME": settings.model_name}
+    env = {
+        "PIPELINE_HOME": str(settings.home),
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "PIPELINE_MODEL_NAME": settings.model_name,
+    }
     rng = random.Random(7)
     while time.time() < until:
         args = ["promote", "--version", rng.choice(VERSIONS)] if rng.random() < 0.6 else ["rollback"]
@@ -184,8 +189,12 @@ def test_fault_postgres_restarted_during_promotion_alias_and_history_agree(regis
     assert not untyped, f"{len(untyped)} calls failed untyped; the last lines of the first:\n{untyped[0][-3000:]}"
     for c in cli_calls:  # (MLflow's own log lines may come before: the CLI's logging set-up decides)
         errors = [line for line in c["stderr"].splitlines() if line.startswith(("error: ", "internal error: "))]
-        assert c["rc"] == 0 or (c["rc"] in (1, 2) and len(errors) == 1 and errors[0].startswith("error: ")
-                                and c["stderr"].rstrip().endswith(errors[0])), c
+        assert c["rc"] == 0 or (
+            c["rc"] in (1, 2)
+            and len(errors) == 1
+            and errors[0].startswith("error: ")
+            and c["stderr"].rstrip().endswith(errors[0])
+        ), c
     # The faults hit calls in flight.
     hit = [c for c in calls + cli_calls if any(c["start"] < end and c["end"] > begin for begin, end in outages)]
     assert hit, f"no call overlapped an outage: {outages}"
@@ -225,14 +234,16 @@ def test_fault_postgres_restarted_during_promotion_alias_and_history_agree(regis
     tags = client.get_registered_model(name).tags
     assert PENDING_TAG not in tags
     assert not client.search_registered_models(f"name = '{name}.lock'")  # released
-    print(f"\n{len(calls)} function calls, {len(cli_calls)} CLI calls, {len(hit)} during an outage; "
-          f"errors: {sorted({c.get('error') for c in calls + cli_calls if c.get('error')})}; "
-          f"{len(history)} history entries, {sum('interrupted move' in e.reason for e in history)} recorded by a "
-          f"reconciliation; calls (s): "
-          f"{[round(c['end'] - c['start'], 1) for c in calls]}, "
-          f"CLI {[round(c['end'] - c['start'], 1) for c in cli_calls]}; "
-          f"outages {[(round(b - until + FAULT_LOOP_S, 1), round(e - b, 1)) for b, e in outages]}; "
-          f"after the faults: {time.monotonic() - started:.0f} s")
+    print(
+        f"\n{len(calls)} function calls, {len(cli_calls)} CLI calls, {len(hit)} during an outage; "
+        f"errors: {sorted({c.get('error') for c in calls + cli_calls if c.get('error')})}; "
+        f"{len(history)} history entries, {sum('interrupted move' in e.reason for e in history)} recorded by a "
+        f"reconciliation; calls (s): "
+        f"{[round(c['end'] - c['start'], 1) for c in calls]}, "
+        f"CLI {[round(c['end'] - c['start'], 1) for c in cli_calls]}; "
+        f"outages {[(round(b - until + FAULT_LOOP_S, 1), round(e - b, 1)) for b, e in outages]}; "
+        f"after the faults: {time.monotonic() - started:.0f} s"
+    )
 
 
 @pytest.mark.parametrize("action", ["promote", "rollback"])
@@ -251,8 +262,12 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
     database = f"faults_{uuid.uuid4().hex[:8]}"
     _admin_sql(postgres, f"CREATE DATABASE {database}")
     direct = f"{postgres.url.replace('postgresql', 'postgresql+psycopg2')}/{database}"
-    settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(tmp_path / "home")}), tracking_uri=direct,
-                                   artifact_root=str(tmp_path / "artifacts"), model_name="faults-window")
+    settings = dataclasses.replace(
+        Settings.from_env({"PIPELINE_HOME": str(tmp_path / "home")}),
+        tracking_uri=direct,
+        artifact_root=str(tmp_path / "artifacts"),
+        model_name="faults-window",
+    )
     client = MlflowClient(tracking_uri=direct)
     client.create_registered_model(settings.model_name)
     for version in VERSIONS:
@@ -286,7 +301,11 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
     promote(settings, "2", "after", "after the fault")
     history = [e for e in read_history(client, settings.model_name) if e.alias == "production"]
     assert [(e.action, e.from_version, e.to_version) for e in history] == [
-        ("promote", None, "1"), ("promote", "1", "2"), (action, "2", moved_to), ("promote", moved_to, "2")]
+        ("promote", None, "1"),
+        ("promote", "1", "2"),
+        (action, "2", moved_to),
+        ("promote", moved_to, "2"),
+    ]
     assert history[2].actor == "faulty" and "recorded after an interrupted move" in history[2].reason
     assert PENDING_TAG not in client.get_registered_model(settings.model_name).tags
     if action == "rollback":  # the version it left is tagged, as an uninterrupted rollback does
@@ -301,8 +320,9 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
 def small_disk() -> Iterator[Path]:
     """A 16 MiB tmpfs mounted for the test (needs root, or CAP_SYS_ADMIN)."""
     mountpoint = Path(tempfile.mkdtemp(prefix="pytest-tmpfs-"))
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mountpoint)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         mountpoint.rmdir()
         pytest.fail(f"this test mounts a tmpfs (root or CAP_SYS_ADMIN), and could not: {out.stderr.strip()}")

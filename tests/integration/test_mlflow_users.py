@@ -23,12 +23,16 @@ def mlflow_server(tmp_path: Path):
     port = free_port()
     admin = secrets.token_hex(16)
     env = {
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}",
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-        "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
     }
     services = ProcessGroup(tmp_path)
     services.start("mlflow", ["bash", str(ROOT / "docker/mlflow-server.sh")], env)
@@ -55,12 +59,19 @@ def test_the_serving_user_reads_the_registry_and_cannot_move_an_alias(mlflow_ser
     admin.create_registered_model("fashion-mnist-classifier", tags={"owner": "team"})
 
     password = secrets.token_hex(16)
-    users = {"PATH": server_env["PATH"], "HOME": server_env["HOME"], "MLFLOW_TRACKING_URI": url,
-             "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password,
-             "MLFLOW_SERVING_USERNAME": "serving", "MLFLOW_SERVING_PASSWORD": password}
+    users = {
+        "PATH": server_env["PATH"],
+        "HOME": server_env["HOME"],
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": admin_password,
+        "MLFLOW_SERVING_USERNAME": "serving",
+        "MLFLOW_SERVING_PASSWORD": password,
+    }
     for _ in range(2):  # safe to run again (every start of the stack runs it)
-        out = subprocess.run(["bash", str(ROOT / "docker/mlflow-users.sh")], env=users, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(
+            ["bash", str(ROOT / "docker/mlflow-users.sh")], env=users, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
 
     serving = client_as(url, "serving", password, monkeypatch)
@@ -71,6 +82,7 @@ def test_the_serving_user_reads_the_registry_and_cannot_move_an_alias(mlflow_ser
         serving.update_registered_model("fashion-mnist-classifier", description="replaced")
 
     as_admin = {**users, "MLFLOW_SERVING_USERNAME": "admin"}
-    out = subprocess.run(["bash", str(ROOT / "docker/mlflow-users.sh")], env=as_admin, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / "docker/mlflow-users.sh")], env=as_admin, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "expected a user other than the admin" in out.stderr

@@ -49,9 +49,7 @@ def two_logged_models(postgres_tracking_uri, tmp_path_factory):
     from pipeline.models.networks import build_network
 
     home = tmp_path_factory.mktemp("home")
-    settings = dataclasses.replace(
-        Settings.from_env({"PIPELINE_HOME": str(home)}), tracking_uri=postgres_tracking_uri
-    )
+    settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), tracking_uri=postgres_tracking_uri)
     client = tracking_client(settings)
     experiment = experiment_id(client, settings)
     example = torch.zeros(2, 1, 28, 28)
@@ -60,8 +58,13 @@ def two_logged_models(postgres_tracking_uri, tmp_path_factory):
         torch.manual_seed(seed)
         with mlflow.start_run(experiment_id=experiment) as run:
             model = ServingModel(build_network("simple_cnn"), 0.3, 0.35).eval()
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
-                                            serialization_format="pt2", pip_requirements=["torch"])
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example.numpy(),
+                serialization_format="pt2",
+                pip_requirements=["torch"],
+            )
         models.append((run.info.run_id, info.model_uri))
     return settings, models
 
@@ -98,7 +101,9 @@ def test_simultaneous_registrations_and_promotions_lose_nothing(tracking):
             barrier = manager.Barrier(2)
             versions = list(pool.map(_register, [model] * 2, *zip(*models, strict=True), [barrier] * 2))
             assert sorted(versions) == ["1", "2"], f"attempt {attempt}: versions {versions}"
-            registered = {v.run_id: str(v.version) for v in client.search_model_versions(f"name = '{model.model_name}'")}
+            registered = {
+                v.run_id: str(v.version) for v in client.search_model_versions(f"name = '{model.model_name}'")
+            }
             assert registered == {run_id: version for (run_id, _), version in zip(models, versions, strict=True)}
             # `candidate` only moves forward: it ends at the newer version whichever moved first,
             # and each recorded move starts where the one before it ended.
@@ -113,7 +118,10 @@ def test_simultaneous_registrations_and_promotions_lose_nothing(tracking):
             promoted = list(pool.map(_promote, [model] * 2, versions, [barrier] * 2))
             assert sorted(promoted) == ["1", "2"]
             moves = [e for e in history(model) if e.alias == PRODUCTION]
-            assert [(m.from_version, m.to_version) for m in moves] in ([(None, "1"), ("1", "2")], [(None, "2"), ("2", "1")])
+            assert [(m.from_version, m.to_version) for m in moves] in (
+                [(None, "1"), ("1", "2")],
+                [(None, "2"), ("2", "1")],
+            )
             assert [e.seq for e in history(model)] == list(range(1, len(candidate_moves) + 3))
             assert alias_version(client, model.model_name, PRODUCTION) == moves[-1].to_version
             assert not client.search_registered_models(f"name = '{model.model_name}.lock'")  # released

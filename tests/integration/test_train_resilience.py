@@ -31,7 +31,12 @@ PIPELINE = str(Path(sys.executable).parent / "pipeline")
 def prepared(tmp_path_factory, small_dataset):
     """A pipeline home holding the small real subset, acquired and processed."""
     home = tmp_path_factory.mktemp("home")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_STORAGE_URI": "", "MLFLOW_TRACKING_URI": "", "PIPELINE_ARTIFACT_ROOT": ""}
+    env = {
+        "PIPELINE_HOME": str(home),
+        "PIPELINE_STORAGE_URI": "",
+        "MLFLOW_TRACKING_URI": "",
+        "PIPELINE_ARTIFACT_ROOT": "",
+    }
     settings = Settings.from_env({**os.environ, **env})
     storage = storage_for(settings)
     processed = prepare_small(storage, small_dataset).processed
@@ -42,15 +47,24 @@ def prepared(tmp_path_factory, small_dataset):
 def private(prepared, tmp_path):
     """Storage and MLflow store of one test, holding the prepared processed splits, so that a
     checkpoint or run the test finds is its own."""
-    env = {**prepared["env"], "PIPELINE_STORAGE_URI": str(tmp_path / "storage"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PIPELINE_ARTIFACT_ROOT": tmp_path.as_uri()}
+    env = {
+        **prepared["env"],
+        "PIPELINE_STORAGE_URI": str(tmp_path / "storage"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PIPELINE_ARTIFACT_ROOT": tmp_path.as_uri(),
+    }
     # The processed splits are content-addressed and immutable: a copy is the same dataset.
     source = Path(prepared["storage"].uri(f"processed/{prepared['processed'].processed_hash}"))
     (tmp_path / "storage" / "processed").mkdir(parents=True)
     subprocess.run(["cp", "-r", str(source), str(tmp_path / "storage" / "processed")], check=True)
     settings = Settings.from_env({**os.environ, **env})
-    return {"env": env, "settings": settings, "root": tmp_path / "storage",
-            "processed": prepared["processed"].processed_hash, "train_images": prepared["processed"].counts["train"]}
+    return {
+        "env": env,
+        "settings": settings,
+        "root": tmp_path / "storage",
+        "processed": prepared["processed"].processed_hash,
+        "train_images": prepared["processed"].counts["train"],
+    }
 
 
 def runs_of(settings: Settings) -> list:
@@ -61,7 +75,10 @@ def runs_of(settings: Settings) -> list:
 def start_training(env: dict[str, str], processed_hash: str, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [PIPELINE, "train", "-v", "--processed", processed_hash, "--accelerator", "cpu", *flags],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -89,8 +106,9 @@ def test_sigkill_in_the_second_epoch_then_the_retry_resumes_there(private):
     [killed] = runs_of(settings)
     assert killed.info.status == "RUNNING"  # a SIGKILLed process cannot say otherwise
 
-    retry = run_cli("train", "-v", "--processed", private["processed"], "--accelerator", "cpu",
-                    *flags, "--json", env=env)
+    retry = run_cli(
+        "train", "-v", "--processed", private["processed"], "--accelerator", "cpu", *flags, "--json", env=env
+    )
     assert retry.returncode == 0, retry.stderr[-3000:]
     assert f"resuming run {killed.info.run_id}" in retry.stderr
     assert f"training on {private['train_images']} images per epoch from epoch 2" in retry.stderr
@@ -121,8 +139,7 @@ def test_sigterm_saves_the_state_and_exits_143_then_resumes(private):
     # Saved at the batch where the signal arrived, after the end-of-epoch checkpoint.
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] > first_step
 
-    again = run_cli("train", "--processed", private["processed"], "--accelerator", "cpu",
-                    *flags, "--json", env=env)
+    again = run_cli("train", "--processed", private["processed"], "--accelerator", "cpu", *flags, "--json", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["run_id"] == run.info.run_id
     [run] = runs_of(settings)
@@ -136,16 +153,38 @@ def test_same_seed_and_config_give_the_same_metrics(prepared):
     assert second.run_id != first.run_id
     for name in ("val_accuracy", "val_loss"):
         assert round(first.metrics[name], 4) == round(second.metrics[name], 4), name
-    other = train(prepared["processed"], prepared["storage"], TrainConfig(epochs=2, batch_size=64, seed=7,
-                  accelerator="cpu"), prepared["settings"])
+    other = train(
+        prepared["processed"],
+        prepared["storage"],
+        TrainConfig(epochs=2, batch_size=64, seed=7, accelerator="cpu"),
+        prepared["settings"],
+    )
     assert round(other.metrics["val_loss"], 4) != round(first.metrics["val_loss"], 4)
 
 
 def test_two_process_ddp_on_the_cpu(private):
     env, settings = private["env"], private["settings"]
-    out = run_cli("train", "-v", "--processed", private["processed"], "--accelerator", "cpu",
-                  "--devices", "2", "--strategy", "ddp", *recipe_flags(), "--epochs", "2", "--batch-size", "32",
-                  "--num-threads", "1", "--json", env=env)
+    out = run_cli(
+        "train",
+        "-v",
+        "--processed",
+        private["processed"],
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        *recipe_flags(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--num-threads",
+        "1",
+        "--json",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # Each rank trains its half of the training images (DistributedSampler rounds up).
     half = math.ceil(private["train_images"] / 2)

@@ -46,8 +46,9 @@ def log_model(settings, model: nn.Module, serialization_format: str) -> tuple[st
     # pt2 traces the program on an example; a pickle gets none (MLflow would load it to check it).
     example = torch.zeros(2, 1, 28, 28).numpy() if serialization_format == "pt2" else None
     with mlflow.start_run() as run:
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format=serialization_format,
-                                        input_example=example, pip_requirements=[])
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format=serialization_format, input_example=example, pip_requirements=[]
+        )
     return run.info.run_id, info.model_uri
 
 
@@ -66,8 +67,14 @@ def pickled_version(settings, tmp_path: Path) -> tuple[str, Path]:
 def test_finding_pickle_version_runs_code_in_pipeline_serve(settings, pickled_version):
     model_uri, marker = pickled_version
     # Even with MLflow's switch set to allow pickles in the environment, nothing is unpickled.
-    out = run_cli("serve", "--model-uri", model_uri, "--port", str(free_port()),
-                  env={**settings.to_env(), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+    out = run_cli(
+        "serve",
+        "--model-uri",
+        model_uri,
+        "--port",
+        str(free_port()),
+        env={**settings.to_env(), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
+    )
     assert out.returncode == 2, out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and model_uri in error[0] and "pickle" in error[0], out.stderr
@@ -80,8 +87,10 @@ def test_finding_pickle_version_refused_by_the_loader_of_gate_infra_validation_a
     os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
     with pytest.raises(UnsafeModelError) as refused:
         load_registered(model_uri)
-    assert str(refused.value) == (f"{model_uri}: expected a torch.export program (pt2), which loads without running "
-                                  "code, found pickle (data/model.pth)")
+    assert str(refused.value) == (
+        f"{model_uri}: expected a torch.export program (pt2), which loads without running "
+        "code, found pickle (data/model.pth)"
+    )
     assert refused.value.exit_code == 2
     assert not marker.exists()
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"

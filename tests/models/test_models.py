@@ -118,7 +118,9 @@ def test_temperature_changes_confidence_not_the_answer_offline_and_served():
     assert (probabilities.argmax(1) == base.argmax(1)).all()
     assert probabilities.max(1).mean() > base.max(1).mean()  # T < 1 sharpens
     with torch.inference_mode():
-        assert np.allclose(export_for_serving(scaled)(images[:, None].float() / 255.0).numpy(), probabilities, atol=1e-6)
+        assert np.allclose(
+            export_for_serving(scaled)(images[:, None].float() / 255.0).numpy(), probabilities, atol=1e-6
+        )
     # Training steps ignore it: the fit happens after training, on the validation split.
     with torch.no_grad():
         assert torch.equal(scaled.train()(images), scaled.net(scaled.normalise(images)))
@@ -154,8 +156,10 @@ def test_crop_and_flip_give_shifted_copies_of_each_image():
     flipped = 0
     for i in range(len(images)):
         candidates = [
-            (padded[i, dy:dy + 28, dx:dx + 28], flip)
-            for dy in range(5) for dx in range(5) for flip in (False, True)
+            (padded[i, dy : dy + 28, dx : dx + 28], flip)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
         ]
         matches = [flip for crop, flip in candidates if torch.equal(out[i], crop.flip(-1) if flip else crop)]
         assert matches, f"image {i} is not a crop of its padded original"
@@ -177,8 +181,13 @@ def test_learning_rate_schedules_reach_the_optimizer():
 
 def test_sgd_and_label_smoothing_reach_the_training_step():
     config = run_config_from_params({"optimizer": "sgd", "label_smoothing": 0.1, "learning_rate": 0.1}).train
-    model = ImageClassifier(optimizer=config.optimizer, label_smoothing=config.label_smoothing,
-                            learning_rate=config.learning_rate, lr_schedule="constant", augment=False)
+    model = ImageClassifier(
+        optimizer=config.optimizer,
+        label_smoothing=config.label_smoothing,
+        learning_rate=config.learning_rate,
+        lr_schedule="constant",
+        augment=False,
+    )
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
@@ -240,8 +249,15 @@ def test_the_launcher_command_carries_the_whole_config():
     from pipeline.entrypoints.commands import _params as params_of
     from pipeline.training.launcher import needs_launcher, train_command
 
-    config = TrainConfig(architecture="seed_cnn", augment=False, compile=True, devices="0,1", strategy="ddp",
-                         learning_rate=0.01, num_threads=3)
+    config = TrainConfig(
+        architecture="seed_cnn",
+        augment=False,
+        compile=True,
+        devices="0,1",
+        strategy="ddp",
+        learning_rate=0.01,
+        num_threads=3,
+    )
     assert needs_launcher(config) and not needs_launcher(TrainConfig(devices="1"))
     assert not needs_launcher(TrainConfig(devices="2", strategy="ddp_spawn"))
     command = train_command("abc123", config, force=True, tags={"airflow.run_id": "manual__1"})

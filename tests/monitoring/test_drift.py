@@ -49,7 +49,11 @@ def _one_class_heavy(x: np.ndarray, y: np.ndarray) -> Images:
 SHIFTS = [
     Shift("gaussian_noise", _noise, "pixel_std"),
     Shift("darker_images", lambda x, y: ((x * 0.6).astype(np.uint8), y), "pixel_mean"),
-    Shift("brighter_objects", lambda x, y: (np.where(x > 0, np.clip(x.astype(int) + 60, 0, 255), 0).astype(np.uint8), y), "pixel_mean"),
+    Shift(
+        "brighter_objects",
+        lambda x, y: (np.where(x > 0, np.clip(x.astype(int) + 60, 0, 255), 0).astype(np.uint8), y),
+        "pixel_mean",
+    ),
     Shift("rotated_90", lambda x, y: (np.rot90(x, axes=(1, 2)).copy(), y), "bbox_height"),
     Shift("class_missing_from_batch", _without_class, "labels"),
     Shift("one_class_at_95_percent", _one_class_heavy, "labels"),
@@ -90,7 +94,9 @@ def test_shift_is_flagged_by_name(reference, clean_batch, shift):
 @pytest.mark.parametrize("shift", [s for s in SHIFTS if s.flagged_by != "labels"], ids=lambda s: s.name)
 def test_shifted_images_still_pass_the_per_image_gate(clean_batch, shift):
     """These are changes in the world to watch, not broken data: the gate lets them through."""
-    result = run_suite(ephemeral_context(), load_suite("raw_profile"), batch_profile(*shift.apply(*clean_batch)), "raw_profile")
+    result = run_suite(
+        ephemeral_context(), load_suite("raw_profile"), batch_profile(*shift.apply(*clean_batch)), "raw_profile"
+    )
     assert result.success, [r.expectation_config.kwargs.get("column") for r in result.results if not r.success]
 
 
@@ -120,11 +126,21 @@ def test_label_noise_shows_in_prediction_label_agreement(real_splits):
     (x, y), (xt, yt) = real_splits["train"], real_splits["t10k"]
     pl.seed_everything(0, verbose=False)
     # A quick recipe (one epoch of the small network with Adam), not the default one.
-    model = ImageClassifier(architecture="resnet_small", optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
-                            augment=False, label_smoothing=0.0, test_time_flip=False, mean=0.286, std=0.353)
+    model = ImageClassifier(
+        architecture="resnet_small",
+        optimizer="adamw",
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        augment=False,
+        label_smoothing=0.0,
+        test_time_flip=False,
+        mean=0.286,
+        std=0.353,
+    )
     data = TensorBatches(torch.from_numpy(x[:12000].copy()), torch.from_numpy(y[:12000].astype("int64")))
-    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(model, batch_loader(data, 128, shuffle=True))
+    pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    ).fit(model, batch_loader(data, 128, shuffle=True))
     model.eval()
 
     reference_x, reference_y = xt[5000:], yt[5000:]
@@ -137,7 +153,11 @@ def test_label_noise_shows_in_prediction_label_agreement(real_splits):
     noisy_out = OutputStatistics.from_probabilities(predict(model, batch_x), batch_y)
     reference = batch_profile(reference_x, reference_y)
 
-    clean = compute_drift(reference, batch_profile(batch_x, yt[:5000]), reference_outputs=ref_out, batch_outputs=clean_out)
+    clean = compute_drift(
+        reference, batch_profile(batch_x, yt[:5000]), reference_outputs=ref_out, batch_outputs=clean_out
+    )
     assert not clean.drifted, clean.reasons
-    noisy = compute_drift(reference, batch_profile(batch_x, batch_y), reference_outputs=ref_out, batch_outputs=noisy_out)
+    noisy = compute_drift(
+        reference, batch_profile(batch_x, batch_y), reference_outputs=ref_out, batch_outputs=noisy_out
+    )
     assert [r.split(":")[0] for r in noisy.reasons] == ["prediction-label agreement"]

@@ -20,8 +20,13 @@ def entry(seq: int, action: str, to: str, alias: str = PRODUCTION) -> AliasMove:
 
 
 def test_production_stack_pushes_promotions_and_pops_rollbacks():
-    moves = [entry(1, "promote", "1"), entry(2, "stage", "2", STAGING), entry(3, "promote", "2"),
-             entry(4, "promote", "3"), entry(5, "rollback", "2")]
+    moves = [
+        entry(1, "promote", "1"),
+        entry(2, "stage", "2", STAGING),
+        entry(3, "promote", "2"),
+        entry(4, "promote", "3"),
+        entry(5, "rollback", "2"),
+    ]
     assert production_stack(moves) == ["1", "2"]
     assert production_stack([*moves, entry(6, "rollback", "1")]) == ["1"]
     assert production_stack([*moves, entry(6, "rollback", "9")]) == ["1", "2", "9"]  # not on the stack: pushed
@@ -34,8 +39,11 @@ def versions(settings, tmp_path):
     client.create_registered_model(settings.model_name)
     for _ in range(3):
         version = client.create_model_version(settings.model_name, str(tmp_path / "model"))
-        for tag, value in (("gate.decision", "passed"), ("infra_validation", "passed"),
-                           ("gate.production_version", "none")):
+        for tag, value in (
+            ("gate.decision", "passed"),
+            ("infra_validation", "passed"),
+            ("gate.production_version", "none"),
+        ):
             client.set_model_version_tag(settings.model_name, version.version, tag, value)
     return client
 
@@ -56,7 +64,11 @@ def test_promote_rollback_and_history(settings, versions, capsys):
     assert main(["history", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["history"]
     assert [(e["alias"], e["from_version"], e["to_version"]) for e in entries] == [
-        (STAGING, None, "1"), (PRODUCTION, None, "1"), (PRODUCTION, "1", "3"), (PRODUCTION, "3", "1")]
+        (STAGING, None, "1"),
+        (PRODUCTION, None, "1"),
+        (PRODUCTION, "1", "3"),
+        (PRODUCTION, "3", "1"),
+    ]
     assert [e.seq for e in history(settings)] == [1, 2, 3, 4]
 
 
@@ -69,15 +81,18 @@ def test_cli_promote_and_rollback(settings, versions, capsys):
     assert main(["rollback"]) == 2  # nothing earlier than version 2
     assert "expected an earlier production version to roll back to, found none" in capsys.readouterr().err
     assert main(["rollback", "--to", "1"]) == 2  # never production
-    assert "expected a version that was production before, other than the current (3), found 1" in \
-        capsys.readouterr().err
+    assert (
+        "expected a version that was production before, other than the current (3), found 1" in capsys.readouterr().err
+    )
 
 
 def test_promotion_needs_a_gate_against_todays_production_unless_a_person_names_the_version(settings, versions):
     name = settings.model_name
     promote(settings, "1", actor="ci")
     move_alias(settings, STAGING, "2", "stage", "ci")  # gated while there was no production
-    with pytest.raises(PromotionRefusedError, match=r"a gate against today's production \(1\), found a gate against none"):
+    with pytest.raises(
+        PromotionRefusedError, match=r"a gate against today's production \(1\), found a gate against none"
+    ):
         promote(settings, actor="ci")
     with pytest.raises(PromotionRefusedError, match="gate against today's production"):
         promote(settings, "2", actor="airflow:training_pipeline/x", forward_only=True)

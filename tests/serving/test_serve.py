@@ -125,16 +125,33 @@ def test_answers_json_and_png_with_the_version(client):
         (b'{"image": [[true, 2]]}', "application/json", 400, "found the JSON literal true"),
         (b'{"image": [' + b"[0]," * 27 + b"[0, 0]]}", "application/json", 422, "expected images of shape"),
         (b'{"image": [[0, 1], [2, 3]]}', "application/json", 422, "expected images of shape (28, 28), found (2, 2)"),
-        (b'{"image": ' + str([[0.5] * 28] * 28).replace("0.5", '"a"').encode() + b"}", "application/json", 422,
-         "expected numbers"),
+        (
+            b'{"image": ' + str([[0.5] * 28] * 28).replace("0.5", '"a"').encode() + b"}",
+            "application/json",
+            422,
+            "expected numbers",
+        ),
         (b'{"image": ' + str([[999] * 28] * 28).encode() + b"}", "application/json", 422, "expected integers 0-255"),
         (b'{"instances": []}', "application/json", 422, "found an empty list"),
         (b"0" * (10 * 1024 * 1024), "application/json", 413, "expected at most 8388608 bytes"),
         (b"hello", "text/plain", 415, "expected application/json or image/png, found text/plain"),
         (b"\x89PNG\r\n\x1a\nbroken", "image/png", 422, "expected a readable PNG"),
     ],
-    ids=["malformed-json", "deep-nesting", "huge-integer", "nan", "boolean", "ragged", "wrong-shape", "wrong-dtype",
-         "out-of-range", "empty-batch", "10-MB", "text", "bad-png"],
+    ids=[
+        "malformed-json",
+        "deep-nesting",
+        "huge-integer",
+        "nan",
+        "boolean",
+        "ragged",
+        "wrong-shape",
+        "wrong-dtype",
+        "out-of-range",
+        "empty-batch",
+        "10-MB",
+        "text",
+        "bad-png",
+    ],
 )
 def test_bad_requests_get_a_4xx_with_a_message_and_health_stays_up(client, body, content_type, status, message):
     response = client.post("/predict", content=body, headers={"content-type": content_type})
@@ -183,7 +200,9 @@ def test_concurrent_requests_share_forward_passes():
             thread.join()
         metrics = client.get("/metrics").text
     assert results == [200] * 16
-    passes = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_count")))
+    passes = float(
+        next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_count"))
+    )
     images = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("serve_batch_images_sum")))
     assert images == 16 and passes < 16  # some requests rode along in another's forward pass
 
@@ -264,8 +283,12 @@ def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_finding_png_decompression_bomb_gets_a_4xx_not_a_500(client):
@@ -284,12 +307,14 @@ def test_finding_utf16_body_slips_past_the_boolean_check(client):
     image[0][0] = True
     for text in (json.dumps({"image": image}), json.dumps({"image": IMAGE})):
         for encoding in ("utf-16", "utf-16-le", "utf-32"):
-            response = client.post("/predict", content=text.encode(encoding),
-                                   headers={"content-type": "application/json"})
+            response = client.post(
+                "/predict", content=text.encode(encoding), headers={"content-type": "application/json"}
+            )
             assert response.status_code == 400, (encoding, response.text)
             assert "UTF-8" in response.json()["detail"]
-    response = client.post("/predict", content=json.dumps({"image": image}).encode(),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/predict", content=json.dumps({"image": image}).encode(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and "literal true" in response.json()["detail"]
     with pytest.raises(RequestError, match="UTF-8"):
         load_json(b"\xef\xbb\xbf" + json.dumps({"image": IMAGE}).encode())  # a BOM is not UTF-8 JSON either
@@ -306,10 +331,17 @@ def test_finding_predict_metadata_and_metrics_need_no_authentication():
     slot = ModelSlot("models:/m@production")
     slot.swap(served("4"))
     with TestClient(create_app(slot, serving=ServingSettings(token=TOKEN))) as client:
-        for method, path, kwargs in (("post", "/predict", {"json": {"image": IMAGE}}), ("get", "/metadata", {}),
-                                     ("get", "/metrics", {})):
-            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN},
-                            {"authorization": f"Basic {TOKEN}"}):
+        for method, path, kwargs in (
+            ("post", "/predict", {"json": {"image": IMAGE}}),
+            ("get", "/metadata", {}),
+            ("get", "/metrics", {}),
+        ):
+            for headers in (
+                {},
+                {"authorization": "Bearer wrong"},
+                {"authorization": TOKEN},
+                {"authorization": f"Basic {TOKEN}"},
+            ):
                 response = getattr(client, method)(path, headers=headers, **kwargs)
                 assert response.status_code == 401, (path, headers)
                 assert response.headers["www-authenticate"].startswith("Bearer")
@@ -339,9 +371,13 @@ def test_serving_token_comes_from_the_environment_or_a_private_file(tmp_path):
     path.chmod(0o666)
     with pytest.raises(ConfigError, match="PIPELINE_SERVE_TOKEN_FILE"):
         ServingSettings.from_env({"PIPELINE_SERVE_TOKEN_FILE": str(path)})
-    for environ in ({"PIPELINE_SERVE_TOKEN": "short"}, {"PIPELINE_SERVE_TOKEN_FILE": str(tmp_path / "missing")},
-                    {"PIPELINE_SERVE_TOKEN": TOKEN, "PIPELINE_SERVE_TOKEN_FILE": str(path)},
-                    {"PIPELINE_SERVE_MAX_IN_FLIGHT": "0"}, {"PIPELINE_SERVE_METRICS_OPEN": "maybe"}):
+    for environ in (
+        {"PIPELINE_SERVE_TOKEN": "short"},
+        {"PIPELINE_SERVE_TOKEN_FILE": str(tmp_path / "missing")},
+        {"PIPELINE_SERVE_TOKEN": TOKEN, "PIPELINE_SERVE_TOKEN_FILE": str(path)},
+        {"PIPELINE_SERVE_MAX_IN_FLIGHT": "0"},
+        {"PIPELINE_SERVE_METRICS_OPEN": "maybe"},
+    ):
         with pytest.raises(ConfigError):
             ServingSettings.from_env(environ)
     assert ServingSettings.from_env({"PIPELINE_SERVE_METRICS_OPEN": "true"}).metrics_open
@@ -357,14 +393,26 @@ def test_finding_openapi_schema_accepts_what_the_server_refuses(client):
     content = request_schema(client)
     validator = jsonschema.Draft202012Validator(content["application/json"]["schema"])
     floats = (np.asarray(IMAGE) / 255.0).tolist()
-    refused = [{}, {"image": [[200.5] * 28] * 28}, {"image": IMAGE, "instances": [IMAGE]},
-               {"image": None}, {"instances": None, "image": IMAGE}, {"image": IMAGE, "other": 1},
-               {"image": [[0] * 28] * 27}, {"image": [[0.5] * 28] * 27 + [[200] * 28]}, {"instances": []}]
+    refused = [
+        {},
+        {"image": [[200.5] * 28] * 28},
+        {"image": IMAGE, "instances": [IMAGE]},
+        {"image": None},
+        {"instances": None, "image": IMAGE},
+        {"image": IMAGE, "other": 1},
+        {"image": [[0] * 28] * 27},
+        {"image": [[0.5] * 28] * 27 + [[200] * 28]},
+        {"instances": []},
+    ]
     for body in refused:
         assert not validator.is_valid(body), body
         assert client.post("/predict", json=body).status_code in (400, 422), body
-    for body in ({"image": IMAGE}, {"image": floats}, {"instances": [IMAGE, floats]},
-                 {"image": (np.asarray(IMAGE, dtype=float)).tolist()}):  # 200.0 is an integer in JSON Schema
+    for body in (
+        {"image": IMAGE},
+        {"image": floats},
+        {"instances": [IMAGE, floats]},
+        {"image": (np.asarray(IMAGE, dtype=float)).tolist()},
+    ):  # 200.0 is an integer in JSON Schema
         assert validator.is_valid(body)
         assert client.post("/predict", json=body).status_code == 200, body
     png = content["image/png"]["schema"]

@@ -49,15 +49,24 @@ def mutate(data: st.DataObject, document: object) -> object:
     """One random change somewhere in a nested JSON document."""
     if isinstance(document, list) and document and data.draw(st.booleans()):
         index = data.draw(st.integers(0, len(document) - 1))
-        return [*document[:index], mutate(data, document[index]), *document[index + 1:]]
+        return [*document[:index], mutate(data, document[index]), *document[index + 1 :]]
     if isinstance(document, dict) and document and data.draw(st.booleans()):
         key = data.draw(st.sampled_from(sorted(document)))
         return {**document, key: mutate(data, document[key])}
-    return data.draw(st.one_of(
-        st.none(), st.booleans(), st.integers(-300, 300), st.floats(allow_nan=True), st.text(max_size=3),
-        st.just([]), st.just({}), st.integers(10**18, 10**30),
-        st.just(document[:-1] if isinstance(document, list) else document),
-        st.just([document, document] if not isinstance(document, dict) else {**document, "extra": 1})))
+    return data.draw(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-300, 300),
+            st.floats(allow_nan=True),
+            st.text(max_size=3),
+            st.just([]),
+            st.just({}),
+            st.integers(10**18, 10**30),
+            st.just(document[:-1] if isinstance(document, list) else document),
+            st.just([document, document] if not isinstance(document, dict) else {**document, "extra": 1}),
+        )
+    )
 
 
 BYTE_ACTIONS = ("flip", "cut", "extend")
@@ -69,7 +78,7 @@ def mutate_bytes(data: st.DataObject, body: bytearray, actions: list[str]) -> No
         if action == "flip" and body:
             body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
         elif action == "cut":
-            del body[data.draw(st.integers(0, len(body))):]
+            del body[data.draw(st.integers(0, len(body))) :]
         else:
             body += data.draw(st.binary(max_size=64))
 
@@ -96,8 +105,13 @@ def test_parse_images_gives_pixels_or_a_request_error(real_images, data):
 
 
 @FAST
-@given(raw=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
-                     st.text(max_size=50).map(lambda t: json.dumps({"image": t}).encode("utf-16"))))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200).map(str.encode),
+        st.text(max_size=50).map(lambda t: json.dumps({"image": t}).encode("utf-16")),
+    )
+)
 def test_load_json_reads_json_or_raises_a_request_error(raw):
     try:
         payload = load_json(raw)
@@ -113,8 +127,11 @@ def test_load_json_reads_json_or_raises_a_request_error(raw):
 @given(data=st.data())
 def test_parse_png_gives_pixels_or_a_request_error(real_images, data):
     image = real_images[data.draw(st.integers(0, len(real_images) - 1))]
-    png = bytearray(png_bytes(image) if data.draw(st.booleans()) else bomb_png(*data.draw(
-        st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)))))
+    png = bytearray(
+        png_bytes(image)
+        if data.draw(st.booleans())
+        else bomb_png(*data.draw(st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1))))
+    )
     mutate_bytes(data, png, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), max_size=4)))
     try:
         well_formed(parse_png(bytes(png)))
@@ -165,11 +182,22 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
         status_code_conformance,
     )
 
-    checks = [not_a_server_error, status_code_conformance, response_schema_conformance, positive_data_acceptance,
-              negative_data_rejection, refused_for_size_exactly_beyond_the_limit]
-    config = SchemathesisConfig.from_dict({"checks": {
-        "positive_data_acceptance": {"expected-statuses": ["200", "413"]},  # 413: see the check above
-        "negative_data_rejection": {"expected-statuses": REJECTIONS}}})
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        response_schema_conformance,
+        positive_data_acceptance,
+        negative_data_rejection,
+        refused_for_size_exactly_beyond_the_limit,
+    ]
+    config = SchemathesisConfig.from_dict(
+        {
+            "checks": {
+                "positive_data_acceptance": {"expected-statuses": ["200", "413"]},  # 413: see the check above
+                "negative_data_rejection": {"expected-statuses": REJECTIONS},
+            }
+        }
+    )
     validator = jsonschema.Draft202012Validator(request_schema())
     # The same schema for 1,024-image bodies: jsonschema takes 10-45 s on each, its Rust port (a dependency
     # of schemathesis) 0.1 s.
@@ -185,6 +213,7 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
         # 1. The schema's own cases, positive and negative, with every check. A negated maxItems is a
         # batch of 1,025 images, often over 8 MiB as JSON: 413, a rejection (ST201 before REJECTIONS).
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def schema_cases(case):
@@ -195,8 +224,13 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
         def check(response: requests.Response, media_type: str, body: object) -> None:
             assert response.status_code < 500, response.text[:300]
             operation.Case(media_type=media_type, body=body).validate_response(
-                response, checks=[response_schema_conformance, status_code_conformance,
-                                  refused_for_size_exactly_beyond_the_limit])
+                response,
+                checks=[
+                    response_schema_conformance,
+                    status_code_conformance,
+                    refused_for_size_exactly_beyond_the_limit,
+                ],
+            )
 
         # 2. The batch limit, with real images: MAX_BATCH is accepted, one more refused, by both.
         many = np.resize(small_splits["t10k"][0], (MAX_BATCH + 1, *IMAGE_SHAPE))
@@ -219,8 +253,12 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
         def realistic(data):
             if data.draw(st.booleans()):
                 body, _ = json_images(data, real_images)  # NaN and infinity sent as such (not JSON: 400)
-                response = session.post(f"{base}/predict", data=json.dumps(body).encode(), timeout=30,
-                                        headers={"content-type": "application/json"})
+                response = session.post(
+                    f"{base}/predict",
+                    data=json.dumps(body).encode(),
+                    timeout=30,
+                    headers={"content-type": "application/json"},
+                )
                 assert (response.status_code == 200) == validator.is_valid(body), (response.text[:300], body)
                 check(response, "application/json", body)
                 return
@@ -231,8 +269,9 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
             mutated = data.draw(st.booleans())
             if mutated:
                 mutate_bytes(data, png, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), min_size=1, max_size=3)))
-            response = session.post(f"{base}/predict", data=bytes(png), headers={"content-type": "image/png"},
-                                    timeout=30)
+            response = session.post(
+                f"{base}/predict", data=bytes(png), headers={"content-type": "image/png"}, timeout=30
+            )
             expected = pillow_reads_one_gray_image(bytes(png)) if mutated else shape == IMAGE_SHAPE and mode == "L"
             assert response.status_code == (200 if expected else 422), (response.text[:300], shape, mode, mutated)
             check(response, "image/png", bytes(png))

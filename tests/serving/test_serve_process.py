@@ -32,10 +32,18 @@ def test_finding_decoder_workers_outlive_a_killed_server(settings, small_splits)
     version, _ = register_version(settings, run_id, model_uri, "test")
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "pipeline"), "serve", "--model-uri",
-         f"models:/{settings.model_name}/{version}", "--port", str(port)],
-        env={**settings.to_env(), "PATH": str(Path(sys.executable).parent)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            str(Path(sys.executable).parent / "pipeline"),
+            "serve",
+            "--model-uri",
+            f"models:/{settings.model_name}/{version}",
+            "--port",
+            str(port),
+        ],
+        env={**settings.to_env(), "PATH": str(Path(sys.executable).parent)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -47,8 +55,12 @@ def test_finding_decoder_workers_outlive_a_killed_server(settings, small_splits)
             assert server.poll() is None and time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.5)
         images = small_splits["t10k"][0][:64].tolist()  # about 200 KB of JSON: decoded by a worker
-        answer = requests.post(f"http://127.0.0.1:{port}/predict", data=json.dumps({"instances": images}),
-                               headers={"Content-Type": "application/json"}, timeout=60)
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/predict",
+            data=json.dumps({"instances": images}),
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 64
         workers = psutil.Process(server.pid).children(recursive=True)
         assert workers, "no decoder worker was started"

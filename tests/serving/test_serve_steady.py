@@ -25,8 +25,13 @@ pytestmark = pytest.mark.slow
 def run_python(code: str, **env: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON object last."""
     environment = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**environment, **env},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -34,8 +34,16 @@ def trained(module_settings, small_dataset):
     result = train(processed, storage, CONFIG, settings, tags={"airflow.run_id": "manual__test"})
     evaluation = evaluate(result, processed, storage, settings)
     version = register(result, evaluation, validation, processed, storage, settings)
-    return {"settings": settings, "storage": storage, "raw": raw, "validation": validation,
-            "processed": processed, "train": result, "evaluation": evaluation, "version": version}
+    return {
+        "settings": settings,
+        "storage": storage,
+        "raw": raw,
+        "validation": validation,
+        "processed": processed,
+        "train": result,
+        "evaluation": evaluation,
+        "version": version,
+    }
 
 
 def test_run_has_params_per_epoch_metrics_and_lineage(trained):

@@ -48,8 +48,10 @@ def test_a_bad_value_in_the_space_fails_before_any_trial():
 
 
 def test_choose_takes_the_best_and_the_first_of_a_tie():
-    trials = [{"overrides": {"learning_rate": a}, "val_accuracy": v, "run_id": str(a)}
-              for a, v in ((0.001, 0.8), (0.002, 0.9), (0.004, 0.9))]
+    trials = [
+        {"overrides": {"learning_rate": a}, "val_accuracy": v, "run_id": str(a)}
+        for a, v in ((0.001, 0.8), (0.002, 0.9), (0.004, 0.9))
+    ]
     assert choose(trials) == {"learning_rate": 0.002}
     assert choose([]) == {}
 
@@ -61,10 +63,26 @@ def test_pipeline_run_tunes_on_a_sample_then_trains_with_the_best_trial(small_da
 
     # A learning rate of 1e-7 learns nothing in one epoch: the search must pick 0.002 (not the default
     # 0.004). One epoch at 0.002 reaches about 0.45, hence the low gate floor.
-    argv = ["run", "--source", str(small_dataset), *recipe_flags(), "--epochs", "1", "--batch-size", "64",
-            "--gate-min-accuracy", "0.3", "--tune",
-            "--tune-space", '{"learning_rate": [1e-7, 0.002]}', "--tune-sample-cap", "500", "--tune-epochs", "1",
-            "--json"]
+    argv = [
+        "run",
+        "--source",
+        str(small_dataset),
+        *recipe_flags(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--gate-min-accuracy",
+        "0.3",
+        "--tune",
+        "--tune-space",
+        '{"learning_rate": [1e-7, 0.002]}',
+        "--tune-sample-cap",
+        "500",
+        "--tune-epochs",
+        "1",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
 
@@ -82,4 +100,6 @@ def test_pipeline_run_tunes_on_a_sample_then_trains_with_the_best_trial(small_da
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["train"]["run_id"] == result["train"]["run_id"] and again["train"]["reused"]
-    assert len(client.search_runs([trained.info.experiment_id], filter_string="tags.`pipeline.tune_trial` = 'true'")) == 2
+    assert (
+        len(client.search_runs([trained.info.experiment_id], filter_string="tags.`pipeline.tune_trial` = 'true'")) == 2
+    )
