@@ -83,12 +83,12 @@ def main() -> None:
 
     from pipeline.config import AcquireConfig, PreprocessConfig, Settings, TrainConfig
     from pipeline.data.processed import load_processed_ref
-    from pipeline.evaluation.evaluate import calibration_bins, expected_calibration_error
+    from pipeline.evaluation.report import calibration_bins, expected_calibration_error
     from pipeline.storage import storage_for
     from pipeline.training.calibration import calibrate
     from pipeline.training.datamodule import split_tensors
-    from pipeline.training.fit import fit
     from pipeline.training.hardware import resolve_precision, trains_on_gpu, usable_cpus
+    from pipeline.training.trainer import fit
 
     settings = Settings.from_env()
     storage = storage_for(settings)

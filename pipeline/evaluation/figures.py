@@ -6,8 +6,8 @@
 * :func:`attribution_figure`: each image beside its attribution heat map.
 
 Drawing only: arrays and labels in, a file out; the numbers are computed in
-:mod:`pipeline.evaluation.evaluate`. Matplotlib is imported inside the functions, with the Agg backend (no
-display needed, as in an Airflow worker).
+:mod:`pipeline.evaluation.report` and :mod:`pipeline.evaluation.attributions`. Matplotlib is
+imported inside the functions, with the Agg backend (no display needed, as in an Airflow worker).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], path: Path) -> None
 
 
 def reliability_figure(bins: list[dict[str, float]], ece: float, path: Path) -> None:
-    """``bins`` as :func:`pipeline.evaluation.evaluate.calibration_bins` returns them."""
+    """``bins`` as :func:`pipeline.evaluation.report.calibration_bins` returns them."""
     plt = _pyplot()
     lower = np.array([b["lower"] for b in bins])
     width = np.array([b["upper"] - b["lower"] for b in bins])

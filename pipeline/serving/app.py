@@ -32,15 +32,14 @@ are parsed in worker processes, so that the event loop (and ``/health``) never w
 import asyncio
 import logging
 import threading
-import time
 from typing import Any
-
-from pydantic import BaseModel, Field
 
 from pipeline.config import ServingSettings, Settings
 from pipeline.serving.guards import PARSE_INLINE_BYTES, PROBES, Admission, BodyDecoder, RequireToken, drain
-from pipeline.serving.payload import MAX_BODY_BYTES, RequestError, decode_body, png_schema, request_schema
-from pipeline.serving.slot import ModelSlot, ServedModel
+from pipeline.serving.metrics import CountRequests, Metrics
+from pipeline.serving.openapi import OPEN_DOCS, PREDICT_BODY, PredictResponse, Problem, secure_openapi
+from pipeline.serving.payload import MAX_BODY_BYTES, RequestError, decode_body
+from pipeline.serving.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -48,125 +47,6 @@ POLL_S = 10.0
 """How often a server on an alias asks the registry where the alias points."""
 ANSWER_TIMEOUT_S = 30.0
 """A request whose forward pass has not come back by then gets a 503 (a wedged device)."""
-OPEN_DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-"""The interface description (no data, no model): open, so that clients can read it."""
-
-
-class Problem(BaseModel):
-    detail: str = Field(description="What was expected and what came.")
-
-
-class Prediction(BaseModel):
-    class_id: int
-    class_name: str
-    probabilities: list[float] = Field(description="One per class, in class-id order; they sum to 1.")
-
-
-class PredictResponse(BaseModel):
-    model_version: str = Field(description="The registered version that computed these predictions.")
-    predictions: list[Prediction]
-
-
-class Metrics:
-    """Prometheus metrics in a registry of their own (several apps can live in one process)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "serve_requests", "HTTP requests by route and status code", ["route", "code"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "serve_request_seconds",
-            "Request latency by route",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-        )
-        self.batch = Histogram(
-            "serve_batch_images",
-            "Images per forward pass (micro-batching)",
-            registry=self.registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-        )
-        self.version = Gauge(
-            "serve_model_version",
-            "The model version being served (1 on its labels)",
-            ["model_name", "version", "alias"],
-            registry=self.registry,
-        )
-        self.reloads = Counter(
-            "serve_model_reloads", "Alias moves followed (swapped) or not (failed)", ["result"], registry=self.registry
-        )
-
-    def served(self, served: ServedModel) -> None:
-        meta = served.metadata
-        labels = (meta["model_name"], meta["version"], meta["alias"] or "")
-        self.version.labels(*labels).set(1)  # the new one first: a scrape always sees a version
-        for old in [key for key in self.version._metrics if key != labels]:
-            self.version.remove(*old)
-
-
-ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}
-
-
-class CountRequests:
-    """ASGI middleware: requests by route and status, and their latency (a plain ASGI wrapper:
-    Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start, status = time.perf_counter(), [500]
-
-        async def record(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            route = scope["path"] if scope["path"] in ROUTES else "other"
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": request_schema()},
-        "image/png": {"schema": png_schema()},
-    },
-}
-
-
-def _secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
-    """Declare the bearer scheme, and 401, on every operation that needs the token."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, operations in schema["paths"].items():
-                if path in open_paths:
-                    continue
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
-                    operation["responses"]["401"] = {
-                        "description": "No bearer token, or a wrong one",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-                    }
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
 
 
 def create_app(
@@ -217,7 +97,7 @@ def create_app(
     if serving.token:
         open_paths = PROBES | OPEN_DOCS | ({"/metrics"} if serving.metrics_open else set())
         app.add_middleware(RequireToken, token=serving.token, open_paths=open_paths)
-        _secure_openapi(app, open_paths)
+        secure_openapi(app, open_paths)
     app.add_middleware(CountRequests, metrics=metrics)
 
     def problem(status: int, detail: str, close: bool = False) -> JSONResponse:

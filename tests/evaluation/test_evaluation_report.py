@@ -11,6 +11,7 @@ import torch
 from recipes import SMALL_RECIPE
 
 from pipeline.config import FASHION_MNIST_CLASSES, TrainConfig
+from pipeline.evaluation.attributions import integrated_gradients
 from pipeline.evaluation.evaluate import (
     ARTIFACTS,
     ATTRIBUTIONS,
@@ -20,17 +21,18 @@ from pipeline.evaluation.evaluate import (
     MODEL_CARD_MD,
     RELIABILITY,
     REPORT,
+    evaluate,
+    predict,
+)
+from pipeline.evaluation.model_card import model_card_html, model_card_markdown
+from pipeline.evaluation.report import (
     build_report,
     calibration_bins,
     confident_mistakes,
-    evaluate,
     expected_calibration_error,
-    integrated_gradients,
     most_confused_pairs,
-    predict,
     worst_class,
 )
-from pipeline.evaluation.model_card import model_card_html, model_card_markdown
 from pipeline.models.classifier import ImageClassifier
 from pipeline.tracking import tracking_client
 from pipeline.training.fit import train

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.serving.app import Metrics, PredictResponse, create_app
+from pipeline.serving.app import create_app
+from pipeline.serving.metrics import Metrics
+from pipeline.serving.openapi import PredictResponse
 from pipeline.serving.payload import RequestError, load_json, parse_images, parse_png
 from pipeline.serving.slot import ModelSlot, ServedModel
 
