@@ -203,6 +203,7 @@ def main() -> int:
     from serve_bench import register_model, wait_ready
     from soak_bench import die_with_parent, request_bodies
 
+    from pipeline.command_lines import serve_command
     from pipeline.config import Settings
     from pipeline.registry.infra_validate import free_port
 
@@ -220,18 +221,7 @@ def main() -> int:
 
     token, port = secrets.token_urlsafe(32), free_port()
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "serve",
-        "--model-uri",
-        model_uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = serve_command(model_uri, port=port)
     context = multiprocessing.get_context("spawn")
     scenarios = [
         ("idle", None, ()),

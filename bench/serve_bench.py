@@ -156,7 +156,7 @@ def run_server(name: str, spec: dict, env: dict, home: Path, args: argparse.Name
     from pipeline.registry.infra_validate import free_port
 
     port = free_port()
-    command = [part.replace("{port}", str(port)) for part in spec["command"]]
+    command = spec["command"](port)
     log_path = home / f"{name}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -193,6 +193,7 @@ def main() -> None:
 
     import numpy as np
 
+    from pipeline.command_lines import serve_command
     from pipeline.config import Settings, TrainConfig
     from pipeline.tracking import tracking_client
 
@@ -209,13 +210,13 @@ def main() -> None:
     servers = {
         # Ours as production runs it: on the alias, with the registry watcher polling.
         "ours": {
-            "command": [sys.executable, "-m", "pipeline", "serve", "--model-uri", production_uri, "--port", "{port}"],
+            "command": lambda port: serve_command(production_uri, port=port),
             "ready": "/ready",
             "predict": "/predict",
             "body": json.dumps({"image": pixels}).encode(),
         },
         "mlflow": {
-            "command": [
+            "command": lambda port: [
                 str(Path(sys.executable).parent / "mlflow"),
                 "models",
                 "serve",
@@ -224,7 +225,7 @@ def main() -> None:
                 "--env-manager",
                 "local",
                 "-p",
-                "{port}",
+                str(port),
                 "-h",
                 "127.0.0.1",
                 "-w",

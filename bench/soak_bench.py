@@ -402,6 +402,7 @@ def main() -> int:
     import numpy as np
     from serve_bench import register_model, wait_ready
 
+    from pipeline.command_lines import serve_command
     from pipeline.config import Settings, TrainConfig
     from pipeline.registry.history import TAG_GATE, TAG_GATE_PRODUCTION, TAG_INFRA
     from pipeline.registry.infra_validate import free_port
@@ -426,20 +427,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "serve",
-        "--model-uri",
-        f"models:/{settings.model_name}@production",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--poll-interval",
-        str(args.poll_interval),
-    ]
+    command = serve_command(f"models:/{settings.model_name}@production", port=port, poll_interval=args.poll_interval)
     log_path = home / "serve.log"
     context = multiprocessing.get_context("spawn")
     # Flags in shared memory without a lock: a child killed while holding an Event's lock would

@@ -1,5 +1,6 @@
-"""The training recipe tests train with (apart from the tests of the defaults themselves), and the
-small processed dataset most tests of a later stage start from.
+"""The training recipe tests train with (apart from the tests of the defaults themselves), the
+small processed dataset most tests of a later stage start from, and a model logged to MLflow
+without training one.
 
 Tests check what a training does (it runs, checkpoints, registers, passes or fails a gate,
 serves), not how accurate the default recipe is on all of Fashion-MNIST: that is
@@ -44,3 +45,22 @@ def prepare_small(storage: Any, source: Path) -> Prepared:
     raw = acquire(AcquireConfig(source_uri=str(source)), storage)
     validation = validate_raw(raw, storage)
     return Prepared(raw, validation, preprocess(raw, storage, PreprocessConfig()))
+
+
+def log_model(settings: Any, model: Any, serialization_format: str) -> tuple[str, str]:
+    """Log the ``torch.nn.Module`` ``model`` in a run of the pipeline's experiment, in
+    ``serialization_format`` (``pt2`` or ``pickle``); (run id, logged model URI)."""
+    import mlflow
+    import torch
+
+    from pipeline.tracking import tracking_client
+
+    tracking_client(settings)  # sets the tracking URI and creates the store
+    mlflow.set_experiment(settings.experiment_name)
+    # pt2 traces the program on an example; a pickle gets none (MLflow would load it to check it).
+    example = torch.zeros(2, 1, 28, 28).numpy() if serialization_format == "pt2" else None
+    with mlflow.start_run() as run:
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format=serialization_format, input_example=example, pip_requirements=[]
+        )
+    return run.info.run_id, info.model_uri

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.command_lines import serve_command
 from pipeline.config import Settings
 from pipeline.errors import InfraValidationError, PromotionRefusedError, ServingTimeoutError
 from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
@@ -131,21 +132,9 @@ def serving_process(name: str, version: str, settings: Settings, where: str) -> 
         log_path = Path(tmp) / "serve.log"
         for _ in range(3):  # a free port can be taken by someone else before the server binds it
             port = free_port()
-            command = [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "serve",
-                "--model-uri",
-                f"models:/{name}/{version}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ]
             with log_path.open("wb") as server_log:
                 server = subprocess.Popen(
-                    command,
+                    serve_command(f"models:/{name}/{version}", port=port),
                     stdout=server_log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **settings.to_env()},

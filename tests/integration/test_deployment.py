@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from recipes import SMALL_RECIPE
 
+from pipeline.command_lines import serve_command
 from pipeline.config import AcquireConfig, GatePolicy, PreprocessConfig, TrainConfig
 from pipeline.data.acquire import acquire
 from pipeline.data.preprocess import preprocess
@@ -249,7 +250,6 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
     sees the old version, then the new one, then the old one again."""
     import os
     import subprocess
-    import sys
     import threading
     import time
 
@@ -266,18 +266,7 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "serve",
-                "--model-uri",
-                f"models:/{settings.model_name}@production",
-                "--port",
-                str(port),
-                "--poll-interval",
-                "0.5",
-            ],
+            serve_command(f"models:/{settings.model_name}@production", port=port, poll_interval=0.5),
             env={**os.environ, **settings.to_env()},
             stdout=log_file,
             stderr=subprocess.STDOUT,

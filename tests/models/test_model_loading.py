@@ -10,13 +10,16 @@ it with one line naming the version and the format, and that the payload never r
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from services import free_port, run_cli
+from recipes import log_model
+from services import free_port
 from torch import nn
 
+from pipeline.command_lines import serve_command
 from pipeline.errors import UnsafeModelError
 from pipeline.models.registered import load_registered
 from pipeline.registry.register import register_version
@@ -37,21 +40,6 @@ class Payload(nn.Module):
         return (Path.touch, (self.marker,))
 
 
-def log_model(settings, model: nn.Module, serialization_format: str) -> tuple[str, str]:
-    """Log ``model`` in a run of the pipeline's experiment; (run id, logged model URI)."""
-    import mlflow
-
-    tracking_client(settings)  # sets the tracking URI and creates the store
-    mlflow.set_experiment(settings.experiment_name)
-    # pt2 traces the program on an example; a pickle gets none (MLflow would load it to check it).
-    example = torch.zeros(2, 1, 28, 28).numpy() if serialization_format == "pt2" else None
-    with mlflow.start_run() as run:
-        info = mlflow.pytorch.log_model(
-            model, name="model", serialization_format=serialization_format, input_example=example, pip_requirements=[]
-        )
-    return run.info.run_id, info.model_uri
-
-
 @pytest.fixture
 def pickled_version(settings, tmp_path: Path) -> tuple[str, Path]:
     """A pickle-format version registered behind the pipeline's back, as an attacker would."""
@@ -67,13 +55,12 @@ def pickled_version(settings, tmp_path: Path) -> tuple[str, Path]:
 def test_finding_pickle_version_runs_code_in_pipeline_serve(settings, pickled_version):
     model_uri, marker = pickled_version
     # Even with MLflow's switch set to allow pickles in the environment, nothing is unpickled.
-    out = run_cli(
-        "serve",
-        "--model-uri",
-        model_uri,
-        "--port",
-        str(free_port()),
-        env={**settings.to_env(), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
+    out = subprocess.run(
+        serve_command(model_uri, port=free_port()),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **settings.to_env(), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
+        timeout=600,
     )
     assert out.returncode == 2, out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("error:")]

@@ -17,10 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from recipes import log_model
 from services import free_port
-from test_model_loading import log_model
 from torch import nn
 
+from pipeline.command_lines import serve_command
 from pipeline.registry.register import register_version
 
 pytestmark = pytest.mark.slow
@@ -32,14 +33,7 @@ def test_finding_decoder_workers_outlive_a_killed_server(settings, small_splits)
     version, _ = register_version(settings, run_id, model_uri, "test")
     port = free_port()
     server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "pipeline"),
-            "serve",
-            "--model-uri",
-            f"models:/{settings.model_name}/{version}",
-            "--port",
-            str(port),
-        ],
+        serve_command(f"models:/{settings.model_name}/{version}", port=port),
         env={**settings.to_env(), "PATH": str(Path(sys.executable).parent)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,0 +1,22 @@
+"""The ``pipeline`` command lines that one process builds to start another.
+
+Infra validation (``pipeline.registry``), the benchmarks and the tests all start ``pipeline
+serve`` in a fresh process; they build its command line here, once. It lives in the base layer
+because registry and serving are independent layers, neither importing the other.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def serve_command(
+    model_uri: str, *, port: int, host: str = "127.0.0.1", poll_interval: float | None = None
+) -> list[str]:
+    """The ``pipeline serve`` command line that serves ``model_uri`` on ``host:port``, run by this
+    interpreter; ``poll_interval`` (seconds between registry checks of an alias) is left to the
+    command's own default when None."""
+    command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", model_uri, "--host", host, "--port", str(port)]
+    if poll_interval is not None:
+        command += ["--poll-interval", str(poll_interval)]
+    return command
