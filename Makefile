@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := False
 .DEFAULT_GOAL := help
 # A recipe that fails leaves no target behind (a failed airflow-init runs again next time).
 .DELETE_ON_ERROR:
-.PHONY: help run test test-fast test-slow lint venv dataset airflow-init airflow-ui mlflow-ui lock clean
+.PHONY: help run test test-fast test-slow lint docs venv dataset airflow-init airflow-ui mlflow-ui lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ test-fast: venv dataset ## the tests not marked slow or integration (a few minut
 test-slow: venv dataset ## the slow tier: trainings, whole DAG runs, real service processes
 	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration"; \
 	  echo "== slow tier: $$((SECONDS - t0)) s"
+
+docs: venv ## regenerate the Params table in docs/configuration.md from the config fields
+	$(BIN)/python -m pipeline.entrypoints.flags docs/configuration.md
 
 lint: venv ## ruff (Airflow's AIR rules on dags/), ruff format, the layer contract, mypy on pipeline/
 	$(BIN)/ruff check .

@@ -3,16 +3,17 @@ pool, the drift asset. Defined once here; not a DAG file (``.airflowignore`` lis
 
 DAG files import it as ``_common``: the DAG processor and the workers have the DAGs folder on
 ``sys.path``; each DAG file also puts its own folder there, for ``DagBag`` on another folder and
-``runpy``. Parsing stays cheap: besides ``airflow.sdk`` this imports only ``pipeline.errors``,
-which imports nothing (Airflow resolves the rules' exception classes at parse time anyway).
+``runpy``. Parsing stays cheap: besides ``airflow.sdk`` this imports only ``pipeline.errors``
+and ``pipeline.config`` (dataclasses, no third-party package; a test checks it).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Asset, ExceptionRetryPolicy, RetryAction, RetryRule
+from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule
 
+from pipeline.config import run_params
 from pipeline.errors import error_classes
 
 PROMOTIONS_POOL = "promotions"
@@ -55,3 +56,9 @@ DEFAULT_ARGS = {
     "retry_policy": retry_policy(),
 }
 """Every task of every DAG: two retries with exponential backoff, by :func:`retry_policy`."""
+
+
+def run_params_form() -> dict[str, Param]:
+    """A run's Params, generated from the config fields (``pipeline.config.params``): the trigger
+    form shows them in sections, with the config's defaults, bounds, choices and help."""
+    return {p.name: Param(p.param_default, **p.json_schema()) for p in run_params()}

@@ -3,14 +3,17 @@
 ``Settings`` is read from the environment, standard variable names first
 (``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL``), so the same code runs embedded on one machine
 and against real services. Stage configs are plain dataclasses whose fields are documented and
-checked in ``__post_init__``; Airflow ``Param``s and CLI flags are turned into them by
-:func:`run_config_from_params`, the one place where that conversion happens.
+checked in ``__post_init__``. Each user-facing field carries its one definition (a
+:class:`Setting`: title, help, section, bounds; choices are its ``Literal`` type), from which
+:mod:`pipeline.config.params` generates the DAG Params and CLI flags, and converts their values
+back (:func:`run_config_from_params`, the one place where that happens).
 """
 
-from pipeline.config.base import fingerprint
+from pipeline.config.base import SECTIONS, Setting, fingerprint
 from pipeline.config.data import AcquireConfig, PreprocessConfig, SourceLimits
 from pipeline.config.gate import GatePolicy
-from pipeline.config.run import RunConfig, run_config_from_params
+from pipeline.config.params import RunParam, run_config_from_params, run_params
+from pipeline.config.run import RunConfig
 from pipeline.config.serving import ServingSettings
 from pipeline.config.settings import (
     ACCELERATORS,
@@ -44,6 +47,9 @@ __all__ = [
     "GatePolicy",
     "PreprocessConfig",
     "RunConfig",
+    "RunParam",
+    "SECTIONS",
+    "Setting",
     "ServingSettings",
     "Settings",
     "SourceLimits",
@@ -52,4 +58,5 @@ __all__ = [
     "fingerprint",
     "project_root",
     "run_config_from_params",
+    "run_params",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pipeline.config.base import check_range, env_number, fingerprint
+from pipeline.config.base import check_settings, env_number, fingerprint, seed_setting, setting
 from pipeline.config.settings import DEBIAN_FASHION_MNIST, IDX_FILES
 from pipeline.errors import ConfigError
 
@@ -16,14 +16,29 @@ from pipeline.errors import ConfigError
 class AcquireConfig:
     """How to fetch the four IDX files."""
 
-    source_uri: str = DEBIAN_FASHION_MNIST
-    """Folder, ``file://`` URI, ``http(s)://`` URL prefix or ``s3://bucket/prefix``."""
-
-    expected_sha256: dict[str, str] = field(default_factory=dict)
-    """Optional ``{file name: sha256}``; each value may be the hash of the decompressed IDX
-    content (stable across recompression, e.g. Debian's ``.gz``) or of the bytes as served."""
+    source_uri: str = setting(
+        DEBIAN_FASHION_MNIST,
+        title="Dataset source",
+        help=f"Folder, file://, http(s):// or s3:// prefix holding {', '.join(IDX_FILES.values())}. "
+        f"Empty: $PIPELINE_SOURCE_URI, else {DEBIAN_FASHION_MNIST}.",
+        section="data",
+        flag="--source",
+        from_settings="source_uri",
+    )
+    expected_sha256: dict[str, str] = setting(
+        default_factory=dict,
+        title="Expected checksums",
+        help="Optional {file name: sha256}; each digest is of the decompressed IDX content (stable across "
+        "recompression) or of the file's bytes as served. A mismatch fails before anything is stored.",
+        section="data",
+        flag="--sha256",
+        metavar="NAME=HEX",
+        pairs=True,
+        expected='{"file name": "sha256"}',
+    )
 
     def __post_init__(self) -> None:
+        check_settings(self)
         if not self.source_uri:
             raise ConfigError("source_uri", "a folder, file://, http(s):// or s3:// URI", "''")
         unknown = set(self.expected_sha256) - set(IDX_FILES.values())
@@ -86,23 +101,31 @@ class SourceLimits:
 class PreprocessConfig:
     """How raw data becomes train/validation/test splits. Part of the processed data's hash."""
 
-    val_fraction: float = 0.1
-    """Share of the (deduplicated) training images held out for validation, per class."""
-
-    sample_cap: int | None = None
-    """Keep at most this many training and this many test images (stratified); for quick runs."""
-
-    drop_duplicates: bool = True
-    """Drop exact duplicate training images, and training images that also occur in the test
-    set (leakage)."""
-
-    seed: int = 42
-    """Seed of the split and of the sample cap."""
+    val_fraction: float = setting(
+        0.1,
+        title="Validation share",
+        help="Share of the (deduplicated) training images held out for validation, per class.",
+        section="data",
+        minimum=0.01,
+        maximum=0.5,
+    )
+    sample_cap: int | None = setting(
+        None,
+        title="Sample cap",
+        help="Keep at most this many training and this many test images (stratified), for quick runs. Empty: all.",
+        section="data",
+        minimum=100,
+    )
+    drop_duplicates: bool = setting(
+        True,
+        title="Drop duplicates",
+        help="Drop exact duplicate training images, and training images that also occur in the test set (leakage).",
+        section="data",
+    )
+    seed: int = seed_setting()
 
     def __post_init__(self) -> None:
-        check_range("val_fraction", self.val_fraction, 0.01, 0.5)
-        if self.sample_cap is not None and self.sample_cap < 100:
-            raise ConfigError("sample_cap", "an integer >= 100 or None", repr(self.sample_cap))
+        check_settings(self)
 
     def fingerprint(self) -> str:
         return fingerprint(self)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 #: The Fashion-MNIST file set; any dataset in the same IDX layout (MNIST included) works.
 IDX_FILES = {
@@ -31,12 +32,20 @@ FASHION_MNIST_CLASSES = (
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-ARCHITECTURES = ("resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-ACCELERATORS = ("auto", "cpu", "gpu")
-LR_SCHEDULES = ("onecycle", "cosine", "constant")
-STRATEGIES = ("auto", "ddp", "ddp_spawn")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+Architecture = Literal["resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+Accelerator = Literal["auto", "cpu", "gpu"]
+LrSchedule = Literal["onecycle", "cosine", "constant"]
+Strategy = Literal["auto", "ddp", "ddp_spawn"]
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+SearchMethod = Literal["grid", "random"]
+
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ACCELERATORS: tuple[str, ...] = get_args(Accelerator)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 #: The batch size at which ``TrainConfig.learning_rate`` is given (linear scaling rule).
 REFERENCE_BATCH = 128

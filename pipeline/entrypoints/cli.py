@@ -17,20 +17,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import (
-    ACCELERATORS,
-    ARCHITECTURES,
-    IDX_FILES,
-    LR_SCHEDULES,
-    OPTIMIZERS,
-    PRECISIONS,
-    STRATEGIES,
-    TUNABLE,
-    GatePolicy,
-    Settings,
-    TrainConfig,
-    TuneConfig,
-)
+from pipeline.config import Settings
 from pipeline.entrypoints.commands import (
     cmd_acquire,
     cmd_evaluate,
@@ -48,17 +35,8 @@ from pipeline.entrypoints.commands import (
     cmd_train,
     cmd_validate,
 )
+from pipeline.entrypoints.flags import add_flags
 from pipeline.errors import PipelineError
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, found {text!r} ({exc.msg})") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, found {text!r}")
-    return value
 
 
 def _print_human(command: str, result: dict[str, Any]) -> None:
@@ -129,124 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def source_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--source",
-            dest="source_uri",
-            help="folder, file://, http(s):// or s3:// prefix holding "
-            f"{', '.join(IDX_FILES.values())} (default: $PIPELINE_SOURCE_URI or {Settings.source_uri})",
-        )
-        p.add_argument(
-            "--sha256",
-            action="append",
-            metavar="NAME=HEX",
-            help="expected sha256 of a file (its bytes, or its decompressed IDX content); repeatable",
-        )
-
-    def preprocess_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--sample-cap", type=int, help="keep at most this many train and test images (quick runs)")
-        p.add_argument("--val-fraction", type=float, help="share of training images held out for validation (0.1)")
-        p.add_argument("--seed", type=int, help="seed of the split and of training (42)")
-
-    def train_flags(p: argparse.ArgumentParser) -> None:
-        d = TrainConfig()
-        p.add_argument("--architecture", choices=ARCHITECTURES, help=f"network ({d.architecture})")
-        p.add_argument("--epochs", type=int, help=f"epochs ({d.epochs})")
-        p.add_argument("--batch-size", type=int, help=f"images per step on each device ({d.batch_size})")
-        p.add_argument(
-            "--learning-rate",
-            type=float,
-            help=f"peak learning rate for a global batch of 128 images, "
-            f"scaled linearly with the global batch ({d.learning_rate})",
-        )
-        p.add_argument("--weight-decay", type=float, help=f"weight decay ({d.weight_decay})")
-        p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer ({d.optimizer})")
-        p.add_argument(
-            "--label-smoothing", type=float, help=f"label smoothing of the training loss ({d.label_smoothing})"
-        )
-        p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
-        p.add_argument(
-            "--augment", action=argparse.BooleanOptionalAction, help="random crop with padding and horizontal flip (on)"
-        )
-        p.add_argument(
-            "--test-time-flip",
-            action=argparse.BooleanOptionalAction,
-            help="predict the mean of the image's and its mirror's probabilities (on)",
-        )
-        p.add_argument(
-            "--early-stopping-patience", type=int, help="epochs without improvement before stopping (0: off)"
-        )
-        p.add_argument("--accelerator", choices=ACCELERATORS, help="Lightning accelerator (auto)")
-        p.add_argument("--devices", help="devices per node: auto, a count, or ids like 0,1 (auto)")
-        p.add_argument("--num-nodes", type=int, help="machines in one training (1)")
-        p.add_argument("--strategy", choices=STRATEGIES, help="distributed strategy (auto)")
-        p.add_argument(
-            "--precision", choices=PRECISIONS, help="auto: bf16-mixed on a GPU or AMX CPU that has it, else 32-true"
-        )
-        p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network (off)")
-        p.add_argument("--num-threads", type=int, help="CPU threads for torch (0: the CPUs this process may use)")
-        p.add_argument(
-            "--force",
-            action="store_true",
-            help="train and register again even if this data and config were trained before",
-        )
-
-    def gate_flags(p: argparse.ArgumentParser) -> None:
-        d = GatePolicy()
-        p.add_argument("--gate-min-accuracy", type=float, help=f"floor on test accuracy ({d.min_accuracy})")
-        p.add_argument(
-            "--gate-max-accuracy-drop",
-            type=float,
-            help=f"tolerated fall in test accuracy against production ({d.max_accuracy_drop})",
-        )
-        p.add_argument(
-            "--gate-max-class-drop",
-            type=float,
-            help=f"tolerated fall in any class's recall against production ({d.max_class_drop})",
-        )
-        p.add_argument(
-            "--gate-min-improvement", type=float, help=f"required gain over production ({d.min_improvement}: none)"
-        )
-
     p = add(
         "run",
         cmd_run,
         "run the whole chain: acquire, validate, preprocess, train, evaluate, register, gate, "
         "infra-validate (alias staging), and promote with --auto-promote",
     )
-    source_flags(p)
-    preprocess_flags(p)
-    train_flags(p)
-    gate_flags(p)
-    p.add_argument("--auto-promote", action="store_true", help="move production to the new version when it passes")
-    t = TuneConfig()
-    p.add_argument(
-        "--tune",
-        action="store_true",
-        default=None,
-        help="search training configs on a sample first (MLflow child runs) and train with the best",
-    )
-    p.add_argument(
-        "--tune-space",
-        type=_json_object,
-        metavar="JSON",
-        help=f'{{"field": [values]}} over {", ".join(TUNABLE)} ({json.dumps(t.space)})',
-    )
-    p.add_argument("--tune-method", choices=("grid", "random"), help=f"search method ({t.method})")
-    p.add_argument("--tune-trials", type=int, help=f"random search: trials ({t.trials})")
-    p.add_argument("--tune-sample-cap", type=int, help=f"images per trial ({t.sample_cap})")
-    p.add_argument("--tune-epochs", type=int, help=f"epochs per trial ({t.trial_epochs})")
+    add_flags(p, "acquire", "preprocess", "train", "tune", "gate", "run")
     p = add("acquire", cmd_acquire, "fetch the four IDX files into content-addressed storage")
-    source_flags(p)
+    add_flags(p, "acquire")
     p = add("validate", cmd_validate, "check an acquired dataset with the Great Expectations suites")
     p.add_argument("--dataset", required=True, help="dataset hash printed by 'pipeline acquire'")
     p = add("preprocess", cmd_preprocess, "deduplicate and split an acquired dataset")
     p.add_argument("--dataset", required=True, help="dataset hash printed by 'pipeline acquire'")
-    preprocess_flags(p)
+    add_flags(p, "preprocess")
     p = add("train", cmd_train, "train a model on processed data, tracked in MLflow")
     p.add_argument("--processed", required=True, help="processed hash printed by 'pipeline preprocess'")
-    train_flags(p)
-    p.add_argument("--seed", type=int, help="training seed (42)")
+    add_flags(p, "train", "force")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag for the MLflow run; repeatable")
     p = add("evaluate", cmd_evaluate, "evaluate a training run on the test split")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")
@@ -259,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", required=True, help="the candidate's version number")
     p.add_argument("--processed", help="processed hash of the test data (default: the version's own)")
-    gate_flags(p)
+    add_flags(p, "gate")
     p = add(
         "infra-validate",
         cmd_infra_validate,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.config import AcquireConfig, Settings, run_config_from_params
+from pipeline.config import Settings, run_config_from_params
+from pipeline.entrypoints.flags import params_of
 from pipeline.errors import ConfigError
 
 
@@ -21,68 +22,17 @@ def _pairs(flag: str, shape: str, values: list[str] | None) -> dict[str, str]:
     return pairs
 
 
-def _sha256_pairs(values: list[str] | None) -> dict[str, str]:
-    return _pairs("--sha256", "NAME=HEX", values)
-
-
-#: TrainConfig fields that are CLI flags (and DAG Params) of the same name.
-TRAIN_FLAGS = (
-    "architecture",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "weight_decay",
-    "optimizer",
-    "label_smoothing",
-    "lr_schedule",
-    "augment",
-    "test_time_flip",
-    "early_stopping_patience",
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "precision",
-    "compile",
-    "num_threads",
-)
-
-
-#: GatePolicy fields as ``--gate-...`` flags (DAG Params ``gate_...``), and TuneConfig fields as ``--tune...``.
-GATE_FLAGS = ("gate_min_accuracy", "gate_max_accuracy_drop", "gate_max_class_drop", "gate_min_improvement")
-TUNE_FLAGS = ("tune", "tune_space", "tune_method", "tune_trials", "tune_sample_cap", "tune_epochs")
-
-
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "source_uri",
-        "sample_cap",
-        "seed",
-        "val_fraction",
-        "force",
-        "auto_promote",
-        *TRAIN_FLAGS,
-        *GATE_FLAGS,
-        *TUNE_FLAGS,
-    )
-    params = {k: getattr(args, k, None) for k in keys}
-    params["expected_sha256"] = _sha256_pairs(getattr(args, "sha256", None))
-    return params
-
-
 def cmd_run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.entrypoints.run import run_pipeline
 
-    return run_pipeline(run_config_from_params(_params(args), settings), settings)
+    return run_pipeline(run_config_from_params(params_of(args), settings), settings)
 
 
 def cmd_acquire(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.data.acquire import acquire
     from pipeline.storage import storage_for
 
-    config = AcquireConfig(
-        source_uri=args.source_uri or settings.source_uri, expected_sha256=_sha256_pairs(args.sha256)
-    )
+    config = run_config_from_params(params_of(args), settings).acquire
     return acquire(config, storage_for(settings)).to_dict()
 
 
@@ -101,7 +51,7 @@ def cmd_preprocess(args: argparse.Namespace, settings: Settings) -> dict[str, An
     from pipeline.storage import storage_for
 
     storage = storage_for(settings)
-    config = run_config_from_params(_params(args), settings).preprocess
+    config = run_config_from_params(params_of(args), settings).preprocess
     return preprocess(load_raw_ref(storage, args.dataset), storage, config).to_dict()
 
 
@@ -111,7 +61,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.training.fit import train
 
     storage = storage_for(settings)
-    config = run_config_from_params(_params(args), settings)
+    config = run_config_from_params(params_of(args), settings)
     processed = load_processed_ref(storage, args.processed)
     tags = _pairs("--tag", "KEY=VALUE", args.tag)
     return train(processed, storage, config.train, settings, force=config.force, tags=tags).to_dict()
@@ -187,7 +137,7 @@ def cmd_gate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     storage = storage_for(settings)
     version = _version_ref(settings, args.version)
-    policy = run_config_from_params(_params(args), settings).gate
+    policy = run_config_from_params(params_of(args), settings).gate
     return gate(version, _processed_of(settings, storage, version, args.processed), storage, settings, policy).to_dict()
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 from pipeline.config import TrainConfig
+from pipeline.config.params import command_line, select
 from pipeline.training.hardware import world_size
 
 # Set by global rank 0 before Lightning launches the other local ranks (they inherit the
@@ -26,13 +26,8 @@ def train_command(
 ) -> list[str]:
     """The ``pipeline train`` command line that trains ``config`` on ``processed_hash``."""
     command = [str(Path(sys.executable).parent / "pipeline"), "train", "--processed", processed_hash, "--json"]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, bool):
-            command.append(flag if value else "--no-" + flag[2:])
-        else:
-            command += [flag, str(value)]
+    params = select("train")
+    command += command_line({p.name: getattr(config, p.field_in("train") or "") for p in params}, params)
     command += ["--force"] if force else []
     for key, value in (tags or {}).items():
         command += ["--tag", f"{key}={value}"]

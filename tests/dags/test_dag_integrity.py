@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if not p.name.startswith("_"))  # _common.py: shared, no DAG
 HEAVY = ("torch", "mlflow", "great_expectations", "pytorch_lightning", "lightning", "pandas", "boto3", "sklearn")
-# Retry rules name pipeline exceptions; Airflow checks those names at parse time, and
-# pipeline.errors imports nothing.
-ALLOWED_PIPELINE_MODULES = {"pipeline", "pipeline.errors"}
+# Retry rules name pipeline exceptions (Airflow checks those names at parse time) and the Params
+# are generated from the config fields: pipeline.errors and pipeline.config import nothing else.
+ALLOWED_PIPELINE_MODULES = ("pipeline", "pipeline.errors", "pipeline.config")
 
 # Parse one DAG file with every socket and SQLite connection refused, then report what was attempted and which heavy modules got imported.
 PARSE_PROBE = r"""
@@ -47,7 +47,8 @@ def test_parsing_touches_no_db_network_or_heavy_module(path):
     assert report["attempts"] == []
     new = set(report["new_modules"])
     assert not {m.split(".")[0] for m in new} & set(HEAVY), sorted(new)
-    assert {m for m in new if m.split(".")[0] == "pipeline"} <= ALLOWED_PIPELINE_MODULES
+    loaded = {m for m in new if m.split(".")[0] == "pipeline"}
+    assert {m for m in loaded if m not in ALLOWED_PIPELINE_MODULES and not m.startswith("pipeline.config.")} == set()
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,29 @@ def test_param_defaults_are_the_config_defaults(dagbag):
     config = run_config_from_params(params)
     assert config.train == TrainConfig() and config.preprocess == PreprocessConfig() and not config.force
     assert config.tune == TuneConfig() and config.gate == GatePolicy() and not config.auto_promote
+
+
+def test_the_trigger_form_shows_the_params_in_sections(dagbag):
+    """Read from the serialized DAG, as the API server and the UI get it."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from pipeline.config import SECTIONS, run_params
+
+    serialized = DagSerialization.to_dict(dagbag.get_dag("training_pipeline"))["dag"]["params"]
+    sections = {name: param["schema"]["__var"]["section"] for name, param in serialized}
+    assert list(dict.fromkeys(sections.values())) == list(SECTIONS.values())  # each section once, in order
+    assert sections == {p.name: SECTIONS[p.setting.section] for p in run_params()}
+    assert sections["epochs"] == "Training" and sections["gate_min_accuracy"] == "Quality gate"
+    assert sections["precision"] == "Hardware" and sections["tune_space"] == "Tuning"
+    assert sections["source_uri"] == "Data" and sections["auto_promote"] == "Promotion"
+
+
+def test_no_dag_file_repeats_a_choice_list_or_a_config_default():
+    for path in DAG_FILES:
+        text = path.read_text()
+        assert "enum=[" not in text and "enum=(" not in text, path.name
+    # The run's Params are generated (dags/_common.py), none written by hand:
+    assert "Param(" not in (ROOT / "dags" / "training_pipeline.py").read_text()
 
 
 def test_promotions_and_rollbacks_are_manual_one_at_a_time_and_not_retried_when_refused(dagbag):

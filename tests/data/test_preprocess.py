@@ -64,9 +64,9 @@ def test_sample_cap_keeps_class_balance(raw, storage):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"val_fraction: expected a value in \[0.01, 0.5\], found 0.9"):
+    with pytest.raises(ConfigError, match=r"val_fraction: expected a number in \[0.01, 0.5\], found 0.9"):
         PreprocessConfig(val_fraction=0.9)
-    with pytest.raises(ConfigError, match="sample_cap: expected an integer >= 100 or None, found 5"):
+    with pytest.raises(ConfigError, match="sample_cap: expected an integer >= 100 or empty, found 5"):
         PreprocessConfig(sample_cap=5)
 
 

@@ -246,7 +246,7 @@ def test_the_launcher_command_carries_the_whole_config():
     # the config the task was given.
     from pipeline.config import run_config_from_params
     from pipeline.entrypoints.cli import build_parser
-    from pipeline.entrypoints.commands import _params as params_of
+    from pipeline.entrypoints.flags import params_of
     from pipeline.training.launcher import needs_launcher, train_command
 
     config = TrainConfig(

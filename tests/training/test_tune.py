@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from recipes import recipe_flags
@@ -33,17 +34,17 @@ def test_random_draws_distinct_combinations_reproducibly():
         ({"tune_space": {"devices": ["1", "2"]}}, "tune_space: expected fields among"),
         ({"tune_space": {"learning_rate": []}}, "tune_space.learning_rate: expected a non-empty list"),
         ({"tune_space": "lr=0.1"}, "tune_space: expected {"),
-        ({"tune_method": "bayes"}, "tune_method: expected grid or random"),
+        ({"tune_method": "bayes"}, "tune_method: expected one of ['grid', 'random']"),
         ({"tune_sample_cap": 10}, "tune_sample_cap: expected an integer >= 100"),
     ],
 )
 def test_bad_search_settings_name_the_param(params, message):
-    with pytest.raises(ConfigError, match="^" + message.replace("{", r"\{").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
         run_config_from_params(params)
 
 
 def test_a_bad_value_in_the_space_fails_before_any_trial():
-    with pytest.raises(ConfigError, match="^learning_rate: expected a value in"):
+    with pytest.raises(ConfigError, match="^learning_rate: expected a number in"):
         candidates(TuneConfig(space={"learning_rate": [0.001, 5.0]}), TrainConfig())
 
 
