@@ -56,12 +56,12 @@ test: venv dataset ## the whole test suite: the fast tier, then the slow tier (e
 	@$(MAKE) --no-print-directory test-fast test-slow
 
 test-fast: venv dataset ## the tests not marked slow or integration (a few minutes)
-	@t0=$$SECONDS; $(BIN)/pytest -m "not slow and not integration"; \
-	  echo "== fast tier: $$((SECONDS - t0)) s"
+	@t0=$$SECONDS; $(BIN)/pytest -m "not slow and not integration"; rc=$$?; \
+	  echo "== fast tier: $$((SECONDS - t0)) s"; exit $$rc
 
 test-slow: venv dataset ## the slow tier: trainings, whole DAG runs, real service processes
-	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration"; \
-	  echo "== slow tier: $$((SECONDS - t0)) s"
+	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration"; rc=$$?; \
+	  echo "== slow tier: $$((SECONDS - t0)) s"; exit $$rc
 
 docs: venv ## regenerate the Params table in docs/configuration.md from the config fields
 	$(BIN)/python -m pipeline.entrypoints.flags docs/configuration.md

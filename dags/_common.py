@@ -19,7 +19,7 @@ from pipeline.errors import error_classes
 PROMOTIONS_POOL = "promotions"
 """Every alias move (staging, production) runs in this one-slot pool: two cannot interleave."""
 
-DRIFT_DETECTED = Asset("fashion-mnist-drift-detected")
+DRIFT_DETECTED = Asset("training-data-drift-detected")
 """Updated by ``drift_monitor`` when new data has drifted; ``training_pipeline`` is scheduled on it."""
 
 

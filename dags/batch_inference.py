@@ -28,7 +28,7 @@ from _common import DEFAULT_ARGS  # noqa: E402
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     doc_md=__doc__,
-    tags=["inference", "fashion-mnist", "mlflow"],
+    tags=["inference", "images", "mlflow"],
     default_args=DEFAULT_ARGS,
     params={
         "batch_uri": Param(

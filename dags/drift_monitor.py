@@ -7,7 +7,7 @@ drift against the `production` model's training data (the latest `candidate` whi
 in production): profile features (PSI, KS), labels, and the model's own outputs. The drift
 report's path is in the task log and in an MLflow run of experiment `drift_monitor`.
 
-Drift found: `request_retraining` updates the asset `fashion-mnist-drift-detected`, on which
+Drift found: `request_retraining` updates the asset `training-data-drift-detected`, on which
 `training_pipeline` is scheduled, so retraining starts without a person. No drift: the run ends
 green, the log says so, and `request_retraining` is skipped.
 """
@@ -31,7 +31,7 @@ from _common import DEFAULT_ARGS, DRIFT_DETECTED  # noqa: E402
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["monitoring", "drift", "fashion-mnist"],
+    tags=["monitoring", "drift", "images"],
     default_args=DEFAULT_ARGS,
     params={
         "batch_uri": Param(

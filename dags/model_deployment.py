@@ -29,7 +29,7 @@ from _common import DEFAULT_ARGS, PROMOTIONS_POOL  # noqa: E402
 DEPLOYMENT_DAG = {
     "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
     "catchup": False,
-    "tags": ["deployment", "fashion-mnist", "mlflow"],
+    "tags": ["deployment", "images", "mlflow"],
     "default_args": DEFAULT_ARGS,
 }
 REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")

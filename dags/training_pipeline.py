@@ -1,5 +1,5 @@
 """
-### Training pipeline: Fashion-MNIST from its source to a `staging` (or `production`) model
+### Training pipeline: a labelled image dataset (Fashion-MNIST by default) from its source to a `staging` (or `production`) model
 
 `acquire >> validate >> preprocess >> train >> evaluate >> register >> gate >> infra_validate
 >> promote`, each task one call into the `pipeline` package (which runs the same chain without
@@ -30,7 +30,7 @@ candidate) >> tune_choose` picks the training config first.
   staging version by triggering `promote_model`. Pool `promotions` (one slot).
 
 Runs weekly, and whenever `drift_monitor` reports drift in new data (asset
-`fashion-mnist-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
+`training-data-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
 retrain on purpose. Bad input fails at once (no retries); an unreachable source is retried with
 exponential backoff.
 """
@@ -59,7 +59,7 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["training", "fashion-mnist", "mlflow"],
+    tags=["training", "images", "mlflow"],
     default_args=DEFAULT_ARGS,
     params=run_params_form(),
 )

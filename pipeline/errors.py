@@ -72,6 +72,18 @@ class IdxFormatError(BadInputError):
     """A file does not follow the IDX layout (magic, dimensions, payload size, counts, labels)."""
 
 
+class BadImageError(BadInputError):
+    """An image file of the dataset cannot be used: zero bytes, undecodable or truncated, a mode
+    that cannot be converted to the dataset's channels, a size the resize policy refuses, or more
+    pixels than Pillow's ``MAX_IMAGE_PIXELS`` allows (a decompression bomb)."""
+
+
+class DatasetLayoutError(BadInputError):
+    """The source's files do not form a labelled dataset in a known layout: a manifest row whose
+    file is missing, an image no label names, an empty class folder, a class only in the test
+    split, or no layout recognised at all."""
+
+
 class SourceLimitError(BadInputError):
     """A source broke a limit the operator set (:class:`~pipeline.config.SourceLimits`): a file
     larger than the download or dataset size allows, a download past its deadline, a redirect to

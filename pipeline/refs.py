@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipeline.config.settings import FASHION_MNIST_SHAPE
+
 T = TypeVar("T", bound="Ref")
 
 
@@ -25,8 +27,36 @@ class Ref:
 
 
 @dataclass(frozen=True)
+class DatasetSpec(Ref):
+    """What a dataset holds, found once (when it is first read, at validation) and read by
+    everything downstream instead of constants: the networks' input, the serving schema, the
+    suites' bounds, the model card."""
+
+    name: str
+    """The dataset's name (the setting, else the source's last path part): the per-dataset
+    suites folder ``expectations/<name>/``, the model card."""
+    layout: str
+    """``idx``, ``folders`` or ``manifest`` (:mod:`pipeline.data.layouts`)."""
+    channels: int
+    height: int
+    width: int
+    classes: list[str]
+    """Class names in class-id order."""
+    counts: dict[str, dict[str, int]]
+    """``{split: {class name: images}}`` for ``train`` and ``test``, quarantined images excluded."""
+    quarantined: int = 0
+    """Images set aside as unreadable (under ``max_invalid_fraction``); listed in the data report."""
+
+    @property
+    def shape(self) -> list[int]:
+        """``[channels, height, width]``."""
+        return [self.channels, self.height, self.width]
+
+
+@dataclass(frozen=True)
 class RawDatasetRef(Ref):
-    """The four IDX files as stored under ``raw/<dataset_hash>/``."""
+    """A dataset's files as stored under ``raw/<dataset_hash>/``: the four IDX files, the
+    source's archive as served, or the images of a folder packed into one ``images.tar``."""
 
     dataset_hash: str
     """First 16 hex digits of the sha256 over the files' decompressed content hashes."""
@@ -37,6 +67,12 @@ class RawDatasetRef(Ref):
     """``{file name: {"sha256", "content_sha256", "size"}}``."""
     fetched: list[str] = field(default_factory=list)
     """Files downloaded by this call; empty when the source was unchanged."""
+    layout: str = "idx"
+    """The layout of the files (:mod:`pipeline.data.layouts`)."""
+    read: dict[str, Any] = field(default_factory=dict)
+    """How to read them (:class:`~pipeline.config.AcquireConfig`'s reading settings: name,
+    class names, channels, size policy, test share, invalid share); part of what is decoded's
+    identity, not of the dataset's."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +91,8 @@ class ValidationRef(Ref):
     statistics: dict[str, Any]
     report_prefix: str = ""
     """Storage key of the report folder (``reports/<dataset_hash>/suites-<hash>``)."""
+    spec: dict[str, Any] = field(default_factory=dict)
+    """The :class:`DatasetSpec` the suites checked, as a dict (empty from before it existed)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +112,11 @@ class ProcessedDatasetRef(Ref):
     std: float
     """Pixel standard deviation of the training split, in [0, 1]."""
     classes: list[str]
+    image_shape: list[int] = dataclasses.field(default_factory=lambda: list(FASHION_MNIST_SHAPE))
+    """``[channels, height, width]`` of every image (processed data written before this field
+    existed is Fashion-MNIST's)."""
+    dataset_name: str = ""
+    """The dataset's name (:attr:`DatasetSpec.name`)."""
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ DEFECTS = [
 
 
 def broken_copy(source: Path, dest: Path, defect: Defect) -> Path:
+    """A copy of ``source`` at ``dest`` with ``defect``; a ``dest`` named ``fashion-mnist`` is checked by
+    the committed Fashion-MNIST suites (``expectations/fashion-mnist/``), which pin its size and background."""
     shutil.copytree(source, dest)
     defect.apply(dest)
     return dest

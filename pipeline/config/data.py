@@ -8,23 +8,74 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.config.base import check_settings, env_number, fingerprint, seed_setting, setting
-from pipeline.config.settings import DEBIAN_FASHION_MNIST, IDX_FILES
+from pipeline.config.settings import DEBIAN_FASHION_MNIST, IDX_FILES, ColourMode, DatasetFormat, MixedSizes
 from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class AcquireConfig:
-    """How to fetch the four IDX files."""
+    """Where the dataset is and how to read it (its layout, colour, sizes, what to do with
+    images that cannot be read). The reading settings travel with the raw dataset's reference."""
 
     source_uri: str = setting(
         DEBIAN_FASHION_MNIST,
         title="Dataset source",
-        help=f"Folder, file://, http(s):// or s3:// prefix holding {', '.join(IDX_FILES.values())}. "
-        f"Empty: $PIPELINE_SOURCE_URI, else {DEBIAN_FASHION_MNIST}.",
+        help="Folder, file://, http(s):// or s3:// URI of the dataset: a prefix holding the four IDX files "
+        f"({', '.join(IDX_FILES.values())}), a folder of class folders or with a labels.csv manifest, or a .tar, "
+        f".tar.gz or .zip archive of either. Empty: $PIPELINE_SOURCE_URI, else {DEBIAN_FASHION_MNIST}.",
         section="data",
         flag="--source",
         from_settings="source_uri",
     )
+    format: DatasetFormat = setting(
+        "auto",
+        title="Dataset layout",
+        help="auto: found from the files (IDX, class folders or a manifest); or one of them, named.",
+        section="data",
+        param="dataset_format",
+    )
+    dataset_name: str = setting(
+        "",
+        title="Dataset name",
+        help="Names the dataset in reports and the model card, and picks committed suites in "
+        "expectations/<name>/. Empty: the source's last path part (fashion-mnist for the default).",
+        section="data",
+        pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}|",
+        expected="letters, digits, '_', '.' or '-', at most 64",
+    )
+    colour: ColourMode = setting(
+        "auto",
+        title="Colour",
+        help="grayscale or rgb: every image converted to it; auto: rgb if any image is in colour, else grayscale.",
+        section="data",
+    )
+    mixed_sizes: MixedSizes = setting(
+        "reject",
+        title="Images of another size",
+        help="The dataset's size is its most common one. reject: an image of another size is invalid; "
+        "resize: it is resized to that size (bilinear).",
+        section="data",
+    )
+    test_fraction: float = setting(
+        0.2,
+        title="Test share (unsplit data)",
+        help="For data without train/test split folders or a split column: the share of every class held "
+        "out as the test split, chosen by the seed.",
+        section="data",
+        minimum=0.05,
+        maximum=0.5,
+    )
+    max_invalid_fraction: float = setting(
+        0.0,
+        title="Invalid images allowed",
+        help="Share of images that may be unreadable (corrupt, truncated, a mode that cannot be converted, a "
+        "size refused, a decompression bomb): they are quarantined, listed in the data report and never "
+        "trained on. 0: the first one stops the run at validate.",
+        section="data",
+        minimum=0.0,
+        maximum=0.5,
+    )
+    seed: int = seed_setting()
     expected_sha256: dict[str, str] = setting(
         default_factory=dict,
         title="Expected checksums",
@@ -42,11 +93,23 @@ class AcquireConfig:
         if not self.source_uri:
             raise ConfigError("source_uri", "a folder, file://, http(s):// or s3:// URI", "''")
         unknown = set(self.expected_sha256) - set(IDX_FILES.values())
-        if unknown:
+        if unknown and self.format == "idx":
             raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", str(sorted(unknown)))
         for name, digest in self.expected_sha256.items():
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
                 raise ConfigError(f"expected_sha256[{name}]", "64 hex digits", repr(digest))
+
+    def reading(self) -> dict[str, object]:
+        """The settings that say how to read the files (not where they are): part of the decoded
+        data's identity, carried by the raw dataset's reference."""
+        return {
+            "dataset_name": self.dataset_name,
+            "colour": self.colour,
+            "mixed_sizes": self.mixed_sizes,
+            "test_fraction": self.test_fraction,
+            "max_invalid_fraction": self.max_invalid_fraction,
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", 
 
 @dataclass(frozen=True)
 class RunParam:
-    """One DAG Param and CLI flag, and the config fields it sets (``seed`` sets three)."""
+    """One DAG Param and CLI flag, and the config fields it sets (``seed`` sets four)."""
 
     name: str
     setting: Setting

@@ -29,6 +29,19 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 
+#: sha256 of the decompressed content of Fashion-MNIST's two label files: IDX files carry no class
+#: names, so these say when the names above apply (other IDX datasets get their label ids).
+FASHION_MNIST_LABEL_DIGESTS = frozenset(
+    {
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # train-labels-idx1-ubyte
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # t10k-labels-idx1-ubyte
+    }
+)
+
+#: ``(channels, height, width)`` of Fashion-MNIST's images: what processed data and registered
+#: versions from before the dataset spec held.
+FASHION_MNIST_SHAPE = (1, 28, 28)
+
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -39,6 +52,9 @@ LrSchedule = Literal["onecycle", "cosine", "constant"]
 Strategy = Literal["auto", "ddp", "ddp_spawn"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 SearchMethod = Literal["grid", "random"]
+DatasetFormat = Literal["auto", "idx", "folders", "manifest"]
+ColourMode = Literal["auto", "grayscale", "rgb"]
+MixedSizes = Literal["reject", "resize"]
 
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)

@@ -1,4 +1,7 @@
-"""Acquire: fetch the four IDX files from a source into content-addressed storage.
+"""Acquire: fetch a dataset from a source into content-addressed storage.
+
+The four IDX files are fetched here; any other dataset (class folders, a manifest, an archive)
+by :mod:`pipeline.data.acquire_images`, which :func:`acquire` hands it to.
 
 Sources are a local folder or ``file://`` URI, an ``http(s)://`` URL prefix, or an ``s3://``
 prefix (see :mod:`pipeline.data.sources`). Each file is streamed (with a progress bar on a terminal)
@@ -32,11 +35,20 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pipeline.config import IDX_FILES, AcquireConfig, SourceLimits
+from pipeline.data.acquire_images import dataset_name
 from pipeline.data.idx import IDX_DTYPES, ContentStream
-from pipeline.data.sources import Source, open_source
-from pipeline.errors import ChecksumMismatchError, CorruptFileError, ReferenceNotFoundError, SourceLimitError
+from pipeline.data.sources import Source, open_source, split_uri
+from pipeline.errors import (
+    ChecksumMismatchError,
+    ConfigError,
+    CorruptFileError,
+    ReferenceNotFoundError,
+    SourceLimitError,
+    SourceNotFoundError,
+)
 from pipeline.redact import redact_uri
 from pipeline.refs import RawDatasetRef
 from pipeline.storage import Storage
@@ -208,8 +220,16 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
     """Fetch the dataset named by ``config.source_uri`` into ``storage`` (idempotent), within
     ``limits`` (default: :meth:`SourceLimits.from_env`)."""
     limits = limits or SourceLimits.from_env()
+    if config.format != "idx" and holds_images(config, limits):
+        from pipeline.data.acquire_images import acquire_images
+
+        return acquire_images(config, storage, limits)
+    unexpected = set(config.expected_sha256) - set(IDX_FILES.values())
+    if unexpected:
+        raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", str(sorted(unexpected)))
     source = open_source(config.source_uri, limits)
     shown = redact_uri(config.source_uri)
+    reading = {**config.reading(), "dataset_name": config.dataset_name or dataset_name(config.source_uri)}
     names = list(IDX_FILES.values())
     fingerprints = {name: source.fingerprint(name) for name in names}
 
@@ -235,6 +255,7 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
                 uri=storage.uri(f"raw/{record['dataset_hash']}"),
                 source_uri=shown,
                 files=files,
+                read=reading,
             )
 
     with tempfile.TemporaryDirectory(prefix="acquire-") as staging:
@@ -252,12 +273,40 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
         if not storage.exists(f"{prefix}/{MANIFEST}"):
             for name in names:
                 storage.put_file(Path(staging) / name, f"{prefix}/{name}")
-            storage.put_json({"dataset_hash": digest, "files": files}, f"{prefix}/{MANIFEST}")
+            manifest = {
+                "dataset_hash": digest,
+                "files": files,
+                "layout": "idx",
+                "dataset_name": reading["dataset_name"],
+            }
+            storage.put_json(manifest, f"{prefix}/{MANIFEST}")
     storage.put_json(
         {"source_uri": shown, "fingerprints": fingerprints, "dataset_hash": digest, "files": files},
         record_key,  # the key hashes the full URI: two tokens for one prefix are two sources
     )
-    return RawDatasetRef(dataset_hash=digest, uri=storage.uri(prefix), source_uri=shown, files=files, fetched=names)
+    return RawDatasetRef(
+        dataset_hash=digest, uri=storage.uri(prefix), source_uri=shown, files=files, fetched=names, read=reading
+    )
+
+
+def holds_images(config: AcquireConfig, limits: SourceLimits) -> bool:
+    """Whether ``config.source_uri`` is an image dataset rather than the four IDX files: its
+    ``format`` says so, or it names an archive or a manifest, or it is a folder or S3 prefix
+    without any of the IDX files. An HTTP prefix cannot be listed: the IDX files, unless told."""
+    from pipeline.data.layouts import MANIFEST_NAMES, is_archive
+
+    if config.format in ("folders", "manifest"):
+        return True
+    _, last = split_uri(config.source_uri.rstrip("/"))
+    if is_archive(last) or last in MANIFEST_NAMES or last.endswith(".parquet"):
+        return True
+    if urlparse(config.source_uri).scheme in ("http", "https"):
+        return False
+    try:
+        names = set(open_source(config.source_uri, limits).names())
+    except SourceNotFoundError:
+        return False  # the IDX path names what is missing
+    return not set(IDX_FILES.values()) & names  # one IDX file or more: the IDX path names what is missing
 
 
 def load_raw_ref(storage: Storage, digest: str) -> RawDatasetRef:
@@ -265,7 +314,14 @@ def load_raw_ref(storage: Storage, digest: str) -> RawDatasetRef:
     if not storage.exists(f"raw/{digest}/{MANIFEST}"):
         raise ReferenceNotFoundError("--dataset", f"a dataset hash under {storage.uri('raw')}", repr(digest))
     manifest = storage.get_json(f"raw/{digest}/{MANIFEST}")
-    return RawDatasetRef(dataset_hash=digest, uri=storage.uri(f"raw/{digest}"), source_uri="", files=manifest["files"])
+    return RawDatasetRef(
+        dataset_hash=digest,
+        uri=storage.uri(f"raw/{digest}"),
+        source_uri="",
+        files=manifest["files"],
+        layout=manifest.get("layout", "idx"),
+        read={"dataset_name": manifest.get("dataset_name", "")},  # the rest: the settings' defaults
+    )
 
 
 def load_raw_splits(

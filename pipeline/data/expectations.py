@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline.config import IDX_FILES
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.refs import DatasetSpec
 
 
 def suites_dir() -> Path:
@@ -24,15 +25,57 @@ def suites_dir() -> Path:
     return Path(str(files("pipeline.suites")))
 
 
-def load_suite(name: str, directory: Path | None = None) -> Any:
-    """Load ``<directory>/<name>.json`` as a GX ``ExpectationSuite``; refuse a partial load."""
+def suite_path(name: str, directory: Path | None = None, dataset: str = "") -> Path:
+    """``<directory>/<dataset>/<name>.json`` when the team committed a suite for its dataset,
+    else the generic ``<directory>/<name>.json``."""
+    base = directory or suites_dir()
+    own = base / dataset / f"{name}.json"
+    return own if dataset and own.is_file() else base / f"{name}.json"
+
+
+def fit_to_spec(expectations: list[dict[str, Any]], dataset: DatasetSpec) -> list[dict[str, Any]]:
+    """The expectations with the bounds their ``meta.from_spec`` names taken from the dataset's
+    spec: ``classes`` (label ids 0..n-1), ``n_classes``, ``height``, ``width``, and
+    ``class_share`` (each class between half and twice an even share, 1/n)."""
+    n = len(dataset.classes)
+    fitted = []
+    for expectation in expectations:
+        kwargs = dict(expectation.get("kwargs", {}))
+        source = expectation.get("meta", {}).get("from_spec")
+        if source == "classes":
+            kwargs["value_set"] = list(range(n))
+        elif source in ("height", "width"):
+            kwargs["min_value"] = kwargs["max_value"] = getattr(dataset, source)
+        elif source == "n_classes":
+            kwargs["min_value"] = kwargs["max_value"] = n
+        elif source == "class_share":
+            kwargs.update(
+                {"min_value": round(0.5 / n, 6)}
+                if "min_value" in kwargs
+                else {"max_value": round(min(1.0, 2.0 / n), 6)}
+            )
+        elif source is not None:
+            raise ConfigError(
+                f"expectation {expectation.get('type')}",
+                "meta.from_spec among classes, n_classes, height, width, class_share",
+                repr(source),
+            )
+        fitted.append({**expectation, "kwargs": kwargs})
+    return fitted
+
+
+def load_suite(name: str, directory: Path | None = None, dataset: DatasetSpec | None = None) -> Any:
+    """Load ``<directory>/<name>.json`` (or the dataset's own, :func:`suite_path`) as a GX
+    ``ExpectationSuite``, its spec-bound expectations fitted to ``dataset``; refuse a partial load."""
     import great_expectations as gx
 
-    path = (directory or suites_dir()) / f"{name}.json"
+    path = suite_path(name, directory, dataset.name if dataset else "")
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(str(path), "a readable JSON expectation suite", str(exc)) from exc
+    if dataset is not None:
+        spec["expectations"] = fit_to_spec(spec["expectations"], dataset)
     try:
         suite = gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
     except Exception as exc:  # GX raises pydantic and its own errors alike; all mean a bad file

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FASHION_MNIST_CLASSES, PreprocessConfig
-from pipeline.data.acquire import load_raw_splits
+from pipeline.config import PreprocessConfig
+from pipeline.data.dataset import decoded_prefix, load_dataset
 from pipeline.data.processed import MANIFEST
 from pipeline.data.profile import image_hashes
-from pipeline.refs import ProcessedDatasetRef, RawDatasetRef
+from pipeline.refs import DatasetSpec, ProcessedDatasetRef, RawDatasetRef
 from pipeline.storage import Storage, space_for
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def processed_hash(dataset_hash: str, config: PreprocessConfig) -> str:
-    return hashlib.sha256(f"{dataset_hash}:{config.fingerprint()}".encode()).hexdigest()[:16]
+def processed_hash(raw: RawDatasetRef, config: PreprocessConfig) -> str:
+    """Of the raw data as read (:func:`~pipeline.data.dataset.decoded_prefix`: its hash and
+    reading settings) and the preprocessing config."""
+    return hashlib.sha256(f"{decoded_prefix(raw)}:{config.fingerprint()}".encode()).hexdigest()[:16]
 
 
 def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -67,8 +69,9 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return rng.permutation(keep), held_out
 
 
-def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """The ``processed_splits`` suite on the splits about to be written; raises if it fails."""
+def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]], spec: DatasetSpec | None = None) -> None:
+    """The ``processed_splits`` suite (its bounds fitted to ``spec``) on the splits about to be
+    written; raises if it fails."""
     import pandas as pd
 
     from pipeline.data.expectations import ephemeral_context, failure_error, load_suite, run_suite
@@ -79,21 +82,21 @@ def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for split, (images, labels) in arrays.items()
     )
     facts = dataset_facts(table)
-    result = run_suite(ephemeral_context(), load_suite("processed_splits"), facts, "processed_splits")
+    result = run_suite(ephemeral_context(), load_suite("processed_splits", dataset=spec), facts, "processed_splits")
     if not result.success:
         raise failure_error("processed_splits", result, facts)
 
 
 def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -> ProcessedDatasetRef:
     """Build (or reuse) the train/val/test splits of ``raw``."""
-    digest = processed_hash(raw.dataset_hash, config)
+    digest = processed_hash(raw, config)
     prefix = f"processed/{digest}"
     if storage.exists(f"{prefix}/{MANIFEST}"):
         log.info("reusing %s", storage.uri(prefix))
         return ProcessedDatasetRef.from_dict(storage.get_json(f"{prefix}/{MANIFEST}"))
 
-    splits = load_raw_splits(raw, storage)
-    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    dataset = load_dataset(raw, storage)
+    (x_train, y_train), (x_test, y_test) = dataset.splits["train"], dataset.splits["test"]
     rng = np.random.default_rng(config.seed)
     removed = {"duplicates": 0, "leaked": 0}
     if config.drop_duplicates:
@@ -115,7 +118,7 @@ def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -
         "val": (x_train[val_idx], y_train[val_idx]),
         "test": (x_test, y_test),
     }
-    check_splits(arrays)
+    check_splits(arrays, dataset.spec)
     pixels = arrays["train"][0].astype(np.float64) / 255.0
     ref = ProcessedDatasetRef(
         processed_hash=digest,
@@ -125,7 +128,9 @@ def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -
         removed=removed,
         mean=float(pixels.mean()),
         std=float(pixels.std()),
-        classes=list(FASHION_MNIST_CLASSES),
+        classes=list(dataset.spec.classes),
+        image_shape=dataset.spec.shape,
+        dataset_name=dataset.spec.name,
     )
     with tempfile.TemporaryDirectory(prefix="preprocess-") as tmp:
         with space_for(tmp):

@@ -14,7 +14,7 @@ MANIFEST = "MANIFEST.json"
 
 
 def load_split(ref: ProcessedDatasetRef, storage: Storage, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images ``(n, 28, 28)`` and labels ``(n,)`` of one processed split."""
+    """uint8 images ``(n, h, w)`` (or ``(n, h, w, c)`` in colour) and labels ``(n,)`` of one processed split."""
     with np.load(storage.local_path(f"processed/{ref.processed_hash}/{split}.npz")) as data:
         return data["images"], data["labels"]
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from pipeline.config import SourceLimits
 from pipeline.data.sources import CHUNK, Source
 from pipeline.errors import SourceLimitError, SourceNotFoundError, SourceUnavailableError
-from pipeline.redact import redact_text
+from pipeline.redact import redact_text, redact_uri
 from pipeline.s3 import endpoint_url, s3_client
 
 
@@ -25,6 +25,7 @@ class S3Source(Source):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.client = s3_client()
+        self._listed: dict[str, dict[str, Any]] = {}
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -47,7 +48,31 @@ class S3Source(Source):
             where = f"a reachable S3 endpoint at {endpoint_url(self.client)}"
             raise SourceUnavailableError(self.file_uri(name), where, redact_text(str(exc))) from exc
 
+    def names(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        start = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(start) :]
+                    if name and not name.endswith("/") and not any(p.startswith(".") for p in name.split("/")):
+                        found.append(name)
+                        self._listed[name] = {"ETag": item.get("ETag"), "size": item.get("Size")}
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise SourceNotFoundError(
+                redact_uri(self.uri), "a bucket and prefix that can be listed", f"S3 {code}"
+            ) from exc
+        except BotoCoreError as exc:
+            where = f"a reachable S3 endpoint at {endpoint_url(self.client)}"
+            raise SourceUnavailableError(redact_uri(self.uri), where, redact_text(str(exc))) from exc
+        return sorted(found)
+
     def fingerprint(self, name: str) -> dict[str, Any]:
+        if name in self._listed:  # from the listing: no request per object
+            return self._listed[name]
         head = self._call(name, "head_object")
         return {"ETag": head.get("ETag"), "size": head.get("ContentLength")}
 

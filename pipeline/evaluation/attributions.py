@@ -17,16 +17,16 @@ IG_METHOD = f"Integrated gradients (Captum, {IG_STEPS} steps, black baseline) of
 def integrated_gradients(
     model: Any, images: np.ndarray, targets: np.ndarray, steps: int = IG_STEPS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Attributions ``(n, 28, 28)`` of the served model's probability of ``targets`` to the pixels
+    """Attributions ``(n, h, w)`` (summed over colour channels) of the served model's probability of ``targets`` to the pixels
     of uint8 ``images``, from a black baseline (the background of every image), and the
     completeness error of each: sum of attributions minus (p(image) - p(baseline))."""
     import torch
     from captum.attr import IntegratedGradients
 
-    from pipeline.models.export import export_for_serving
+    from pipeline.models.export import export_for_serving, to_pixels
 
     served = export_for_serving(copy.deepcopy(model))  # the registered form: pixels in [0, 1]
-    pixels = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    pixels = torch.from_numpy(to_pixels(images))
     attributions, delta = IntegratedGradients(served).attribute(
         pixels,
         baselines=torch.zeros_like(pixels),
@@ -34,4 +34,4 @@ def integrated_gradients(
         n_steps=steps,
         return_convergence_delta=True,
     )
-    return attributions[:, 0].detach().numpy(), delta.detach().numpy()
+    return attributions.sum(dim=1).detach().numpy(), delta.detach().numpy()

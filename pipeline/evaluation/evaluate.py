@@ -64,7 +64,7 @@ def metric_key(class_name: str) -> str:
 
 
 def predict(model: object, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Class probabilities for uint8 images ``(n, 28, 28)``."""
+    """Class probabilities for uint8 images ``(n, h, w)`` or ``(n, h, w, c)``."""
     import torch
 
     outputs = []
@@ -121,6 +121,8 @@ def evaluate(
             "counts": processed.counts,
             "removed": processed.removed,
             "classes": classes,
+            "dataset_name": processed.dataset_name,
+            "image_shape": list(processed.image_shape),
         },
         **build_report(probabilities, labels, classes),
     }

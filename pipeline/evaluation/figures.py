@@ -105,7 +105,7 @@ def reliability_figure(bins: list[dict[str, float]], ece: float, path: Path) -> 
 
 
 def mistakes_figure(images: np.ndarray, titles: list[str], path: Path, columns: int = 4) -> None:
-    """uint8 images ``(n, 28, 28)`` in a grid, each above its title; a note when there are none."""
+    """uint8 images ``(n, h, w)`` (or ``(n, h, w, 3)``) in a grid, each above its title; a note when there are none."""
     plt = _pyplot()
     rows = max(1, math.ceil(len(images) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
@@ -125,7 +125,7 @@ def mistakes_figure(images: np.ndarray, titles: list[str], path: Path, columns: 
 def attribution_figure(
     images: np.ndarray, attributions: np.ndarray, titles: list[str], method: str, path: Path
 ) -> None:
-    """Each uint8 image ``(28, 28)`` beside its attribution map, two pairs a row. Red pixels raise
+    """Each uint8 image ``(h, w)`` (or ``(h, w, 3)``) beside its attribution map, two pairs a row. Red pixels raise
     the explained class's probability, blue ones lower it; each map has its own symmetric scale."""
     plt = _pyplot()
     pairs_per_row = 2

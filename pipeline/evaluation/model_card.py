@@ -14,6 +14,8 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import FASHION_MNIST_SHAPE
+
 
 @dataclass(frozen=True)
 class Table:
@@ -36,17 +38,22 @@ def _f(value: float) -> str:
     return f"{value:.4f}"
 
 
-def _intended_use(classes: list[str]) -> Section:
+def _intended_use(data: dict[str, Any]) -> Section:
+    classes = data["classes"]
+    channels, height, width = data.get("image_shape") or FASHION_MNIST_SHAPE  # reports from before the spec
+    kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+    name = data.get("dataset_name") or "its training"
     return Section(
         "Intended use",
         [
-            "Classifies 28x28 grayscale images of a single fashion product, centred on a black background as in "
-            f"Fashion-MNIST, into one of {len(classes)} classes: {', '.join(classes)}.",
+            f"Classifies {width}x{height} {kind} images like those of the {name} dataset it was trained on into one "
+            f"of {len(classes)} classes: {', '.join(classes)}.",
             "Out of scope:",
             [
-                "Other image domains: photographs, colour or differently sized images, other kinds of object. The "
-                "model still answers with a class and a probability, which then mean nothing.",
-                "Decisions about people (customers, workers, what they wear).",
+                f"Other image domains: images unlike the {name} data (another kind of picture, other objects, other "
+                "classes). Images of another size or colour are refused by the endpoint; others get an answer with "
+                "a class and a probability, which then mean nothing.",
+                "Decisions about people.",
                 "Decisions where a wrong class is costly and no person checks it: see the limitations below.",
             ],
         ],
@@ -175,7 +182,8 @@ def model_card_sections(report: dict[str, Any], params: dict[str, str]) -> tuple
     """The card's title and sections from the evaluation report and the run's parameters."""
     architecture = params.get("architecture", "unknown architecture")
     overall = report["overall"]
-    title = f"Model card: Fashion-MNIST classifier ({architecture}), run {report['run_id']}"
+    dataset = report["data"].get("dataset_name") or "image"
+    title = f"Model card: {dataset} classifier ({architecture}), run {report['run_id']}"
     summary = (
         f"A {architecture} network trained by MLflow run {report['run_id']} on dataset "
         f"{report['data']['dataset_hash']}. On {overall['test_images']} test images: accuracy "
@@ -183,7 +191,7 @@ def model_card_sections(report: dict[str, Any], params: dict[str, str]) -> tuple
     )
     return title, [
         Section("Summary", [summary]),
-        _intended_use(report["data"]["classes"]),
+        _intended_use(report["data"]),
         _data(report["data"]),
         _metrics(report),
         _per_class(report),

@@ -8,6 +8,7 @@ networks (bench/train_bench.py), and it is what GPU tensor cores want.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import TrainConfig
+from pipeline.config import FASHION_MNIST_CLASSES, FASHION_MNIST_SHAPE, TrainConfig
 from pipeline.models.networks import build_network, flip_averaged_logits
 
 _RECIPE = TrainConfig()
@@ -24,16 +25,20 @@ _RECIPE = TrainConfig()
 
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
     """Per-image random crop of a zero-padded copy and random horizontal flip, on uint8
-    ``(n, h, w)`` batches, vectorised (one gather for the whole batch, no Python loop)."""
-    n, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
+    ``(n, h, w)`` or ``(n, h, w, c)`` batches, vectorised (one gather for the whole batch, no
+    Python loop)."""
+    n, h, w = images.shape[:3]
+    channels = (0, 0) * (images.dim() - 3)  # no padding of a trailing channel axis
+    padded = F.pad(images, (*channels, padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
     dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
     rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
     cols = dx + torch.arange(w, device=images.device).view(1, 1, w)
     crops = padded[torch.arange(n, device=images.device).view(n, 1, 1), rows, cols]
     flip = torch.rand(n, 1, 1, device=images.device) < 0.5
-    return torch.where(flip, crops.flip(-1), crops)
+    if images.dim() == 4:
+        flip = flip.unsqueeze(-1)
+    return torch.where(flip, crops.flip(2), crops)
 
 
 def make_optimizer(parameters, name: str, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -77,9 +82,11 @@ class ImageClassifier(pl.LightningModule):
         test_time_flip: bool = _RECIPE.test_time_flip,
         mean: float = 0.0,
         std: float = 1.0,
-        num_classes: int = 10,
+        num_classes: int = len(FASHION_MNIST_CLASSES),
         compile: bool = _RECIPE.compile,
         temperature: float = 1.0,
+        in_channels: int = FASHION_MNIST_SHAPE[0],
+        image_size: Sequence[int] = FASHION_MNIST_SHAPE[1:],
         *,
         net: nn.Module | None = None,
     ) -> None:
@@ -88,7 +95,7 @@ class ImageClassifier(pl.LightningModule):
         # ``architecture``); the training stage logs the run's parameters itself (the configured
         # learning rate, not only the scaled one this module gets).
         self.save_hyperparameters(logger=False, ignore=["net"])
-        net = net if net is not None else build_network(architecture, num_classes)
+        net = net if net is not None else build_network(architecture, num_classes, in_channels, image_size)
         self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         self._compiled: nn.Module | None = None
 
@@ -103,8 +110,8 @@ class ImageClassifier(pl.LightningModule):
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(n, 28, 28)`` -> normalised float ``(n, 1, 28, 28)``, channels_last."""
-        x = images.unsqueeze(1).float().div_(255.0)
+        """uint8 ``(n, h, w)`` or ``(n, h, w, c)`` -> normalised float ``(n, c, h, w)``, channels_last."""
+        x = (images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)).float().div_(255.0)
         return ((x - self.hp.mean) / self.hp.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The module that is registered and served, and its predictions.
 
-:class:`ServingModel` is what gets registered: float pixels in [0, 1], shape ``(n, 1, 28, 28)``,
-in; class probabilities out. It needs nothing but torch and :mod:`pipeline.models.networks` to
+:class:`ServingModel` is what gets registered: float pixels in [0, 1], shape ``(n, channels, height,
+width)``, in; class probabilities out. It needs nothing but torch and :mod:`pipeline.models.networks` to
 load.
 """
 
@@ -16,7 +16,7 @@ from pipeline.models.networks import flip_averaged_logits
 
 
 class ServingModel(nn.Module):
-    """Pixels in [0, 1], ``(n, 1, 28, 28)`` float32 -> class probabilities ``(n, classes)``.
+    """Pixels in [0, 1], ``(n, c, h, w)`` float32 -> class probabilities ``(n, classes)``.
 
     With ``test_time_flip`` the probabilities are the mean of those for the image and its
     mirror, and ``temperature`` divides the logits, as in the trained module's evaluation, so
@@ -55,11 +55,18 @@ def export_for_serving(model: ImageClassifier) -> ServingModel:
     ).eval()
 
 
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 images ``(n, h, w)`` or ``(n, h, w, c)`` -> the served model's float32 pixels in
+    [0, 1], ``(n, c, h, w)``."""
+    planes = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(planes, dtype=np.float32) / np.float32(255.0)
+
+
 def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Probabilities from a serving model for uint8 images ``(n, 28, 28)``."""
+    """Probabilities from a serving model for uint8 images ``(n, h, w)`` or ``(n, h, w, c)``."""
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            pixels = torch.from_numpy(images[start : start + batch_size, None].astype(np.float32) / 255.0)
+            pixels = torch.from_numpy(to_pixels(images[start : start + batch_size]))
             out.append(model(pixels).numpy())
     return np.concatenate(out)

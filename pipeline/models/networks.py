@@ -1,4 +1,6 @@
-"""The networks: logits from normalised images ``(n, 1, 28, 28)``.
+"""The networks: logits from normalised images ``(n, channels, height, width)``; sized for
+Fashion-MNIST's 28x28 grayscale by default, for any other input by ``in_channels`` and
+``image_size``.
 
 * ``resnet_deep``: a residual CNN with batch norm in three stages (stem at 28x28 and max-pool,
   one residual block at 14x14 with 32 channels, at 7x7 with 64 and at 4x4 with 128, global
@@ -15,11 +17,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.config.settings import FASHION_MNIST_CLASSES, FASHION_MNIST_SHAPE
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -70,13 +75,14 @@ RESNETS: dict[str, ResNetSpec] = {
 }
 
 
-def _resnet(spec: ResNetSpec, num_classes: int) -> nn.Sequential:
+def _resnet(spec: ResNetSpec, num_classes: int, in_channels: int) -> nn.Sequential:
+    # Global average pooling at the end: any input size works.
     layers: list[nn.Module] = []
-    channels = 1
+    channels = in_channels
     for index, (width, blocks) in enumerate(spec.stages):
         if index == 0:
             layers += _conv_bn_relu(channels, width)
-            layers += [nn.MaxPool2d(2)] if spec.pool_stem else []  # 28 -> 14
+            layers += [nn.MaxPool2d(2)] if spec.pool_stem else []  # halves the resolution
         else:
             layers += _conv_bn_relu(channels, width, stride=2)
         layers += [ResidualBlock(width) for _ in range(blocks)]
@@ -84,23 +90,31 @@ def _resnet(spec: ResNetSpec, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
-def build_network(architecture: str, num_classes: int = 10) -> nn.Module:
-    """Logits from normalised images ``(n, 1, 28, 28)``."""
+def build_network(
+    architecture: str,
+    num_classes: int = len(FASHION_MNIST_CLASSES),
+    in_channels: int = FASHION_MNIST_SHAPE[0],
+    image_size: Sequence[int] = FASHION_MNIST_SHAPE[1:],
+) -> nn.Module:
+    """Logits from normalised images ``(n, in_channels, *image_size)``."""
+    height, width = image_size
     if architecture in RESNETS:
-        return _resnet(RESNETS[architecture], num_classes)
+        return _resnet(RESNETS[architecture], num_classes, in_channels)
+    if min(height, width) < 4:
+        raise ValueError(f"{architecture} needs images of at least 4x4, not {height}x{width}")
     if architecture == "seed_cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3),
+            nn.Conv2d(in_channels, 32, 3),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 13 * 13, 128),
+            nn.Linear(32 * ((height - 2) // 2) * ((width - 2) // 2), 128),
             nn.ReLU(),
             nn.Linear(128, num_classes),
         )
     if architecture == "simple_cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1, bias=False),
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -110,7 +124,7 @@ def build_network(architecture: str, num_classes: int = 10) -> nn.Module:
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Dropout(0.25),
-            nn.Linear(64 * 7 * 7, 128),
+            nn.Linear(64 * (height // 4) * (width // 4), 128),
             nn.ReLU(),
             nn.Dropout(0.25),
             nn.Linear(128, num_classes),

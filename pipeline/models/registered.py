@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.config import FASHION_MNIST_CLASSES, Settings
+from pipeline.config import FASHION_MNIST_CLASSES, FASHION_MNIST_SHAPE, Settings
 from pipeline.errors import ReferenceNotFoundError
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
@@ -113,4 +113,7 @@ def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
         "processed_hash": version.tags.get("processed_hash"),
         # Registered with the version; versions registered before that were all Fashion-MNIST.
         "classes": json.loads(version.tags["classes"]) if "classes" in version.tags else list(FASHION_MNIST_CLASSES),
+        "input_shape": json.loads(version.tags["input_shape"])
+        if "input_shape" in version.tags
+        else list(FASHION_MNIST_SHAPE),
     }

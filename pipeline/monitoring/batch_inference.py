@@ -89,14 +89,6 @@ def batch_inference(
     from pipeline.tracking import experiment_id, tracking_client
 
     images, labels, batch_hash = fetch_batch(source_uri, storage)
-    if images.shape[1:] != (28, 28) or not len(images):
-        from pipeline.errors import IdxFormatError
-
-        raise IdxFormatError(
-            f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz",
-            "one or more 28x28 images",
-            f"shape {images.shape}",
-        )
     name = settings.model_name
     try:
         facts = resolve(f"models:/{name}@{alias}", settings)
@@ -104,6 +96,15 @@ def batch_inference(
         raise ReferenceNotFoundError(
             f"model {name}", f"a version with alias {alias}", "none; promote one first"
         ) from exc
+    channels, height, width = facts["input_shape"]
+    if [1, *images.shape[1:]] != [channels, height, width] or not len(images):
+        from pipeline.errors import IdxFormatError
+
+        raise IdxFormatError(
+            f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz",
+            f"one or more {width}x{height} grayscale images (version {facts['version']}'s input shape)",
+            f"shape {images.shape}",
+        )
     version = facts["version"]
     key = f"predictions/{batch_hash}/{name}/v{version}/predictions.parquet"
     client = tracking_client(settings)

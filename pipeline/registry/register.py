@@ -36,13 +36,17 @@ DATA_REPORT = "data_report"
 DESCRIPTION_LIMIT = 5000
 """Characters a version description may hold in MLflow's SQL stores (PostgreSQL enforces it)."""
 MODEL_CARD = "evaluation/model_card.md"  # written by pipeline.evaluation.evaluate
-MODEL_DESCRIPTION = (
-    "Fashion-MNIST image classifier trained by the training_pipeline DAG. Input: float32 pixels in "
-    "[0, 1], shape (n, 1, 28, 28). Output: probabilities of the 10 classes (T-shirt/top, Trouser, "
-    "Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot). Saved as a torch.export "
-    "program (pt2): loading needs torch only and runs no pickled code. Aliases: candidate (newest "
-    "registered), staging, production."
-)
+
+
+def model_description(processed: ProcessedDatasetRef) -> str:
+    """The registered model's description, from the data its first version was trained on."""
+    channels, height, width = processed.image_shape
+    return (
+        f"Image classifier trained by the training_pipeline DAG. Input: float32 pixels in [0, 1], shape "
+        f"(n, {channels}, {height}, {width}). Output: probabilities of the {len(processed.classes)} classes "
+        f"({', '.join(processed.classes)}). Saved as a torch.export program (pt2): loading needs torch only "
+        "and runs no pickled code. Aliases: candidate (newest registered), staging, production."
+    )
 
 
 def _logged_model_uri(client: object, trained: TrainResult, processed: ProcessedDatasetRef, storage: Storage) -> str:
@@ -58,7 +62,7 @@ def _logged_model_uri(client: object, trained: TrainResult, processed: Processed
 
     from pipeline.data.processed import load_split
     from pipeline.models.classifier import load_checkpoint
-    from pipeline.models.export import export_for_serving
+    from pipeline.models.export import export_for_serving, to_pixels
 
     experiment = client.get_run(trained.run_id).info.experiment_id  # type: ignore[attr-defined]
     # Status is checked here, not in the filter: a PostgreSQL-backed MLflow server stores it as
@@ -72,7 +76,7 @@ def _logged_model_uri(client: object, trained: TrainResult, processed: Processed
         return f"models:/{ready[0].model_id}"
     model = export_for_serving(load_checkpoint(str(storage.local_path(f"checkpoints/{trained.run_id}/best.ckpt"))))
     images, _ = load_split(processed, storage, "test")
-    example = images[:4, None].astype(np.float32) / 255.0
+    example = to_pixels(images[:4])
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
     with mlflow.start_run(run_id=trained.run_id):
@@ -229,11 +233,12 @@ def register(
         "data_report": validation.report_uri,
         "test_accuracy": f"{evaluation.test_accuracy:.4f}",
         "classes": json.dumps(list(processed.classes)),
+        "input_shape": json.dumps(list(processed.image_shape)),
     }
     description = version_description(client, trained, evaluation, validation)
     version, created = register_version(settings, trained.run_id, model_uri, actor or cli_actor(), tags, description)
     if not client.get_registered_model(name).description:
-        client.update_registered_model(name, description=MODEL_DESCRIPTION)
+        client.update_registered_model(name, description=model_description(processed))
     log.info("%s version %s (%s) has alias %s", name, version, "new" if created else "existing", CANDIDATE)
     return ModelVersionRef(
         model_name=name,

@@ -7,10 +7,11 @@ without a restart and without failing a request in flight (:mod:`pipeline.servin
 
 * ``GET /health``: the process is up (200).
 * ``GET /ready``: 200 once a model is loaded, else 503 (with the load error if it failed).
-* ``GET /metadata``: model name, version, alias, data hash, training run, classes.
-* ``POST /predict``: JSON ``{"instances": [image, ...]}`` or ``{"image": image}`` (28x28
-  integers 0-255 or floats in [0, 1]), or the bytes of one 28x28 grayscale PNG
-  (``Content-Type: image/png``). Answers class ids, class names, probabilities and the version
+* ``GET /metadata``: model name, version, alias, data hash, training run, classes, input shape.
+* ``POST /predict``: JSON ``{"instances": [image, ...]}`` or ``{"image": image}`` (integers
+  0-255 or floats in [0, 1]), or the bytes of one PNG, JPEG or WebP image (``Content-Type:
+  image/png``, ``image/jpeg``, ``image/webp``), each of the served version's input shape (the
+  OpenAPI document states it). Answers class ids, class names, probabilities and the version
   that computed them. Malformed input gets a 4xx saying what was expected and what came
   (:mod:`pipeline.serving.payload`).
 * ``GET /metrics``: Prometheus: requests by route and status, latency histogram, images per
@@ -37,8 +38,8 @@ from typing import Any
 from pipeline.config import ServingSettings, Settings
 from pipeline.serving.guards import PARSE_INLINE_BYTES, PROBES, Admission, BodyDecoder, RequireToken, drain
 from pipeline.serving.metrics import CountRequests, Metrics
-from pipeline.serving.openapi import OPEN_DOCS, PREDICT_BODY, PredictResponse, Problem, secure_openapi
-from pipeline.serving.payload import MAX_BODY_BYTES, RequestError, decode_body
+from pipeline.serving.openapi import OPEN_DOCS, PredictResponse, Problem, describe_api, predict_body
+from pipeline.serving.payload import MAX_BODY_BYTES, MEDIA_TYPES, RequestError, decode_body
 from pipeline.serving.slot import ModelSlot
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,13 @@ def create_app(
         await batcher.stop()
         decoder.stop()
 
-    app = FastAPI(title="Fashion-MNIST classifier", version="1", description=__doc__, lifespan=lifespan)
+    app = FastAPI(title="Image classifier", version="1", description=__doc__, lifespan=lifespan)
 
     app.add_middleware(Admission, serving=serving)  # innermost: unauthenticated requests take no slot
+    open_paths = PROBES | OPEN_DOCS | ({"/metrics"} if serving.metrics_open else set())
     if serving.token:
-        open_paths = PROBES | OPEN_DOCS | ({"/metrics"} if serving.metrics_open else set())
         app.add_middleware(RequireToken, token=serving.token, open_paths=open_paths)
-        secure_openapi(app, open_paths)
+    describe_api(app, open_paths if serving.token else None, lambda: slot.current and slot.current.input_shape)
     app.add_middleware(CountRequests, metrics=metrics)
 
     def problem(status: int, detail: str, close: bool = False) -> JSONResponse:
@@ -137,29 +138,31 @@ def create_app(
         "/predict",
         summary="Classify one image or a batch",
         response_model=PredictResponse,
-        openapi_extra={"requestBody": PREDICT_BODY},
+        openapi_extra={"requestBody": predict_body(None)},  # the served shape: describe_api
         responses={
             code: {"model": Problem, "description": text}
             for code, text in (
                 (400, "Not UTF-8 JSON"),
                 (408, "The body did not arrive in time (the connection is closed)"),
                 (413, "Body too large"),
-                (415, "Neither JSON nor PNG"),
-                (422, "Wrong shape, type or range, an empty batch, or an unreadable PNG"),
+                (415, "Neither JSON nor a PNG, JPEG or WebP image"),
+                (422, "Wrong shape, channels, type or range, an empty batch, or an unreadable image"),
                 (503, "No model loaded yet, no answer in time, or too many requests or bytes in flight (Retry-After)"),
             )
         },
     )
     async def predict(request: Request) -> Response:
-        if not batcher.alive() or slot.current is None:
+        current = slot.current
+        if not batcher.alive() or current is None:
             return problem(503, "no model loaded yet" if batcher.alive() else "the inference loop stopped")
+        shape = current.input_shape  # a swap meanwhile to another shape: the batcher says so (409)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             await drain(request.scope, request.receive)
             return problem(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}", close=True)
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if kind not in ("image/png", "application/json", ""):
-            return problem(415, f"Content-Type: expected application/json or image/png, found {kind}")
+        if kind not in (*MEDIA_TYPES, ""):
+            return problem(415, f"Content-Type: expected one of {', '.join(MEDIA_TYPES)}, found {kind}")
         reserved = [0]
 
         def reserve(size: int) -> bool:
@@ -212,7 +215,10 @@ def create_app(
             body = b"".join(chunks)
             del chunks
             try:
-                pixels = decode_body(kind, body) if size <= PARSE_INLINE_BYTES else await decoder.decode(kind, body)
+                if size <= PARSE_INLINE_BYTES:
+                    pixels = decode_body(kind, body, shape)
+                else:
+                    pixels = await decoder.decode(kind, body, shape)
             except RequestError as exc:
                 return problem(exc.status, str(exc))
         finally:
@@ -221,6 +227,8 @@ def create_app(
             probabilities, served = await asyncio.wait_for(batcher.predict(pixels), ANSWER_TIMEOUT_S)
         except TimeoutError:
             return problem(503, f"no answer from the model within {ANSWER_TIMEOUT_S:.0f} s")
+        except RequestError as exc:  # the version changed to another input shape meanwhile
+            return problem(exc.status, str(exc))
         classes = served.metadata["classes"]
         ids = probabilities.argmax(axis=1)
         return JSONResponse(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.serving.payload import RequestError, describe
 from pipeline.serving.slot import ModelSlot, ServedModel
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,29 @@ log = logging.getLogger(__name__)
 class _Pending:
     pixels: np.ndarray
     answer: asyncio.Future
+
+
+class ShapeChanged(RequestError):
+    """The version served changed, to one of another input shape, while the request waited."""
+
+    status = 409
+
+
+def _refuse_other_shapes(batch: list[_Pending], served: ServedModel) -> list[_Pending]:
+    """The requests of ``batch`` whose images fit ``served``; the others were decoded for a
+    version of another input shape, swapped out since, and get a 409 that says so."""
+    fits = []
+    for pending in batch:
+        if pending.pixels.shape[1:] == served.input_shape:
+            fits.append(pending)
+        elif not pending.answer.done():
+            pending.answer.set_exception(
+                ShapeChanged(
+                    f"image: expected {describe(served.input_shape)} images for version {served.version}, served "
+                    f"since this request arrived, found {describe(pending.pixels.shape[1:])}; resend for it"
+                )
+            )
+    return fits
 
 
 class MicroBatcher:
@@ -89,6 +113,9 @@ class MicroBatcher:
             try:
                 if served is None:
                     raise RuntimeError("no model loaded")
+                batch = _refuse_other_shapes(batch, served)
+                if not batch:
+                    continue
                 pixels = np.concatenate([p.pixels for p in batch])
                 probabilities = await loop.run_in_executor(self._executor, served.predict, pixels)
             except Exception as exc:  # every request of the batch gets the error (a 500)

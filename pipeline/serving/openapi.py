@@ -1,6 +1,6 @@
 """The endpoint's interface description: the response models, the ``POST /predict`` request body
-(JSON or PNG, from :mod:`pipeline.serving.payload`), and the bearer scheme on every operation
-that needs the token."""
+(JSON or an image, from :mod:`pipeline.serving.payload`, for the served version's input shape),
+and the bearer scheme on every operation that needs the token."""
 
 # No `from __future__ import annotations`, as in pipeline.serving.app: the models are read by
 # FastAPI and pydantic at runtime.
@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.serving.payload import png_schema, request_schema
+from pipeline.serving.payload import IMAGE_TYPES, InputShape, image_schema, request_schema
 
 OPEN_DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 """The interface description (no data, no model): open, so that clients can read it."""
@@ -29,33 +29,52 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": request_schema()},
-        "image/png": {"schema": png_schema()},
-    },
-}
+def predict_body(shape: InputShape | None) -> dict[str, Any]:
+    """The ``/predict`` request body for a served version of input ``shape``; before a version
+    is loaded (``None``), only the media types (the shape is then in ``/metadata``)."""
+    if shape is None:
+        unknown = {"description": "Images of the served version's input_shape (see /metadata); no model loaded yet."}
+        return {"required": True, "content": {kind: {"schema": unknown} for kind in ("application/json", *IMAGE_TYPES)}}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": request_schema(shape)},
+            **{kind: {"schema": image_schema(kind, shape)} for kind in IMAGE_TYPES},
+        },
+    }
 
 
-def secure_openapi(app: Any, open_paths: frozenset[str]) -> None:
-    """Declare the bearer scheme, and 401, on every operation that needs the token."""
+def describe_api(app: Any, open_paths: frozenset[str] | None, shape_of: Any) -> None:
+    """Serve the OpenAPI document with ``/predict``'s body for the shape ``shape_of()`` returns
+    (the version being served, which a promotion may change) and, with ``open_paths``, the bearer
+    scheme and 401 on every operation outside them."""
     build = app.openapi
+    documents: dict[Any, dict[str, Any]] = {}
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        shape = shape_of()
+        if shape not in documents:
+            app.openapi_schema = None  # FastAPI caches the one it built
             schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, operations in schema["paths"].items():
-                if path in open_paths:
-                    continue
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
-                    operation["responses"]["401"] = {
-                        "description": "No bearer token, or a wrong one",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-                    }
-            app.openapi_schema = schema
+            schema["paths"]["/predict"]["post"]["requestBody"] = predict_body(shape)
+            if open_paths is not None:
+                secure(schema, open_paths)
+            documents[shape] = schema
+        app.openapi_schema = documents[shape]
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def secure(schema: dict[str, Any], open_paths: frozenset[str]) -> None:
+    """Declare the bearer scheme, and 401, on every operation that needs the token."""
+    schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema["paths"].items():
+        if path in open_paths:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}]
+            operation["responses"]["401"] = {
+                "description": "No bearer token, or a wrong one",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            }

@@ -1,9 +1,13 @@
 """What a client may send to the serving endpoint, checked before it reaches the model.
 
-JSON (``{"instances": [image, ...]}`` or ``{"image": image}``, each image 28x28 integers 0-255 or
-floats in [0, 1]) or PNG bytes (one 28x28 grayscale image). Anything else is a
-:class:`RequestError` whose message says what was expected and what came. Nothing here touches
-the filesystem or unpickles anything: bodies are parsed as JSON or decoded as PNG in memory.
+Every image must have the served version's input shape (``input_shape`` in ``/metadata``:
+channels, height, width, from the data it was trained on). JSON (``{"instances": [image, ...]}``
+or ``{"image": image}``, each image ``height`` rows of ``width`` pixels, a pixel an integer 0-255
+or a float in [0, 1] when grayscale, a list of ``channels`` of them in colour) or the bytes of one
+PNG, JPEG or WebP image of that size (grayscale, or RGB for a 3-channel model; EXIF orientation
+honoured). Anything else is a :class:`RequestError` whose message says what was expected and
+what came. Nothing here touches the filesystem or unpickles anything: bodies are parsed as JSON
+or decoded in memory, and an image's size is checked from its header before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -16,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SHAPE = (28, 28)
-"""Height and width of every image a request may hold (the JSON schema and the PNG check use it)."""
+InputShape = tuple[int, int, int]
+"""``(channels, height, width)`` of the served version's images."""
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+"""Media types of an image body, and Pillow's name of the only decoder each may use."""
+MEDIA_TYPES = ("application/json", *IMAGE_TYPES)
+MODES = {1: ("L", "1"), 3: ("RGB",)}
+"""Pillow modes accepted for a model of 1 or 3 channels: no silent colour conversion (but WebP,
+which has no grayscale mode, is taken as RGB by a grayscale model and converted to its luma)."""
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Bytes a request body may have (413 beyond). 1,024 images fit as integers (about 3.6 KB each);
 as full-precision floats (up to about 16 KB each) this limit binds first, at about 500."""
@@ -25,6 +35,7 @@ MAX_BATCH = 1024
 # JSON literals no image holds; json.loads would turn true/false into 1/0 inside a number array.
 _LITERALS = re.compile(r"\b(true|false|null)\b")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SIGNATURES = {"PNG": (PNG_SIGNATURE,), "JPEG": (b"\xff\xd8\xff",), "WEBP": (b"RIFF",)}
 
 
 class RequestError(ValueError):
@@ -82,8 +93,21 @@ def _shape(value: Any, depth: int = 0) -> str:
     return f"({len(value)}{', ' + inner[1:-1] if inner not in ('()', '') else ''})"
 
 
-def parse_images(payload: Any) -> np.ndarray:
-    """``{"instances": [...]}`` or ``{"image": ...}`` -> float32 pixels in [0, 1], ``(n, 1, 28, 28)``.
+def json_shape(shape: InputShape) -> tuple[int, ...]:
+    """The nesting of one image in JSON: ``(height, width)`` in grayscale, ``(height, width,
+    channels)`` in colour (rows of pixels, as images are written everywhere else)."""
+    channels, height, width = shape
+    return (height, width) if channels == 1 else (height, width, channels)
+
+
+def describe(shape: InputShape) -> str:
+    """``28x28 grayscale`` or ``32x32 RGB`` (width x height)."""
+    channels, height, width = shape
+    return f"{width}x{height} " + {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+
+
+def parse_images(payload: Any, shape: InputShape) -> np.ndarray:
+    """``{"instances": [...]}`` or ``{"image": ...}`` -> float32 pixels in [0, 1], ``(n, *shape)``.
 
     JSON integers are read as 0-255, JSON floats as 0-1 (an image of all-integral values written
     as integers, as JavaScript does, is therefore 0-255).
@@ -96,29 +120,33 @@ def parse_images(payload: Any) -> np.ndarray:
         )
     images = payload["instances"] if "instances" in payload else [payload["image"]]
     if not isinstance(images, list) or not images:
-        raise RequestError(f"instances: expected a non-empty list of 28x28 images, found {_describe(images)}")
+        raise RequestError(
+            f"instances: expected a non-empty list of {describe(shape)} images, found {_describe(images)}"
+        )
     if len(images) > MAX_BATCH:
         raise RequestError(f"instances: expected at most {MAX_BATCH} images, found {len(images)}")
-    pixels = np.empty((len(images), 1, *IMAGE_SHAPE), dtype=np.float32)
+    pixels = np.empty((len(images), *shape), dtype=np.float32)
+    nesting = json_shape(shape)
     for index, image in enumerate(images):
-        pixels[index, 0] = _image_pixels(image, f"instances[{index}]" if "instances" in payload else "image")
+        plane = _image_pixels(image, f"instances[{index}]" if "instances" in payload else "image", nesting)
+        pixels[index] = plane[None] if plane.ndim == 2 else plane.transpose(2, 0, 1)  # rows of pixels -> planes
     return pixels
 
 
-def _image_pixels(image: Any, where: str) -> np.ndarray:
+def _image_pixels(image: Any, where: str, nesting: tuple[int, ...]) -> np.ndarray:
     """One image's nested lists -> float32 in [0, 1]: integers are 0-255, floats 0-1, and an image
     whose values are all integral (200.0 is an integer to JSON Schema and JavaScript) is 0-255."""
     try:
         array = np.asarray(image)
     except (ValueError, TypeError, OverflowError):
         array = np.empty(0, dtype=object)
-    if array.dtype == object or array.shape != IMAGE_SHAPE:
-        if _shape(image) == str(IMAGE_SHAPE):
+    if array.dtype == object or array.shape != nesting:
+        if _shape(image) == str(nesting):
             raise RequestError(
                 f"{where}: expected numbers (integers 0-255 or floats 0-1), found other values "
                 "(strings, objects or integers beyond 64 bits)"
             )
-        raise RequestError(f"{where}: expected images of shape {IMAGE_SHAPE}, found {_shape(image)}")
+        raise RequestError(f"{where}: expected images of shape {nesting}, found {_shape(image)}")
     if array.dtype.kind in "iu":
         if array.min() < 0 or array.max() > 255:
             raise RequestError(f"{where}: expected integers 0-255, found values from {array.min()} to {array.max()}")
@@ -144,59 +172,78 @@ def _describe(value: Any) -> str:
     return f"an empty {type(value).__name__}" if value == [] else type(value).__name__
 
 
-def parse_png(body: bytes) -> np.ndarray:
-    """One PNG image (28x28, grayscale) -> float32 pixels in [0, 1], ``(1, 1, 28, 28)``.
+def parse_image_file(kind: str, body: bytes, shape: InputShape) -> np.ndarray:
+    """The bytes of one PNG, JPEG or WebP image (media type ``kind``) of ``shape`` -> float32
+    pixels in [0, 1], ``(1, *shape)``.
 
-    The size is read from the IHDR chunk before Pillow sees the bytes, so a header that declares
-    a huge image (a decompression bomb) costs nothing; whatever else the decoder raises on hostile
-    bytes is the client's error (422), never ours.
+    Only the decoder of the declared type runs. The size is read from the header before any pixel
+    is decoded, so a header that declares a huge image (a decompression bomb) costs nothing; a
+    grayscale model takes mode L (or 1-bit), an RGB model mode RGB, nothing converted silently;
+    whatever else the decoder raises on hostile bytes is the client's error (422), never ours.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    if not body.startswith(PNG_SIGNATURE):
-        raise RequestError(f"body: expected PNG bytes (image/png), found {len(body)} bytes starting {body[:8]!r}")
-    if len(body) < 33 or body[12:16] != b"IHDR":
-        raise RequestError(f"body: expected a readable PNG (IHDR first), found {len(body)} bytes without one")
-    width, height = struct.unpack(">II", body[16:24])
-    if (height, width) != IMAGE_SHAPE:
-        raise RequestError(f"image: expected a {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} grayscale PNG, found {width}x{height}")
+    fmt = IMAGE_TYPES[kind]
+    channels, height, width = shape
+    wanted = f"a {describe(shape)} {fmt}"
+    if not body.startswith(_SIGNATURES[fmt]) or (fmt == "WEBP" and body[8:12] != b"WEBP"):
+        raise RequestError(f"body: expected {fmt} bytes ({kind}), found {len(body)} bytes starting {body[:8]!r}")
+    if fmt == "PNG":
+        if len(body) < 33 or body[12:16] != b"IHDR":
+            raise RequestError(f"body: expected a readable PNG (IHDR first), found {len(body)} bytes without one")
+        declared = struct.unpack(">II", body[16:24])
+        if sorted(declared) != sorted((width, height)):
+            raise RequestError(f"image: expected {wanted}, found {declared[0]}x{declared[1]}")
     try:
-        with Image.open(io.BytesIO(body), formats=["PNG"]) as image:
-            if image.size != IMAGE_SHAPE[::-1] or image.mode not in ("L", "1"):
+        with Image.open(io.BytesIO(body), formats=[fmt]) as image:
+            # Before load(): the header's size (either way round, as EXIF orientation may turn it).
+            modes = MODES.get(channels, ()) + (("RGB",) if fmt == "WEBP" and channels == 1 else ())
+            if sorted(image.size) != sorted((width, height)) or image.mode not in modes:
+                raise RequestError(f"image: expected {wanted}, found {image.size[0]}x{image.size[1]} mode {image.mode}")
+            upright = ImageOps.exif_transpose(image)
+            if upright.size != (width, height):
                 raise RequestError(
-                    f"image: expected a {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} grayscale PNG (mode L), found "
-                    f"{image.size[0]}x{image.size[1]} mode {image.mode}"
+                    f"image: expected {wanted}, found {upright.size[0]}x{upright.size[1]} once turned upright (EXIF)"
                 )
-            pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+            pixels = np.asarray(upright.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     except RequestError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, EOFError... on bad bytes
         text = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
-        raise RequestError(f"body: expected a readable PNG, found {type(exc).__name__}: {text}") from None
-    if pixels.shape != IMAGE_SHAPE:
-        raise RequestError(f"image: expected {IMAGE_SHAPE} pixels, found {pixels.shape}")
-    return pixels[None, None]
+        raise RequestError(f"body: expected a readable {fmt}, found {type(exc).__name__}: {text}") from None
+    planes = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if planes.shape != shape:
+        raise RequestError(f"image: expected {shape} pixels, found {planes.shape}")
+    return np.ascontiguousarray(planes)[None]
 
 
-def decode_body(kind: str, body: bytes) -> np.ndarray:
-    """A request body of media type ``kind`` (``image/png`` or JSON) -> pixels ``(n, 1, 28, 28)``.
+def parse_png(body: bytes, shape: InputShape) -> np.ndarray:
+    """One PNG image of ``shape`` -> float32 pixels in [0, 1], ``(1, *shape)``."""
+    return parse_image_file("image/png", body, shape)
+
+
+def decode_body(kind: str, body: bytes, shape: InputShape) -> np.ndarray:
+    """A request body of media type ``kind`` (an image type or JSON) -> pixels ``(n, *shape)``.
 
     A plain function of bytes, so that the server can run it in a worker process for big bodies.
     """
-    return parse_png(body) if kind == "image/png" else parse_images(load_json(body))
+    return parse_image_file(kind, body, shape) if kind in IMAGE_TYPES else parse_images(load_json(body), shape)
 
 
-def request_schema() -> dict[str, Any]:
-    """The JSON Schema of a JSON ``/predict`` body: exactly what :func:`parse_images` accepts
-    (within the :data:`MAX_BODY_BYTES` that the server checks first)."""
-    height, width = IMAGE_SHAPE
+def request_schema(shape: InputShape) -> dict[str, Any]:
+    """The JSON Schema of a JSON ``/predict`` body: exactly what :func:`parse_images` accepts for
+    ``shape`` (within the :data:`MAX_BODY_BYTES` that the server checks first)."""
+    channels, height, width = shape
 
     def image(pixel: dict[str, Any], title: str) -> dict[str, Any]:
+        if channels > 1:
+            pixel = {"type": "array", "items": pixel, "minItems": channels, "maxItems": channels}
         row = {"type": "array", "items": pixel, "minItems": width, "maxItems": width}
         return {"title": title, "type": "array", "items": row, "minItems": height, "maxItems": height}
 
+    pixel_text = "pixels" if channels == 1 else f"pixels of {channels} channels"
     one_image = {
-        "description": f"{height} rows of {width} pixels: all integers 0-255, or all numbers in [0, 1].",
+        "description": f"{height} rows of {width} {pixel_text}: all integers 0-255, or all numbers in [0, 1].",
         "anyOf": [
             image({"type": "integer", "minimum": 0, "maximum": 255}, "Integers 0-255"),
             image({"type": "number", "minimum": 0, "maximum": 1}, "Numbers in [0, 1]"),
@@ -230,14 +277,15 @@ def request_schema() -> dict[str, Any]:
     }
 
 
-def png_schema() -> dict[str, Any]:
-    """The schema of an ``image/png`` ``/predict`` body."""
-    height, width = IMAGE_SHAPE
+def image_schema(kind: str, shape: InputShape) -> dict[str, Any]:
+    """The schema of an image body (``kind`` one of :data:`IMAGE_TYPES`) for ``shape``."""
+    webp_gray = ("RGB",) if kind == "image/webp" and shape[0] == 1 else ()
+    modes = " or ".join(MODES.get(shape[0], ("none",)) + webp_gray)
     return {
         "type": "string",
         "format": "binary",
-        "minLength": 33,
+        "minLength": 33 if kind == "image/png" else 3,
         "maxLength": MAX_BODY_BYTES,
-        "description": f"One {width}x{height} grayscale PNG (color type 0: mode L or 1-bit), at most "
-        f"{MAX_BODY_BYTES} bytes; any other size or color type gets 422.",
+        "description": f"One {describe(shape)} {IMAGE_TYPES[kind]} image (Pillow mode {modes}), at most "
+        f"{MAX_BODY_BYTES} bytes; any other size or mode gets 422.",
     }

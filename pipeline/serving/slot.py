@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.models.registered import MODEL_URI, resolve
+from pipeline.serving.payload import InputShape
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServedModel:
     model: Any
-    """Pixels ``(n, 1, 28, 28)`` in [0, 1] -> probabilities ``(n, classes)`` (a torch module)."""
+    """Pixels ``(n, *input_shape)`` in [0, 1] -> probabilities ``(n, classes)`` (a torch module)."""
     metadata: dict[str, Any]
     device: str = "cpu"
 
     @property
     def version(self) -> str:
         return self.metadata["version"]
+
+    @property
+    def input_shape(self) -> InputShape:
+        """``(channels, height, width)`` of the images this version takes."""
+        channels, height, width = self.metadata["input_shape"]
+        return int(channels), int(height), int(width)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -59,7 +66,7 @@ def load(model_uri: str, settings: Settings) -> ServedModel:
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             on_gpu = ServedModel(model=model.to("cuda"), metadata={**served.metadata, "device": "cuda"}, device="cuda")
-            on_gpu.predict(np.zeros((1, 1, 28, 28), dtype=np.float32))  # fails here, not on a request
+            on_gpu.predict(np.zeros((1, *served.input_shape), dtype=np.float32))  # fails here, not on a request
             return on_gpu
         except (RuntimeError, NotImplementedError) as exc:  # an exported program with CPU-only constants
             log.warning("%s: serving on the CPU, the program does not run on the GPU: %s", model_uri, _one_line(exc))

@@ -84,7 +84,11 @@ def fit(
         std=processed.std,
         num_classes=len(processed.classes),
         compile=config.compile,
-        net=build_network(config.architecture, len(processed.classes)),
+        in_channels=processed.image_shape[0],
+        image_size=list(processed.image_shape[1:]),
+        net=build_network(
+            config.architecture, len(processed.classes), processed.image_shape[0], processed.image_shape[1:]
+        ),
     )
     data = ProcessedDataModule(processed, storage, config.batch_size, config.seed)
     callbacks = [EpochLog(), StorageCheckpoints(storage if owner else None, run_id, on_saved), *extra_callbacks]

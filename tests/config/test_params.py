@@ -44,6 +44,8 @@ def other_value(param: RunParam) -> Any:
         return {"t10k-labels-idx1-ubyte.gz": "ab" * 32}
     if param.name == "devices":
         return "0,1"
+    if param.name == "dataset_name":
+        return "digits-v2"
     if kind.base is str:
         return "/data/somewhere"
     if kind.base is int:
@@ -149,9 +151,9 @@ def test_the_form_and_the_config_accept_and_refuse_the_same_values(param, value,
 
 def test_a_setting_defined_twice_must_agree():
     seed = next(p for p in run_params() if p.name == "seed")
-    assert {c for c, _ in seed.targets} == {"preprocess", "train", "tune"}
+    assert {c for c, _ in seed.targets} == {"acquire", "preprocess", "train", "tune"}
     config = run_config_from_params({"seed": 7}, SETTINGS)
-    assert config.preprocess.seed == config.train.seed == config.tune.seed == 7
+    assert config.acquire.seed == config.preprocess.seed == config.train.seed == config.tune.seed == 7
 
 
 def test_help_is_plain_text():

@@ -93,7 +93,7 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert dag.get_task("promote").pool == "promotions"
     assert dag.params.dump()["auto_promote"] is False
     assert dag.timetable.timetable.expression == "0 0 * * 0"  # weekly, and on the drift asset:
-    assert [a.name for a in dag.timetable.asset_condition.objects] == ["fashion-mnist-drift-detected"]
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["training-data-drift-detected"]
     assert dag.catchup is False
     params = dag.params.dump()
     assert {"source_uri", "epochs", "batch_size", "learning_rate", "sample_cap", "force"} <= set(params)

@@ -13,7 +13,7 @@ from recipes import SMALL_RECIPE
 from pipeline.data.idx import write_idx
 
 pytestmark = pytest.mark.slow
-ASSET = "fashion-mnist-drift-detected"
+ASSET = "training-data-drift-detected"
 
 
 @pytest.fixture(scope="module")

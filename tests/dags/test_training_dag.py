@@ -71,7 +71,7 @@ def test_force_param_retrains_on_purpose(training_dag, small_dataset, settings):
 
 @pytest.mark.parametrize("defect", DEFECTS, ids=lambda d: d.name)
 def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset, settings, tmp_path, defect):
-    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    folder = broken_copy(small_dataset, tmp_path / "fashion-mnist", defect)
     dag_run = training_dag.test(run_conf={"source_uri": str(folder), **QUICK})
     states = task_states(dag_run)
     assert dag_run.state == "failed"

@@ -112,7 +112,7 @@ def test_a_file_broken_as_served_is_stored_faithfully_for_validate(tmp_path, sma
     # Acquire copies what the source serves (the raw zone is a faithful copy); judging the
     # content is validate's job, so the run stops there with the file named (tests/defects.py).
     defect = next(d for d in DEFECTS if d.name == "truncated_gzip")
-    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    folder = broken_copy(small_dataset, tmp_path / "fashion-mnist", defect)
     ref = acquire(AcquireConfig(source_uri=str(folder)), storage)
     served = (folder / TRAIN_IMAGES).read_bytes()
     stored = Path(storage.uri(f"raw/{ref.dataset_hash}/{TRAIN_IMAGES}"))
@@ -132,13 +132,17 @@ def test_missing_folder_and_missing_file(tmp_path, small_dataset, storage):
         acquire(AcquireConfig(source_uri=str(partial)), storage)
 
 
-def test_config_refuses_malformed_checksums():
+def test_config_refuses_malformed_checksums(small_dataset, storage):
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"expected_sha256\[t10k-images-idx3-ubyte.gz\]: expected 64 hex digits"):
         AcquireConfig(expected_sha256={"t10k-images-idx3-ubyte.gz": "abc"})
     with pytest.raises(ConfigError, match="expected_sha256: expected keys among"):
-        AcquireConfig(expected_sha256={"other.gz": "0" * 64})
+        AcquireConfig(format="idx", expected_sha256={"other.gz": "0" * 64})
+    # Detected as IDX (any layout may name other files): refused before anything is fetched.
+    with pytest.raises(ConfigError, match="expected_sha256: expected keys among"):
+        acquire(AcquireConfig(source_uri=str(small_dataset), expected_sha256={"other.gz": "0" * 64}), storage)
+    assert not storage.exists("raw")
 
 
 # --- Bounded sources (issue 16) ---------------------------------------------------------------

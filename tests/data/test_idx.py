@@ -30,7 +30,7 @@ def test_round_trip_of_a_subset_keeps_every_byte(tmp_path, small_splits):
 
 @pytest.mark.parametrize("defect", [d for d in DEFECTS if d.breaks_the_file], ids=lambda d: d.name)
 def test_broken_file_raises_a_typed_one_line_error(tmp_path, small_dataset, defect):
-    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    folder = broken_copy(small_dataset, tmp_path / "fashion-mnist", defect)
     with pytest.raises((IdxFormatError, CorruptFileError)) as info:
         read_split(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
     message = str(info.value)

@@ -59,7 +59,7 @@ def test_validate_subcommand_after_acquire(small_dataset, pipeline_home, capsys)
 
 @pytest.mark.parametrize("defect", DEFECTS, ids=lambda d: d.name)
 def test_bad_input_exits_2_with_one_line_naming_the_problem(defect, small_dataset, tmp_path, pipeline_home, capsys):
-    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    folder = broken_copy(small_dataset, tmp_path / "fashion-mnist", defect)
     assert main(["run", "--source", str(folder), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
@@ -105,7 +105,7 @@ def test_internal_error_exits_1(pipeline_home, capsys, monkeypatch):
 
 def test_console_script_reports_bad_input_in_one_line(small_dataset, tmp_path, pipeline_home):
     defect = next(d for d in DEFECTS if d.name == "label_out_of_range")
-    folder = broken_copy(small_dataset, tmp_path / "broken", defect)
+    folder = broken_copy(small_dataset, tmp_path / "fashion-mnist", defect)
     out = run_cli("run", "--source", str(folder))
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()] and "labels in 0..9" in out.stderr

@@ -117,6 +117,8 @@ def synthetic_report(classes: list[str]) -> dict:
             "counts": {"train": 900, "val": 100, "test": 100},
             "removed": {"duplicates": 3, "leaked": 2},
             "classes": classes,
+            "dataset_name": "fashion-mnist",
+            "image_shape": [1, 28, 28],
         },
         **report,
     }
@@ -146,9 +148,10 @@ def test_model_card_names_the_data_the_metrics_every_class_and_the_configuration
         assert "Shirt is the worst-served class" in card and "a gap of 0.4000" in card
         assert "T-shirt/top and Shirt are confused 4 times" in card
         assert all(key in card and value in card for key, value in PARAMS.items())
-        assert "28x28 grayscale" in card and "Decisions about people" in card
+        assert "28x28 grayscale images like those of the fashion-mnist dataset" in card
+        assert "Decisions about people" in card
     markdown = model_card_markdown(report, PARAMS)
-    assert markdown.startswith("# Model card: Fashion-MNIST classifier (resnet_small), run 0123abcd")
+    assert markdown.startswith("# Model card: fashion-mnist classifier (resnet_small), run 0123abcd")
     assert "| T-shirt/top | 0.7143 | 1.0000 |" in markdown
 
 
@@ -247,3 +250,13 @@ def test_evaluation_logs_the_report_figures_and_model_card(small_processed, sett
 
     # A rerun reads the same result back from the run.
     assert evaluate(trained, processed, storage, settings) == evaluation
+
+
+def test_the_card_of_another_dataset_says_what_that_data_is_and_nothing_of_fashion_mnist():
+    digits = [str(d) for d in range(10)]
+    report = synthetic_report(digits)
+    report["data"].update(dataset_name="digits", image_shape=[1, 8, 8])
+    card = model_card_markdown(report, PARAMS)
+    assert card.startswith("# Model card: digits classifier")
+    assert "8x8 grayscale images like those of the digits dataset" in card and "0, 1, 2, 3" in card
+    assert "fashion" not in card.lower() and "28x28" not in card

@@ -346,7 +346,7 @@ def test_fault_storage_full_during_preprocess_leaves_nothing_half_written_and_re
     store = small_disk / "storage"
     storage = open_storage(str(store))
     raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-    digest = processed_hash(raw.dataset_hash, PreprocessConfig())
+    digest = processed_hash(raw, PreprocessConfig())
     # Leave room for the training split (about 0.9 * 2,000 images of 784 bytes) and not for
     # the rest: the disk fills up half-way through the processed data.
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -398,7 +398,7 @@ def test_fault_s3_storage_full_during_preprocess_leaves_no_partial_prefix_and_re
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         storage = open_storage(f"s3://{bucket}/pipeline", cache_dir=tmp_path / "cache")
         raw = acquire(AcquireConfig(source_uri=str(small_dataset)), storage)
-        digest = processed_hash(raw.dataset_hash, PreprocessConfig())
+        digest = processed_hash(raw, PreprocessConfig())
         prefix = f"pipeline/processed/{digest}/"
 
         proxy.allow_puts = 1  # one split goes in, the next upload finds the storage full

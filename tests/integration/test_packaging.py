@@ -68,7 +68,7 @@ def test_finding_an_installed_pipeline_cannot_find_its_suites(tmp_path, small_da
         [
             str(python),
             "-c",
-            "import pipeline, pipeline.data.validate as v; print(pipeline.__file__); print(v.suites_dir())",
+            "import pipeline, pipeline.data.expectations as v; print(pipeline.__file__); print(v.suites_dir())",
         ],
         cwd=elsewhere,
         env=env,
@@ -77,6 +77,7 @@ def test_finding_an_installed_pipeline_cannot_find_its_suites(tmp_path, small_da
         text=True,
     ).stdout.split()
     assert all(Path(p).is_relative_to(site) for p in where), where  # the wheel's copy, suites included
+    assert (Path(where[1]) / "fashion-mnist" / "raw_profile.json").is_file()  # a dataset's own suites too
     dataset = pipeline("acquire", "--source", str(small_dataset))["dataset_hash"]
     result = pipeline("validate", "--dataset", dataset)
     assert result["suites"] == {"raw_dataset": True, "raw_profile": True}, result

@@ -20,6 +20,7 @@ from pipeline.serving.slot import ModelSlot, ServedModel
 
 CLASSES = [f"class {i}" for i in range(10)]
 IMAGE = (np.arange(784).reshape(28, 28) % 256).tolist()
+SHAPE = (1, 28, 28)  # the served version's input_shape
 
 
 def served(version: str, scale: float = 1.0) -> ServedModel:
@@ -27,7 +28,10 @@ def served(version: str, scale: float = 1.0) -> ServedModel:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.Softmax(dim=1)).eval()
     with torch.no_grad():
         net[1].weight.mul_(scale)
-    return ServedModel(net, {"model_name": "m", "version": version, "alias": "production", "classes": CLASSES})
+    return ServedModel(
+        net,
+        {"model_name": "m", "version": version, "alias": "production", "classes": CLASSES, "input_shape": [1, 28, 28]},
+    )
 
 
 @pytest.fixture
@@ -51,9 +55,9 @@ def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
 
 def test_integers_floats_and_png_become_the_same_pixels():
     image = np.asarray(IMAGE)
-    from_ints = parse_images({"image": IMAGE})
-    from_floats = parse_images({"instances": [(image / 255.0).tolist()]})
-    from_png = parse_png(png_bytes(image))
+    from_ints = parse_images({"image": IMAGE}, SHAPE)
+    from_floats = parse_images({"instances": [(image / 255.0).tolist()]}, SHAPE)
+    from_png = parse_png(png_bytes(image), SHAPE)
     assert from_ints.shape == (1, 1, 28, 28) and from_ints.dtype == np.float32
     np.testing.assert_allclose(from_ints, from_floats, atol=1e-7)
     np.testing.assert_allclose(from_ints, from_png, atol=1e-7)
@@ -64,7 +68,7 @@ def test_integers_floats_and_png_become_the_same_pixels():
     [
         ([1, 2], "expected a JSON object"),
         ({"images": []}, 'with one key, "instances"'),
-        ({"instances": []}, "expected a non-empty list of 28x28 images, found an empty list"),
+        ({"instances": []}, "expected a non-empty list of 28x28 grayscale images, found an empty list"),
         ({"image": [[0] * 28] * 27}, "expected images of shape (28, 28), found (27, 28)"),
         ({"instances": [[[0] * 28] * 28, [[0] * 28] * 3]}, "expected images of shape (28, 28)"),
         ({"image": [[0] * 28] * 27 + [[0] * 27]}, "found (28, rows of [27, 28] lengths)"),  # ragged rows
@@ -80,21 +84,21 @@ def test_integers_floats_and_png_become_the_same_pixels():
 )
 def test_malformed_json_requests_say_what_was_expected(payload, message):
     with pytest.raises(RequestError) as error:
-        parse_images(payload)
+        parse_images(payload, SHAPE)
     assert message in str(error.value)
 
 
 def test_malformed_png_requests_say_what_was_expected():
     with pytest.raises(RequestError, match="expected PNG bytes"):
-        parse_png(b"GIF89a....")
-    with pytest.raises(RequestError, match=r"expected a 28x28 grayscale PNG \(mode L\), found 28x28 mode RGB"):
-        parse_png(png_bytes(np.zeros((28, 28)), "RGB"))
+        parse_png(b"GIF89a....", SHAPE)
+    with pytest.raises(RequestError, match=r"expected a 28x28 grayscale PNG, found 28x28 mode RGB"):
+        parse_png(png_bytes(np.zeros((28, 28)), "RGB"), SHAPE)
     with pytest.raises(RequestError, match="mode P"):
-        parse_png(png_bytes(np.zeros((28, 28)), "P"))
+        parse_png(png_bytes(np.zeros((28, 28)), "P"), SHAPE)
     with pytest.raises(RequestError, match="found 32x28"):
-        parse_png(png_bytes(np.zeros((28, 32))))
+        parse_png(png_bytes(np.zeros((28, 32))), SHAPE)
     with pytest.raises(RequestError, match="expected a readable PNG"):
-        parse_png(png_bytes(np.zeros((28, 28)))[:40])
+        parse_png(png_bytes(np.zeros((28, 28)))[:40], SHAPE)
 
 
 def test_not_ready_before_a_model_is_loaded():
@@ -136,7 +140,12 @@ def test_answers_json_and_png_with_the_version(client):
         (b'{"image": ' + str([[999] * 28] * 28).encode() + b"}", "application/json", 422, "expected integers 0-255"),
         (b'{"instances": []}', "application/json", 422, "found an empty list"),
         (b"0" * (10 * 1024 * 1024), "application/json", 413, "expected at most 8388608 bytes"),
-        (b"hello", "text/plain", 415, "expected application/json or image/png, found text/plain"),
+        (
+            b"hello",
+            "text/plain",
+            415,
+            "expected one of application/json, image/png, image/jpeg, image/webp, found text/plain",
+        ),
         (b"\x89PNG\r\n\x1a\nbroken", "image/png", 422, "expected a readable PNG"),
     ],
     ids=[
@@ -236,7 +245,7 @@ def test_after_a_swap_the_next_request_names_the_new_version(client):
 def test_openapi_schema_describes_what_the_service_does(client):
     schema = client.get("/openapi.json").json()
     predict = schema["paths"]["/predict"]["post"]
-    assert set(predict["requestBody"]["content"]) == {"application/json", "image/png"}
+    assert set(predict["requestBody"]["content"]) == {"application/json", "image/png", "image/jpeg", "image/webp"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
     response = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert response.endswith("/PredictResponse")
@@ -257,7 +266,7 @@ def test_a_dead_inference_loop_fails_waiting_requests_instead_of_hanging():
 
     slot = ModelSlot("models:/m/4")
     slot.swap(served("4"))
-    pixels = parse_images({"image": IMAGE})
+    pixels = parse_images({"image": IMAGE}, SHAPE)
 
     async def scenario() -> None:
         batcher = MicroBatcher(slot)
@@ -300,7 +309,7 @@ def test_finding_png_decompression_bomb_gets_a_4xx_not_a_500(client):
     detail = response.json()["detail"]
     assert "28x28" in detail and "20000x20000" in detail and "\n" not in detail
     with pytest.raises(RequestError):
-        parse_png(bomb_png(30_000, 30_000))
+        parse_png(bomb_png(30_000, 30_000), SHAPE)
     assert client.get("/health").status_code == 200
 
 

@@ -20,7 +20,6 @@ from test_serve_limits import live_server
 
 from pipeline.config import ServingSettings
 from pipeline.serving.payload import (
-    IMAGE_SHAPE,
     MAX_BATCH,
     MAX_BODY_BYTES,
     RequestError,
@@ -31,6 +30,9 @@ from pipeline.serving.payload import (
 )
 
 pytestmark = pytest.mark.slow
+
+SHAPE = (1, 28, 28)  # the served version's input_shape (Fashion-MNIST's)
+IMAGE_SHAPE = SHAPE[1:]
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -99,7 +101,7 @@ def json_images(data: st.DataObject, images: np.ndarray) -> tuple[dict, bool]:
 def test_parse_images_gives_pixels_or_a_request_error(real_images, data):
     body, valid = json_images(data, real_images)
     try:
-        well_formed(parse_images(body))
+        well_formed(parse_images(body, SHAPE))
     except RequestError:
         assert not valid
 
@@ -118,7 +120,7 @@ def test_load_json_reads_json_or_raises_a_request_error(raw):
     except RequestError:
         return
     try:
-        well_formed(parse_images(payload))
+        well_formed(parse_images(payload, SHAPE))
     except RequestError:
         pass
 
@@ -134,7 +136,7 @@ def test_parse_png_gives_pixels_or_a_request_error(real_images, data):
     )
     mutate_bytes(data, png, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), max_size=4)))
     try:
-        well_formed(parse_png(bytes(png)))
+        well_formed(parse_png(bytes(png), SHAPE))
     except RequestError:
         pass
 
@@ -154,6 +156,14 @@ def refused_for_size_exactly_beyond_the_limit(ctx, response, case) -> None:
     size = len(body.encode() if isinstance(body, str) else body)
     if (response.status_code == 413) != (size > MAX_BODY_BYTES):
         raise AssertionError(f"{response.status_code} for a body of {size} bytes (the limit is {MAX_BODY_BYTES})")
+
+
+def encoded(image: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, quality=90)
+    return buffer.getvalue()
 
 
 def pillow_reads_one_gray_image(png: bytes) -> bool:
@@ -198,12 +208,14 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
             }
         }
     )
-    validator = jsonschema.Draft202012Validator(request_schema())
+    validator = jsonschema.Draft202012Validator(request_schema(SHAPE))
     # The same schema for 1,024-image bodies: jsonschema takes 10-45 s on each, its Rust port (a dependency
     # of schemathesis) 0.1 s.
-    fast_validator = jsonschema_rs.Draft202012Validator(request_schema())
-    # A PNG body's validity is beyond JSON Schema: schemathesis draws real 28x28 images for it.
+    fast_validator = jsonschema_rs.Draft202012Validator(request_schema(SHAPE))
+    # An image body's validity is beyond JSON Schema: schemathesis draws real 28x28 images for each type.
     schemathesis.openapi.media_type("image/png", st.sampled_from([png_bytes(image) for image in real_images]))
+    for media_type, fmt in (("image/jpeg", "JPEG"), ("image/webp", "WEBP")):
+        schemathesis.openapi.media_type(media_type, st.sampled_from([encoded(image, fmt) for image in real_images]))
     with live_server(ServingSettings()) as port:
         base = f"http://127.0.0.1:{port}"
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json", config=config)

@@ -98,7 +98,7 @@ def test_finding_full_collections_scan_the_whole_import_heap():
         def model(version):
             net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
             net.loop = [net]  # a reference cycle, freed only by the collector
-            return ServedModel(net, {"model_name": "m", "version": version, "alias": "production"})
+            return ServedModel(net, {"model_name": "m", "version": version, "alias": "production", "input_shape": [1, 28, 28]})
 
         slot = ModelSlot("models:/m@production")
         slot.swap(model("1"))

@@ -1,0 +1,96 @@
+"""Datasets other than Fashion-MNIST's IDX files, from source to a served model: scikit-learn's
+digits as a CSV manifest through the training_pipeline DAG (``dag.test()``), and the Fashion-MNIST
+cut as 32x32 RGB JPEGs in a .tar.gz over HTTP through ``pipeline run``. Each registered version
+says what it takes (input shape, classes), and the endpoint serving it takes exactly that."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from image_datasets import cut, digits_manifest, encode, rgb_archive
+from recipes import SMALL_RECIPE, recipe_flags
+from services import RecordingServer
+
+from pipeline.config import Settings
+from pipeline.tracking import tracking_client
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def training_dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).get_dag("training_pipeline")
+
+
+def only_version(settings: Settings):
+    (version,) = tracking_client(settings).search_model_versions(f"name = '{settings.model_name}'")
+    return version
+
+
+def serving(settings: Settings, version: str):
+    from fastapi.testclient import TestClient
+
+    from pipeline.serving.app import create_app
+    from pipeline.serving.slot import ModelSlot
+
+    slot = ModelSlot(f"models:/{settings.model_name}/{version}")
+    slot.load_first(settings)
+    assert slot.current is not None, slot.error
+    return TestClient(create_app(slot))
+
+
+def test_digits_from_a_csv_manifest_train_register_and_serve_with_classes_0_to_9(training_dag, tmp_path, settings):
+    source = digits_manifest(tmp_path / "digits")
+    conf = {"source_uri": str(source), **SMALL_RECIPE, "epochs": 2, "batch_size": 64, "gate_min_accuracy": 0.5}
+    assert training_dag.test(run_conf=conf).state == "success"
+    version = only_version(settings)
+    assert json.loads(version.tags["classes"]) == [str(d) for d in range(10)]
+    assert json.loads(version.tags["input_shape"]) == [1, 8, 8]
+    card = version.description
+    assert "8x8 grayscale images like those of the digits dataset" in card and "0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in card
+    assert "Fashion" not in card and "T-shirt" not in card
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with serving(settings, version.version) as client:
+        metadata = client.get("/metadata").json()
+        assert metadata["classes"] == [str(d) for d in range(10)] and metadata["input_shape"] == [1, 8, 8]
+        images = (digits.images[:64] * 255 / 16).astype(np.uint8)
+        answer = client.post("/predict", json={"instances": images.tolist()}).json()
+        predicted = [p["class_name"] for p in answer["predictions"]]
+        assert np.mean([p == str(t) for p, t in zip(predicted, digits.target[:64], strict=True)]) > 0.5
+        wrong = client.post("/predict", json={"image": np.zeros((28, 28), int).tolist()})
+        assert wrong.status_code == 422 and "expected images of shape (8, 8)" in wrong.json()["detail"]
+
+
+def test_rgb_jpegs_in_a_tar_gz_over_http_train_a_3_channel_model_that_refuses_grayscale(
+    tmp_path, pipeline_home, small_splits, capsys
+):
+    from pipeline.config import Settings
+    from pipeline.entrypoints.cli import main
+
+    archive = rgb_archive(tmp_path / "served", cut(small_splits, 1000, 250))
+    with RecordingServer(archive.parent) as server:
+        code = main(["run", "--source", f"{server.url}/{archive.name}", "--epochs", "1", *recipe_flags(),
+                     "--gate-min-accuracy", "0.3"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    settings = Settings.from_env()
+    version = only_version(settings)
+    assert json.loads(version.tags["input_shape"]) == [3, 32, 32]
+    assert "32x32 RGB images like those of the fashion-rgb dataset" in version.description
+    from PIL import Image
+
+    with serving(settings, version.version) as client:
+        photo = np.asarray(Image.open(next((tmp_path / "served" / "work").rglob("*.jpeg"))).convert("RGB"))
+        answer = client.post("/predict", content=encode(photo, "JPEG"), headers={"content-type": "image/jpeg"})
+        assert answer.status_code == 200 and answer.json()["model_version"] == str(version.version)
+        gray = client.post(
+            "/predict", content=encode(small_splits["t10k"][0][0]), headers={"content-type": "image/png"}
+        )
+        assert gray.status_code == 422
+        assert gray.json()["detail"] == "image: expected a 32x32 RGB PNG, found 28x28"
