@@ -220,10 +220,11 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
     """Fetch the dataset named by ``config.source_uri`` into ``storage`` (idempotent), within
     ``limits`` (default: :meth:`SourceLimits.from_env`)."""
     limits = limits or SourceLimits.from_env()
-    if config.format != "idx" and holds_images(config, limits):
+    listed: list[Any] = []
+    if config.format != "idx" and holds_images(config, limits, listed):
         from pipeline.data.acquire_images import acquire_images
 
-        return acquire_images(config, storage, limits)
+        return acquire_images(config, storage, limits, *listed)
     unexpected = set(config.expected_sha256) - set(IDX_FILES.values())
     if unexpected:
         raise ConfigError("expected_sha256", f"keys among {sorted(IDX_FILES.values())}", str(sorted(unexpected)))
@@ -289,10 +290,14 @@ def acquire(config: AcquireConfig, storage: Storage, limits: SourceLimits | None
     )
 
 
-def holds_images(config: AcquireConfig, limits: SourceLimits) -> bool:
+def holds_images(config: AcquireConfig, limits: SourceLimits, listed: list[Any] | None = None) -> bool:
     """Whether ``config.source_uri`` is an image dataset rather than the four IDX files: its
     ``format`` says so, or it names an archive or a manifest, or it is a folder or S3 prefix
-    without any of the IDX files. An HTTP prefix cannot be listed: the IDX files, unless told."""
+    that holds files but none of the IDX files. The first IDX file is looked for first (one
+    ``stat`` or ``HEAD``: an IDX source is never listed); a source that cannot be reached fails
+    here naming it; an empty or missing one goes the IDX way, which names the missing file. An
+    HTTP prefix cannot be listed: the IDX files, unless told. A listing made here is appended to
+    ``listed`` (the source and its names), so that acquiring does not list again."""
     from pipeline.data.layouts import MANIFEST_NAMES, is_archive
 
     if config.format in ("folders", "manifest"):
@@ -302,11 +307,19 @@ def holds_images(config: AcquireConfig, limits: SourceLimits) -> bool:
         return True
     if urlparse(config.source_uri).scheme in ("http", "https"):
         return False
+    source = open_source(config.source_uri, limits)
     try:
-        names = set(open_source(config.source_uri, limits).names())
+        source.fingerprint(IDX_FILES["train_images"])
+        return False
+    except SourceNotFoundError:
+        pass
+    try:
+        names = set(source.names())
     except SourceNotFoundError:
         return False  # the IDX path names what is missing
-    return not set(IDX_FILES.values()) & names  # one IDX file or more: the IDX path names what is missing
+    if listed is not None:
+        listed += [source, sorted(names)]
+    return bool(names) and not set(IDX_FILES.values()) & names  # an IDX file or none: the IDX path says what is missing
 
 
 def load_raw_ref(storage: Storage, digest: str) -> RawDatasetRef:

@@ -103,16 +103,27 @@ def _verify(config: AcquireConfig, where: str, name: str, digest: str) -> None:
         raise ChecksumMismatchError(where, f"sha256 {expected.lower()}", digest)
 
 
-def _listing(config: AcquireConfig, limits: SourceLimits) -> tuple[Source, list[str], str | None]:
-    """The source to read, the files to take from it, and the single file (archive or
-    manifest) the URI names, if it names one."""
+def _listing(
+    config: AcquireConfig, limits: SourceLimits, source: Source | None = None, names: list[str] | None = None
+) -> tuple[Source, list[str], str | None]:
+    """The source to read, the files to take from it (``source`` and ``names`` when already
+    listed), and the single file (archive or manifest) the URI names, if it names one."""
     uri = config.source_uri
+    if source is not None and names is not None:
+        return source, names, None
     _, last = split_uri(uri.rstrip("/"))
     if is_archive(last) or last in MANIFEST_NAMES or last.endswith(".parquet"):
         parent, name = split_uri(uri)
         return open_source(parent, limits), [name], name
     source = open_source(uri, limits)
     return source, source.names(), None
+
+
+def empty_folders(folders: list[str], files: dict[str, bytes]) -> list[str]:
+    """The folders no file is under: the only ones a listing of files does not imply (S3 has no
+    folders), so the same files give the same hash from a disk or a bucket."""
+    holding = {str(parent) for name in files for parent in PurePosixPath(name).parents}
+    return [folder for folder in folders if folder not in holding]
 
 
 def _fingerprint(source: Source, names: list[str], single: str | None) -> str | None:
@@ -142,10 +153,17 @@ def _pack(files: dict[str, bytes], dest: Path, folders: list[str]) -> None:
             out.addfile(info, io.BytesIO(files[name]))
 
 
-def acquire_images(config: AcquireConfig, storage: Storage, limits: SourceLimits) -> RawDatasetRef:
-    """Fetch an image dataset's files into ``storage`` (idempotent); see the module docstring."""
+def acquire_images(
+    config: AcquireConfig,
+    storage: Storage,
+    limits: SourceLimits,
+    source: Source | None = None,
+    names: list[str] | None = None,
+) -> RawDatasetRef:
+    """Fetch an image dataset's files into ``storage`` (idempotent; see the module docstring);
+    ``source`` and ``names``: the source's listing, when the caller made one."""
     shown = redact_uri(config.source_uri)
-    source, names, single = _listing(config, limits)
+    source, names, single = _listing(config, limits, source, names)
     fingerprints = _fingerprint(source, names, single)
     reading = {**config.reading(), "dataset_name": config.dataset_name or dataset_name(config.source_uri)}
     record_key = _source_key(config.source_uri)
@@ -153,7 +171,8 @@ def acquire_images(config: AcquireConfig, storage: Storage, limits: SourceLimits
         record = storage.get_json(record_key)
         if record.get("fingerprints") == fingerprints and storage.exists(f"raw/{record['dataset_hash']}/{MANIFEST}"):
             log.info("source %s unchanged: reusing raw/%s", shown, record["dataset_hash"])
-            return _ref(storage, record["dataset_hash"], shown, record["files"], record["layout"], reading, [])
+            layout: str = config.format if config.format != "auto" else record["layout"]  # a reading setting
+            return _ref(storage, record["dataset_hash"], shown, record["files"], layout, reading, [])
 
     budget = limits.max_dataset_bytes
     with tempfile.TemporaryDirectory(prefix="acquire-") as staging:
@@ -182,7 +201,7 @@ def acquire_images(config: AcquireConfig, storage: Storage, limits: SourceLimits
             for name, hexdigest in digests.items():
                 _verify(config, source.file_uri(name), name, hexdigest)
             stored = PACKED
-            folders = source.folders() if single is None else []
+            folders = empty_folders(source.folders(), taken) if single is None else []
             _pack(taken, Path(staging) / PACKED, folders)
             del taken
             packed = (Path(staging) / PACKED).read_bytes()
@@ -194,7 +213,7 @@ def acquire_images(config: AcquireConfig, storage: Storage, limits: SourceLimits
         from pipeline.data.layouts import detect_layout
 
         if config.format != "auto":
-            layout: str = config.format
+            layout = config.format
         elif stored == PACKED:
             layout = str(detect_layout(fetched_names, shown))
         else:

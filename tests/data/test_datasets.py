@@ -123,3 +123,14 @@ def test_under_max_invalid_fraction_bad_images_are_quarantined_reported_and_neve
     too_strict = acquire(AcquireConfig(source_uri=str(folder), max_invalid_fraction=0.002), storage)
     with pytest.raises(BadImageError, match=r"3 of 503 images are invalid, max_invalid_fraction allows 1"):
         validate_raw(too_strict, storage)
+
+
+def test_the_format_setting_overrides_detection(tmp_path, storage, cut):
+    folder = fashion_folders(tmp_path / "both", first(cut, 400, 110))
+    rows = ["path,label"] + [f"{p.relative_to(folder).as_posix()},one" for p in sorted(folder.rglob("*.png"))]
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")  # a manifest beside the class folders
+    detected = acquire(AcquireConfig(source_uri=str(folder)), storage)
+    assert detected.layout == "manifest"  # a manifest, when there is one, says what the labels are
+    told = acquire(AcquireConfig(source_uri=str(folder), format="folders"), storage)
+    assert told.layout == "folders"
+    assert validate_raw(told, storage).spec["classes"] == sorted(FOLDERS)
