@@ -261,18 +261,9 @@ def _ref(
 
 def _manifest_paths(name: str, data: bytes, where: str) -> list[str]:
     """The relative paths a manifest names (absolute URIs and ``..`` are refused)."""
-    import pandas as pd
+    from pipeline.data.layouts import read_manifest
 
-    try:
-        table = (
-            pd.read_parquet(io.BytesIO(data))
-            if name.endswith(".parquet")
-            else pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-        )
-    except Exception as exc:  # noqa: BLE001 - pandas and pyarrow raise many kinds on a bad file
-        raise DatasetLayoutError(where, "a CSV or Parquet table", f"{type(exc).__name__}: {str(exc)[:120]}") from None
-    if "path" not in table.columns:
-        raise DatasetLayoutError(where, "columns path, label (and optionally split)", f"columns {list(table.columns)}")
+    table = read_manifest(name, data, where)
     paths = []
     for row, path in enumerate(table["path"].astype(str), start=2):
         parts = PurePosixPath(path)

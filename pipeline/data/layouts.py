@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -393,24 +393,29 @@ def _folders(members: Members, names: list[str], report: Problems) -> tuple[list
     return images, labels, splits
 
 
-def _manifest(members: Members, names: list[str], report: Problems) -> tuple[list[str], list[str], list[str]]:
+def read_manifest(name: str, data: bytes, where: str) -> Any:
+    """The manifest ``name`` (CSV read as text, or Parquet) as a table with columns ``path`` and
+    ``label`` (and optionally ``split``); anything else is a one-line error naming ``where``."""
     import pandas as pd
 
-    top = [n for n in names if "/" not in n]
-    manifest = next((n for n in MANIFEST_NAMES if n in top), None) or next(n for n in top if n.endswith(".parquet"))
-    where = f"{members.where}/{manifest}"
-    data = members.read(manifest)
     try:
         table = (
             pd.read_parquet(io.BytesIO(data))
-            if manifest.endswith(".parquet")
+            if name.endswith(".parquet")
             else pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
         )
     except Exception as exc:  # noqa: BLE001 - pandas and pyarrow raise many kinds on a bad file
         raise DatasetLayoutError(where, "a CSV or Parquet table", f"{type(exc).__name__}: {str(exc)[:120]}") from None
-    missing = {"path", "label"} - set(table.columns)
-    if missing:
+    if {"path", "label"} - set(table.columns):
         raise DatasetLayoutError(where, "columns path, label (and optionally split)", f"columns {list(table.columns)}")
+    return table
+
+
+def _manifest(members: Members, names: list[str], report: Problems) -> tuple[list[str], list[str], list[str]]:
+    top = [n for n in names if "/" not in n]
+    manifest = next((n for n in MANIFEST_NAMES if n in top), None) or next(n for n in top if n.endswith(".parquet"))
+    where = f"{members.where}/{manifest}"
+    table = read_manifest(manifest, members.read(manifest), where)
     paths = [str(p) for p in table["path"]]
     labels = [str(v) for v in table["label"]]
     splits = [str(v) for v in table["split"]] if "split" in table.columns else [""] * len(paths)
