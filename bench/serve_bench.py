@@ -62,8 +62,8 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
             serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    version = mlflow.register_model(info.model_uri, settings.model_name).version
-    return f"models:/{settings.model_name}/{version}"
+    version = mlflow.register_model(info.model_uri, settings.model_for()).version
+    return f"models:/{settings.model_for()}/{version}"
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -201,8 +201,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     settings = dataclasses.replace(Settings.from_env({"PIPELINE_HOME": str(home)}), model_name="serve-bench")
     model_uri = register_model(settings)
-    tracking_client(settings).set_registered_model_alias(settings.model_name, "production", "1")
-    production_uri = f"models:/{settings.model_name}@production"
+    tracking_client(settings).set_registered_model_alias(settings.model_for(), "production", "1")
+    production_uri = f"models:/{settings.model_for()}@production"
     # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
     env = {**os.environ, **settings.to_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     # The same image as the same JSON floats for both (ours also takes integers, which are shorter).

@@ -418,7 +418,7 @@ def main() -> int:
         version = register_model(settings, seed=seed, experiment="soak_bench").rsplit("/", 1)[1]
         # As the gate and infra validation leave a version that passed them (tests/registry/test_promote.py).
         for tag, value in ((TAG_GATE, "passed"), (TAG_INFRA, "passed"), (TAG_GATE_PRODUCTION, "none")):
-            client.set_model_version_tag(settings.model_name, version, tag, value)
+            client.set_model_version_tag(settings.model_for(), version, tag, value)
     promote(settings, "1", actor=actor, reason="soak: start on version 1")
     bodies, source = request_bodies(2000, args.batch_size)
     mix = request_mix(args.batch_share, args.png_share)
@@ -427,7 +427,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, **settings.to_env(), "PIPELINE_SERVE_TOKEN": token}
-    command = serve_command(f"models:/{settings.model_name}@production", port=port, poll_interval=args.poll_interval)
+    command = serve_command(f"models:/{settings.model_for()}@production", port=port, poll_interval=args.poll_interval)
     log_path = home / "serve.log"
     context = multiprocessing.get_context("spawn")
     # Flags in shared memory without a lock: a child killed while holding an Event's lock would

@@ -33,6 +33,13 @@ DEPLOYMENT_DAG = {
     "default_args": DEFAULT_ARGS,
 }
 REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")
+MODEL = Param(
+    "",
+    type="string",
+    title="Registered model",
+    description="Empty: $PIPELINE_MODEL_NAME, else the default dataset's (fashion-mnist-classifier).",
+    pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$",
+)
 
 
 @dag(
@@ -46,6 +53,7 @@ REASON = Param("", type="string", title="Reason", description="Why, for the prom
             title="Version",
             description="Registered version to promote. Empty: the version with alias staging.",
         ),
+        "model_name": MODEL,
         "reason": REASON,
     },
 )
@@ -70,6 +78,7 @@ def promote_model():
             title="Roll back to version",
             description="Empty: the production version before the current one.",
         ),
+        "model_name": MODEL,
         "reason": REASON,
     },
 )

@@ -147,7 +147,8 @@ def training_pipeline():
         from pipeline.entrypoints import tasks
 
         actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
-        return tasks.promote(params, actor, version["version"], "auto_promote: passed the gate and infra validation")
+        reason = "auto_promote: passed the gate and infra validation"
+        return tasks.promote(params, actor, version["version"], reason, model_name=version["model_name"])
 
     raw = acquire()
     validation = validate(raw)

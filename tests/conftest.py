@@ -70,8 +70,9 @@ def small_splits(real_splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory, small_splits) -> Path:
-    """A folder with the small real subset as the four gzip IDX files."""
-    return write_dataset(tmp_path_factory.mktemp("small-fashion"), small_splits)
+    """A folder named ``fashion-mnist`` (so its runs register the default model name) with the
+    small real subset as the four gzip IDX files."""
+    return write_dataset(tmp_path_factory.mktemp("small") / "fashion-mnist", small_splits)
 
 
 #: Variables that would point a test's pipeline away from its own home.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
+from urllib.parse import unquote, urlparse
 
 #: The Fashion-MNIST file set; any dataset in the same IDX layout (MNIST included) works.
 IDX_FILES = {
@@ -44,6 +45,26 @@ FASHION_MNIST_SHAPE = (1, 28, 28)
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+#: The file names a manifest dataset's table may have (any other ``*.parquet`` also is one).
+MANIFEST_NAMES = ("labels.csv", "labels.parquet")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def dataset_name(source_uri: str) -> str:
+    """The source's last path part without an archive suffix; a manifest's, its folder's:
+    ``fashion-mnist`` for ``/usr/share/datasets/fashion-mnist`` or ``s3://b/fashion-mnist.tar.gz``."""
+    parsed = urlparse(source_uri)
+    remote = parsed.scheme not in ("", "file") and len(parsed.scheme) > 1  # not C:\
+    path = PurePosixPath(unquote(parsed.path)) if remote or parsed.scheme == "file" else PurePosixPath(source_uri)
+    name = path.name
+    if name in MANIFEST_NAMES or name.endswith(".parquet"):
+        name = path.parent.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "dataset"
+    return name or (parsed.hostname or "" if remote else "") or "dataset"  # s3://bucket: the bucket
+
 
 Architecture = Literal["resnet_deep", "resnet_small", "resnet_wide", "resnet_large", "simple_cnn", "seed_cnn"]
 Optimizer = Literal["adamw", "adam", "sgd"]
@@ -92,8 +113,11 @@ class Settings:
     """``PIPELINE_ARTIFACT_ROOT``: artifact location given to a new experiment when the
     tracking URI is a database (default ``<home>/mlartifacts``); an MLflow server decides its own."""
 
-    model_name: str = "fashion-mnist-classifier"
-    """``PIPELINE_MODEL_NAME``: the registered model every run adds versions to."""
+    model_name: str = ""
+    """``PIPELINE_MODEL_NAME``: the registered model every run adds versions to. Empty: named
+    after the dataset, ``<dataset name>-classifier``: a run registers under its own dataset's
+    name, and the commands that act on the registry outside a run (promote, serve, monitor)
+    use the default source's (``fashion-mnist-classifier``). See :meth:`model_for`."""
 
     experiment_name: str = "training_pipeline"
     """``PIPELINE_EXPERIMENT``: the MLflow experiment of the training DAG."""
@@ -115,11 +139,20 @@ class Settings:
             storage_uri=env.get("PIPELINE_STORAGE_URI") or str(home / "storage"),
             tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
             artifact_root=env.get("PIPELINE_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
-            model_name=env.get("PIPELINE_MODEL_NAME") or cls.model_name,
+            model_name=env.get("PIPELINE_MODEL_NAME") or "",
             experiment_name=env.get("PIPELINE_EXPERIMENT") or cls.experiment_name,
             source_uri=env.get("PIPELINE_SOURCE_URI") or cls.source_uri,
             incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
         )
+
+    def model_for(self, dataset: str = "") -> str:
+        """The registered model's name: ``PIPELINE_MODEL_NAME``, else ``<dataset>-classifier``
+        for ``dataset`` (a run's dataset name), else for the default source."""
+        return self.model_name or f"{dataset or dataset_name(self.source_uri)}-classifier"
+
+    def for_model(self, name: str) -> Settings:
+        """These settings acting on the registered model ``name`` (a run's own, once registered)."""
+        return replace(self, model_name=name)
 
     def ensure_home(self) -> Path:
         """Create the embedded home, readable by its owner only: it holds the MLflow and Airflow

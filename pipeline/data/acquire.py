@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import IDX_FILES, AcquireConfig, SourceLimits
-from pipeline.data.acquire_images import dataset_name
+from pipeline.config.settings import dataset_name
 from pipeline.data.idx import IDX_DTYPES, ContentStream
 from pipeline.data.sources import Source, open_source, split_uri
 from pipeline.errors import (

@@ -30,7 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.config import AcquireConfig, SourceLimits
-from pipeline.data.layouts import MANIFEST_NAMES, is_archive, open_members
+from pipeline.config.settings import MANIFEST_NAMES, dataset_name
+from pipeline.data.layouts import is_archive, open_members
 from pipeline.data.sources import Source, open_source, split_uri
 from pipeline.errors import ChecksumMismatchError, DatasetLayoutError, SourceLimitError
 from pipeline.redact import redact_uri
@@ -41,17 +42,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 PACKED = "images.tar"
-
-
-def dataset_name(source_uri: str) -> str:
-    """The source's last path part without an archive or manifest suffix: ``fashion-mnist``."""
-    _, name = split_uri(source_uri.rstrip("/"))
-    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    if name in MANIFEST_NAMES or name.endswith(".parquet"):
-        return dataset_name(split_uri(source_uri.rstrip("/"))[0])
-    return name or "dataset"
 
 
 def content_hash(digests: dict[str, str]) -> str:

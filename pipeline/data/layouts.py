@@ -35,14 +35,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import IDX_FILES
+from pipeline.config.settings import ARCHIVE_SUFFIXES, IDX_FILES, MANIFEST_NAMES
 from pipeline.errors import DatasetLayoutError
 
 Layout = Literal["idx", "folders", "manifest"]
 LAYOUTS: tuple[str, ...] = ("idx", "folders", "manifest")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-MANIFEST_NAMES = ("labels.csv", "labels.parquet")
 SPLIT_NAMES = ("train", "test")
 
 

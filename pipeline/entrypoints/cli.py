@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="log progress (-v) or everything (-vv) on stderr; default: errors only",
     )
+    common.add_argument(
+        "--model",
+        metavar="NAME",
+        help="registered model to act on (default: $PIPELINE_MODEL_NAME, else named after the dataset: "
+        "<dataset>-classifier, fashion-mnist-classifier for the default source)",
+    )
 
     def add(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        result = args.func(args, Settings.from_env())
+        settings = Settings.from_env()
+        result = args.func(args, settings.for_model(args.model) if args.model else settings)
     except PipelineError as exc:  # bad input (2), an interrupted training (143): one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

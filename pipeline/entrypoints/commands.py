@@ -107,7 +107,7 @@ def _version_ref(settings: Settings, version: str) -> Any:
     from pipeline.refs import ModelVersionRef
     from pipeline.tracking import tracking_client
 
-    name = settings.model_name
+    name = settings.model_for()
     try:
         found = tracking_client(settings).get_model_version(name, version)
     except MlflowException as exc:
@@ -167,14 +167,14 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
 def cmd_history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.registry.promote import history
 
-    return {"model_name": settings.model_name, "history": [e.to_dict() for e in history(settings)]}
+    return {"model_name": settings.model_for(), "history": [e.to_dict() for e in history(settings)]}
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.serving.server import serve
 
     serve(
-        args.model_uri or f"models:/{settings.model_name}@production",
+        args.model_uri or f"models:/{settings.model_for()}@production",
         settings,
         args.host,
         args.port,

@@ -45,6 +45,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     evaluation = evaluate(trained, processed, storage, settings)
     actor = cli_actor()
     version = register(trained, evaluation, validation, processed, storage, settings, actor)
+    settings = settings.for_model(version.model_name)  # named after the dataset unless set
     verdict = gate(version, processed, storage, settings, config.gate)
     served = infra_validate(version, processed, storage, settings, actor)
     promoted = (

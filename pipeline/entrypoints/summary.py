@@ -25,18 +25,20 @@ def model_summary(settings: Settings, alias: str = "candidate") -> dict[str, Any
 
     client = tracking_client(settings)
     try:
-        version = client.get_model_version_by_alias(settings.model_name, alias)
+        version = client.get_model_version_by_alias(settings.model_for(), alias)
     except MlflowException as exc:
         raise ReferenceNotFoundError(
-            f"model {settings.model_name}", f"a version with alias {alias!r} in {settings.tracking_uri}", "none"
+            f"model {settings.model_for()}", f"a version with alias {alias!r} in {settings.tracking_uri}", "none"
         ) from exc
     if not version.run_id:
         raise ReferenceNotFoundError(
-            f"model {settings.model_name} version {version.version}", "a version registered from a training run", "none"
+            f"model {settings.model_for()} version {version.version}",
+            "a version registered from a training run",
+            "none",
         )
     run = client.get_run(version.run_id)
     return {
-        "model_name": settings.model_name,
+        "model_name": settings.model_for(),
         "version": str(version.version),
         "aliases": sorted(version.aliases),
         "alias": alias,

@@ -182,19 +182,32 @@ def infra_validate(
     ).to_dict()
 
 
+def _registry_settings(model_name: str | None) -> Settings:
+    """The settings acting on ``model_name`` when one is given (empty: the default model)."""
+    settings = Settings.from_env()
+    return settings.for_model(model_name) if model_name else settings
+
+
 def auto_promote(params: Params | None) -> bool:
     """Whether the training run itself moves ``production`` (the Param ``auto_promote``)."""
     return _context(params)[2].auto_promote
 
 
-def promote(params: Params | None, actor: str, version: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def promote(
+    params: Params | None,
+    actor: str,
+    version: str | None = None,
+    reason: str | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
     """Move ``production`` to ``version`` (a training run's own, forward only), else to the Param
-    ``version``, else to the staging version (a person's choice)."""
+    ``version``, else to the staging version (a person's choice), of ``model_name`` (a training
+    run's own), else of the Param ``model_name``, else of the default model."""
     from pipeline.registry.promote import outcome
     from pipeline.registry.promote import promote as stage
 
     params = params or {}
-    settings = Settings.from_env()
+    settings = _registry_settings(model_name or params.get("model_name"))
     chosen = version or (str(params["version"]) if params.get("version") not in (None, "") else None)
     move = stage(settings, chosen, actor, reason or params.get("reason") or "", forward_only=version is not None)
     return outcome(settings, move)
@@ -205,7 +218,7 @@ def rollback(params: Params | None, actor: str) -> dict[str, Any]:
     from pipeline.registry.promote import rollback as stage
 
     params = params or {}
-    settings = Settings.from_env()
+    settings = _registry_settings(params.get("model_name"))
     to = str(params["to_version"]) if params.get("to_version") not in (None, "") else None
     return outcome(settings, stage(settings, to, actor, params.get("reason") or ""))
 

@@ -244,7 +244,13 @@ def infra_validate(
         client.set_model_version_tag(name, version, key, value)
     # Forward only: a rerun that reused an old model does not take staging back from a newer one.
     move = move_alias(
-        settings, STAGING, version, "stage", actor, "passed the gate and infra validation", forward_only=True
+        settings.for_model(name),
+        STAGING,
+        version,
+        "stage",
+        actor,
+        "passed the gate and infra validation",
+        forward_only=True,
     )
     result = InfraValidationResult(
         model_name=name,

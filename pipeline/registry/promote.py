@@ -49,7 +49,7 @@ def move_alias(
 ) -> AliasMove | None:
     """Point ``alias`` at ``version`` under the lock; None if it was there already or, with
     ``forward_only``, if it points at a newer version (a rerun that reused an old model)."""
-    name = settings.model_name
+    name = settings.model_for()
     with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
         if already_there(client, name, alias, version, action, actor, reason):
             return None
@@ -109,7 +109,7 @@ def promote(
     to an older version, and the gate must have compared against today's production. A person
     naming ``version`` may promote any validated version; the default staging version must also
     have been gated against today's production."""
-    name = settings.model_name
+    name = settings.model_for()
     actor = actor or cli_actor()
     reason = reason or "promoted from staging"
     with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
@@ -133,7 +133,7 @@ def rollback(
     """Move ``production`` back to the version before it, or to ``to_version``, which must have
     been production before. The version rolled back from is tagged, so that a default
     ``promote`` (the staging version) does not bring it straight back."""
-    name = settings.model_name
+    name = settings.model_for()
     actor = actor or cli_actor()
     with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
         current = alias_version(client, name, PRODUCTION)
@@ -166,10 +166,10 @@ def outcome(settings: Settings, move: AliasMove | None, alias: str = PRODUCTION)
     if move is not None:
         return {"moved": True, **move.to_dict()}
     with registry_reachable(settings):
-        current = alias_version(tracking_client(settings), settings.model_name, alias)
+        current = alias_version(tracking_client(settings), settings.model_for(), alias)
     return {"moved": False, "alias": alias, "to_version": current}
 
 
 def history(settings: Settings) -> list[AliasMove]:
     with registry_reachable(settings):
-        return read_history(tracking_client(settings), settings.model_name)
+        return read_history(tracking_client(settings), settings.model_for())

@@ -113,7 +113,7 @@ def register_version(
     from pipeline.models.registered import require_loadable_format
 
     client = tracking_client(settings)
-    name = settings.model_name
+    name = settings.model_for()
     # Under the lock: two attempts for one run (a retry beside a zombie, the CLI beside the DAG)
     # must not both find nothing and both register.
     with registry_lock(client, name, actor):
@@ -217,6 +217,7 @@ def register(
 ) -> ModelVersionRef:
     """Register the run's model (once) and point the ``candidate`` alias at it; ``actor`` (the DAG
     run, else ``user@host``) goes into the promotion history."""
+    settings = settings.for_model(settings.model_for(processed.dataset_name))
     client = tracking_client(settings)
     name = settings.model_name
     if not client.search_model_versions(f"name = '{name}' and run_id = '{trained.run_id}'"):

@@ -90,3 +90,22 @@ def test_bad_params_name_the_field(params, message):
 def test_train_config_fingerprint_follows_the_values():
     assert TrainConfig().fingerprint() == TrainConfig().fingerprint()
     assert TrainConfig(epochs=3).fingerprint() != TrainConfig().fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("/usr/share/datasets/fashion-mnist", "fashion-mnist"),
+        ("/data/photos/", "photos"),
+        ("file:///data/digits/labels.csv", "digits"),
+        ("s3://team/datasets/flowers.tar.gz", "flowers"),
+        ("https://example.org/sets/pets.zip?sig=x", "pets"),
+        ("s3://shoes", "shoes"),
+        ("http://127.0.0.1:8000", "127.0.0.1"),
+    ],
+)
+def test_the_registered_model_is_named_after_the_dataset_unless_set(source, name):
+    assert Settings.from_env({"PIPELINE_SOURCE_URI": source}).model_for() == f"{name}-classifier"
+    assert Settings.from_env({"PIPELINE_SOURCE_URI": source}).model_for("cats") == "cats-classifier"
+    named = Settings.from_env({"PIPELINE_SOURCE_URI": source, "PIPELINE_MODEL_NAME": "prod-model"})
+    assert named.model_for() == named.model_for("cats") == "prod-model"

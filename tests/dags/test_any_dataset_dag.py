@@ -27,18 +27,21 @@ def training_dag(airflow_db):
     return DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).get_dag("training_pipeline")
 
 
-def only_version(settings: Settings):
-    (version,) = tracking_client(settings).search_model_versions(f"name = '{settings.model_name}'")
+def only_version(settings: Settings, name: str):
+    """The one version registered, under the model ``name``: with no ``PIPELINE_MODEL_NAME``, a
+    run registers under its dataset's name, and nothing under the default one."""
+    (version,) = tracking_client(settings).search_model_versions(f"name = '{name}'")
+    assert not tracking_client(settings).search_registered_models(f"name = '{settings.model_for()}'")
     return version
 
 
-def serving(settings: Settings, version: str):
+def serving(settings: Settings, name: str, version: str):
     from fastapi.testclient import TestClient
 
     from pipeline.serving.app import create_app
     from pipeline.serving.slot import ModelSlot
 
-    slot = ModelSlot(f"models:/{settings.model_name}/{version}")
+    slot = ModelSlot(f"models:/{name}/{version}")
     slot.load_first(settings)
     assert slot.current is not None, slot.error
     return TestClient(create_app(slot))
@@ -48,7 +51,7 @@ def test_digits_from_a_csv_manifest_train_register_and_serve_with_classes_0_to_9
     source = digits_manifest(tmp_path / "digits")
     conf = {"source_uri": str(source), **SMALL_RECIPE, "epochs": 2, "batch_size": 64, "gate_min_accuracy": 0.5}
     assert training_dag.test(run_conf=conf).state == "success"
-    version = only_version(settings)
+    version = only_version(settings, "digits-classifier")
     assert json.loads(version.tags["classes"]) == [str(d) for d in range(10)]
     assert json.loads(version.tags["input_shape"]) == [1, 8, 8]
     card = version.description
@@ -57,7 +60,7 @@ def test_digits_from_a_csv_manifest_train_register_and_serve_with_classes_0_to_9
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    with serving(settings, version.version) as client:
+    with serving(settings, "digits-classifier", version.version) as client:
         metadata = client.get("/metadata").json()
         assert metadata["classes"] == [str(d) for d in range(10)] and metadata["input_shape"] == [1, 8, 8]
         images = (digits.images[:64] * 255 / 16).astype(np.uint8)
@@ -80,12 +83,12 @@ def test_rgb_jpegs_in_a_tar_gz_over_http_train_a_3_channel_model_that_refuses_gr
                      "--gate-min-accuracy", "0.3"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     settings = Settings.from_env()
-    version = only_version(settings)
+    version = only_version(settings, "fashion-rgb-classifier")
     assert json.loads(version.tags["input_shape"]) == [3, 32, 32]
     assert "32x32 RGB images like those of the fashion-rgb dataset" in version.description
     from PIL import Image
 
-    with serving(settings, version.version) as client:
+    with serving(settings, "fashion-rgb-classifier", version.version) as client:
         photo = np.asarray(Image.open(next((tmp_path / "served" / "work").rglob("*.jpeg"))).convert("RGB"))
         answer = client.post("/predict", content=encode(photo, "JPEG"), headers={"content-type": "image/jpeg"})
         assert answer.status_code == 200 and answer.json()["model_version"] == str(version.version)

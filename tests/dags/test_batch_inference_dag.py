@@ -65,7 +65,7 @@ def test_batch_predictions_in_parquet_match_the_service(
     assert len(table) == 300 and set(table["model_version"]) == {production_model.version}
     assert (table["label"].to_numpy() == labels).all()
 
-    slot = ModelSlot(f"models:/{settings.model_name}@production")
+    slot = ModelSlot(f"models:/{settings.model_for()}@production")
     slot.swap(load(slot.model_uri, settings))
     with TestClient(create_app(slot)) as service:
         answer = service.post("/predict", json={"instances": images.tolist()}).json()

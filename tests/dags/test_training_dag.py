@@ -35,9 +35,9 @@ def task_states(dag_run) -> dict[str, str]:
         return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
 
 
-def registered_versions(settings: Settings) -> list:
+def registered_versions(settings: Settings, name: str = "") -> list:
     client = tracking_client(settings)
-    return client.search_model_versions(f"name = '{settings.model_name}'")
+    return client.search_model_versions(f"name = '{name or settings.model_for()}'")
 
 
 def test_two_runs_register_one_candidate_and_download_once(training_dag, small_dataset, settings):
@@ -51,10 +51,11 @@ def test_two_runs_register_one_candidate_and_download_once(training_dag, small_d
         assert second.state == "success", task_states(second)
         assert [method for method, _ in server.requests] == ["HEAD"] * 4
 
-    versions = registered_versions(settings)
+    name = "127.0.0.1-classifier"  # named after the source: here its host, the URL having no path
+    versions = registered_versions(settings, name)
     assert len(versions) == 1
     client = tracking_client(settings)
-    candidate = client.get_model_version_by_alias(settings.model_name, "candidate")
+    candidate = client.get_model_version_by_alias(name, "candidate")
     assert candidate.run_id == versions[0].run_id
     run = client.get_run(candidate.run_id)
     assert run.data.tags["airflow.dag_id"] == "training_pipeline"
@@ -104,7 +105,7 @@ def test_tuning_maps_one_trial_per_candidate_and_trains_with_the_best(training_d
     best = max(trials, key=lambda t: t.data.metrics["best_val_accuracy"])
     assert study.data.tags["pipeline.best_trial_run"] == best.info.run_id
     # The full training (the registered candidate) uses the winner's learning rate, all the data.
-    candidate = client.get_model_version_by_alias(settings.model_name, "candidate")
+    candidate = client.get_model_version_by_alias(settings.model_for(), "candidate")
     final = client.get_run(candidate.run_id)
     assert final.data.params["learning_rate"] == best.data.params["learning_rate"]
     assert int(final.data.params["data_train"]) > int(best.data.params["data_train"])
@@ -126,7 +127,7 @@ def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db)
         return dag.test(run_conf=conf)
 
     client = tracking_client(settings)
-    name = settings.model_name
+    name = settings.model_for()
     # About 50 test images a class: single classes move by 0.15 between such small models.
     conf = {"source_uri": str(small_dataset), **QUICK, "gate_max_class_drop": 0.3}
 

@@ -83,8 +83,9 @@ def test_unreachable_source_exits_2(pipeline_home, capsys):
         (["train", "--processed", "feedfacefeedface"], "--processed: expected a processed hash under"),
         (["evaluate", "--run-id", "nosuchrun"], "--run-id: expected a run in sqlite:///"),
         (["summary"], "model fashion-mnist-classifier: expected a version with alias 'candidate'"),
+        (["summary", "--model", "photos-classifier"], "model photos-classifier: expected a version with alias"),
     ],
-    ids=lambda v: v[0] if isinstance(v, list) else None,
+    ids=lambda v: "-".join(v) if isinstance(v, list) else None,
 )
 def test_unknown_references_exit_2_naming_the_flag(argv, message, pipeline_home, capsys):
     assert main(argv) == 2

@@ -81,7 +81,7 @@ def deployed(registry):
 def test_a_better_candidate_is_promoted_a_worse_one_is_stopped_and_rollback_restores(registry, deployed):
     settings, versions = registry["settings"], registry["versions"]
     client = tracking_client(settings)
-    name = settings.model_name
+    name = settings.model_for()
     assert [versions[v].version for v in ("v1", "v2", "v3")] == ["1", "2", "3"]
 
     verdict, served, move = deployed["v1"]
@@ -141,14 +141,14 @@ def _register_copy(registry, source: str, run_id: str) -> ModelVersionRef:
     """A version whose artifact is ``source`` but which claims run ``run_id`` and a passed gate."""
     settings = registry["settings"]
     client = tracking_client(settings)
-    created = client.create_model_version(settings.model_name, source, run_id=run_id)
-    client.set_model_version_tag(settings.model_name, created.version, "gate.decision", "passed")
+    created = client.create_model_version(settings.model_for(), source, run_id=run_id)
+    client.set_model_version_tag(settings.model_for(), created.version, "gate.decision", "passed")
     return ModelVersionRef(
-        model_name=settings.model_name,
+        model_name=settings.model_for(),
         version=str(created.version),
         alias="",
         run_id=run_id,
-        model_uri=f"models:/{settings.model_name}/{created.version}",
+        model_uri=f"models:/{settings.model_for()}/{created.version}",
         created=True,
     )
 
@@ -162,31 +162,31 @@ def serving_processes() -> list:
 def test_infra_validation_fails_and_staging_stays_when_the_model_cannot_be_loaded(registry, deployed, tmp_path):
     settings = registry["settings"]
     client = tracking_client(settings)
-    v1 = client.get_model_version(settings.model_name, "1")
+    v1 = client.get_model_version(settings.model_for(), "1")
     broken = tmp_path / "broken-model"
-    shutil.copytree(_model_dir(client, settings.model_name, "1", tmp_path), broken)
+    shutil.copytree(_model_dir(client, settings.model_for(), "1", tmp_path), broken)
     for program in broken.rglob("*.pt2"):
         program.write_bytes(program.read_bytes()[:100])  # truncated in the artifact store
     version = _register_copy(registry, str(broken), v1.run_id)
-    staging = alias_version(client, settings.model_name, STAGING)
+    staging = alias_version(client, settings.model_for(), STAGING)
 
     with pytest.raises(InfraValidationError) as failed:
         infra_validate(version, registry["processed"], registry["storage"], settings, ACTOR)
 
     assert "a serving process that loads the model" in str(failed.value) and "\n" not in str(failed.value)
-    assert staging is not None and alias_version(client, settings.model_name, STAGING) == staging
-    assert client.get_model_version(settings.model_name, version.version).tags["infra_validation"] == "failed"
+    assert staging is not None and alias_version(client, settings.model_for(), STAGING) == staging
+    assert client.get_model_version(settings.model_for(), version.version).tags["infra_validation"] == "failed"
     assert serving_processes() == []  # the server it started is gone
 
 
 def test_infra_validation_fails_and_staging_stays_when_served_predictions_differ(registry, deployed):
     settings = registry["settings"]
     client = tracking_client(settings)
-    v1, v2 = (client.get_model_version(settings.model_name, v) for v in ("1", "2"))
+    v1, v2 = (client.get_model_version(settings.model_for(), v) for v in ("1", "2"))
     # The registry points at v1's artifact while claiming v2's run: what it would serve is not
     # what was evaluated.
     version = _register_copy(registry, v1.source, v2.run_id)
-    staging = alias_version(client, settings.model_name, STAGING)
+    staging = alias_version(client, settings.model_for(), STAGING)
 
     with pytest.raises(InfraValidationError) as failed:
         infra_validate(version, registry["processed"], registry["storage"], settings, ACTOR)
@@ -194,8 +194,8 @@ def test_infra_validation_fails_and_staging_stays_when_served_predictions_differ
     message = str(failed.value)
     assert "served predictions equal to the offline ones" in message and "\n" not in message
     assert "classes differ" in message
-    assert staging is not None and alias_version(client, settings.model_name, STAGING) == staging
-    tags = client.get_model_version(settings.model_name, version.version).tags
+    assert staging is not None and alias_version(client, settings.model_for(), STAGING) == staging
+    tags = client.get_model_version(settings.model_for(), version.version).tags
     assert tags["infra_validation"] == "failed" and tags["infra.reason"] == message
     assert serving_processes() == []
 
@@ -220,7 +220,7 @@ def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, dep
     with MlflowServer(settings.tracking_uri, settings.artifact_root) as server:
         api = f"{server.url}/api/2.0/mlflow"
         version = requests.get(
-            f"{api}/model-versions/get", params={"name": settings.model_name, "version": "2"}, timeout=30
+            f"{api}/model-versions/get", params={"name": settings.model_for(), "version": "2"}, timeout=30
         ).json()["model_version"]
         description = version["description"]
         assert registry["processed"].dataset_hash in description and "Intended use" in description
@@ -237,7 +237,7 @@ def test_a_person_reads_the_report_and_model_card_in_the_mlflow_ui(registry, dep
         gate_files = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "gate"}, timeout=30)
         assert {f["path"] for f in gate_files.json()["files"]} == {"gate/gate_report.json", "gate/gate_report.md"}
         history_tags = requests.get(
-            f"{api}/registered-models/get", params={"name": settings.model_name}, timeout=30
+            f"{api}/registered-models/get", params={"name": settings.model_for()}, timeout=30
         ).json()["registered_model"]["tags"]
         assert any(tag["key"].startswith("promotion.") for tag in history_tags)
 
@@ -260,13 +260,13 @@ def test_the_endpoint_follows_a_promotion_and_a_rollback_under_load_without_a_fa
 
     settings = registry["settings"]
     client = tracking_client(settings)
-    before = alias_version(client, settings.model_name, PRODUCTION)
+    before = alias_version(client, settings.model_for(), PRODUCTION)
     after = "2" if before == "1" else "1"
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(
-            serve_command(f"models:/{settings.model_name}@production", port=port, poll_interval=0.5),
+            serve_command(f"models:/{settings.model_for()}@production", port=port, poll_interval=0.5),
             env={**os.environ, **settings.to_env()},
             stdout=log_file,
             stderr=subprocess.STDOUT,

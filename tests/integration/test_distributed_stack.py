@@ -212,6 +212,7 @@ class Stack:
             "PIPELINE_HOME": str(self.workdir / "pipeline-home"),
             "PIPELINE_STORAGE_URI": f"s3://{self.bucket}/pipeline",
             "PIPELINE_SOURCE_URI": f"s3://{self.bucket}/datasets/a",
+            "PIPELINE_MODEL_NAME": MODEL,  # as docker/.env.example sets it; else "a-classifier"
             "PIPELINE_TRAIN_QUEUE": "gpu",
             "MLFLOW_TRACKING_URI": self.mlflow_proxy.url,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0],
@@ -426,7 +427,7 @@ def test_a_triggered_run_trains_on_the_gpu_queue_and_registers_on_the_mlflow_ser
     assert tis["train"]["queue"] == "gpu" and tis["acquire"]["queue"] == "default"
     assert tis["promote"]["state"] == "skipped"  # auto_promote is off: the run stops at staging
     client = stack.mlflow_client(monkeypatch)
-    version = client.get_model_version_by_alias("fashion-mnist-classifier", "staging")
+    version = client.get_model_version_by_alias(MODEL, "staging")
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.data.tags["airflow.run_id"] == run_id
     assert version.tags["gate.decision"] == "passed" and version.tags["infra_validation"] == "passed"
@@ -462,7 +463,7 @@ def test_an_s3_outage_during_acquisition_is_retried_and_the_data_is_stored_once(
 def test_with_s3_down_for_good_the_run_fails_naming_the_endpoint_and_registers_nothing(stack, datasets, monkeypatch):
     source = stack.upload_dataset("datasets/c", datasets["c"])
     client = stack.mlflow_client(monkeypatch)
-    versions_before = len(client.search_model_versions("name = 'fashion-mnist-classifier'"))
+    versions_before = len(client.search_model_versions(f"name = '{MODEL}'"))
     stack.proxy.stop()
     try:
         run_id = stack.api.trigger({"source_uri": source, **QUICK})
@@ -478,7 +479,7 @@ def test_with_s3_down_for_good_the_run_fails_naming_the_endpoint_and_registers_n
     assert {tis[task]["state"] for task in ("validate", "train", "register")} == {"upstream_failed"}
     last_try = stack.api.log(run_id, "acquire", 3)
     assert f"expected a reachable S3 endpoint at {stack.proxy.url}" in last_try, last_try[-2000:]
-    assert len(client.search_model_versions("name = 'fashion-mnist-classifier'")) == versions_before
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions_before
 
 
 def wait_for(probe, timeout: float, what: str, stack: Stack):

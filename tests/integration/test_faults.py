@@ -77,12 +77,12 @@ def registry(request, postgres: PostgresCluster, tmp_path: Path) -> Iterator[tup
         model_name=f"faults-{uuid.uuid4().hex[:6]}",
     )
     client = MlflowClient(tracking_uri=direct)  # creates the schema
-    client.create_registered_model(settings.model_name)
+    client.create_registered_model(settings.model_for())
     for version in VERSIONS:  # cheap versions: promotion reads tags, never the model's files
-        created = client.create_model_version(settings.model_name, f"{settings.artifact_root}/v{version}")
+        created = client.create_model_version(settings.model_for(), f"{settings.artifact_root}/v{version}")
         assert str(created.version) == version
         for tag in ("gate.decision", "infra_validation"):
-            client.set_model_version_tag(settings.model_name, version, tag, "passed")
+            client.set_model_version_tag(settings.model_for(), version, tag, "passed")
     try:
         if request.param == "mlflow server":
             with MlflowServer(direct, settings.artifact_root) as server:
@@ -128,7 +128,7 @@ def _cli_loop(settings: Settings, until: float, results: list[dict]) -> None:
     env = {
         "PIPELINE_HOME": str(settings.home),
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
-        "PIPELINE_MODEL_NAME": settings.model_name,
+        "PIPELINE_MODEL_NAME": settings.model_for(),
     }
     rng = random.Random(7)
     while time.time() < until:
@@ -164,7 +164,7 @@ def test_fault_postgres_restarted_during_promotion_alias_and_history_agree(regis
     from pipeline.registry.promote import promote, rollback
 
     settings, direct = registry
-    name = settings.model_name
+    name = settings.model_for()
     promote(settings, "1", "setup", "first production")
     outages: list[tuple[float, float]] = []
     cli_calls: list[dict] = []
@@ -269,11 +269,11 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
         model_name="faults-window",
     )
     client = MlflowClient(tracking_uri=direct)
-    client.create_registered_model(settings.model_name)
+    client.create_registered_model(settings.model_for())
     for version in VERSIONS:
-        client.create_model_version(settings.model_name, f"{settings.artifact_root}/v{version}")
+        client.create_model_version(settings.model_for(), f"{settings.artifact_root}/v{version}")
         for tag in ("gate.decision", "infra_validation"):
-            client.set_model_version_tag(settings.model_name, version, tag, "passed")
+            client.set_model_version_tag(settings.model_for(), version, tag, "passed")
     promote(settings, "1", "setup")
     promote(settings, "2", "setup")
 
@@ -295,11 +295,11 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
         while not postgres.running() and time.monotonic() < deadline:
             time.sleep(0.2)
     moved_to = "3" if action == "promote" else "1"
-    assert alias_version(client, settings.model_name, "production") == moved_to  # moved, not yet recorded
-    assert not client.search_registered_models(f"name = '{settings.model_name}.lock'")  # released after all
+    assert alias_version(client, settings.model_for(), "production") == moved_to  # moved, not yet recorded
+    assert not client.search_registered_models(f"name = '{settings.model_for()}.lock'")  # released after all
 
     promote(settings, "2", "after", "after the fault")
-    history = [e for e in read_history(client, settings.model_name) if e.alias == "production"]
+    history = [e for e in read_history(client, settings.model_for()) if e.alias == "production"]
     assert [(e.action, e.from_version, e.to_version) for e in history] == [
         ("promote", None, "1"),
         ("promote", "1", "2"),
@@ -307,9 +307,9 @@ def test_fault_postgres_stopped_between_alias_move_and_history_entry_is_reconcil
         ("promote", moved_to, "2"),
     ]
     assert history[2].actor == "faulty" and "recorded after an interrupted move" in history[2].reason
-    assert PENDING_TAG not in client.get_registered_model(settings.model_name).tags
+    assert PENDING_TAG not in client.get_registered_model(settings.model_for()).tags
     if action == "rollback":  # the version it left is tagged, as an uninterrupted rollback does
-        assert TAG_ROLLED_BACK in client.get_model_version(settings.model_name, "2").tags
+        assert TAG_ROLLED_BACK in client.get_model_version(settings.model_for(), "2").tags
     _admin_sql(postgres, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 

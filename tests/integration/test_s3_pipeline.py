@@ -38,7 +38,9 @@ def test_run_with_s3_source_and_s3_storage(s3_env, small_dataset, pipeline_home,
     assert f"store/{report}/index.html" in keys and f"store/reports/{digest}/profile.parquet" in keys
     assert f"store/processed/{processed}/train.npz" in keys
     assert f"store/checkpoints/{run_id}/best.ckpt" in keys
-    version = tracking_client(settings).get_model_version_by_alias(settings.model_name, "candidate")
+    version = tracking_client(settings).get_model_version_by_alias(
+        settings.model_for("incoming"), "candidate"
+    )  # the source's name
     assert version.run_id == run_id and version.tags["data_report"] == f"s3://{bucket}/store/{report}/index.html"
     # The checkpoint in S3 gave the offline predictions the served ones were checked against.
     assert version.tags["infra_validation"] == "passed" and "staging" in version.aliases

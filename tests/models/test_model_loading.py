@@ -47,9 +47,9 @@ def pickled_version(settings, tmp_path: Path) -> tuple[str, Path]:
 
     marker = tmp_path / "payload-ran"
     _, model_uri = log_model(settings, Payload(marker), "pickle")
-    version = mlflow.register_model(model_uri, settings.model_name).version
+    version = mlflow.register_model(model_uri, settings.model_for()).version
     assert not marker.exists()
-    return f"models:/{settings.model_name}/{version}", marker
+    return f"models:/{settings.model_for()}/{version}", marker
 
 
 def test_finding_pickle_version_runs_code_in_pipeline_serve(settings, pickled_version):
@@ -89,7 +89,7 @@ def test_finding_registration_refuses_a_pickle_format_model(settings, tmp_path):
     with pytest.raises(UnsafeModelError, match="found pickle"):
         register_version(settings, run_id, model_uri, "test")
     client = tracking_client(settings)
-    assert client.search_model_versions(f"name = '{settings.model_name}'") == []
+    assert client.search_model_versions(f"name = '{settings.model_for()}'") == []
     assert not marker.exists()
 
 
@@ -98,7 +98,7 @@ def test_a_pt2_program_is_registered_and_loads_with_pickle_forbidden(settings):
     run_id, model_uri = log_model(settings, net, "pt2")
     version, created = register_version(settings, run_id, model_uri, "test")
     assert created
-    loaded = load_registered(f"models:/{settings.model_name}/{version}")
+    loaded = load_registered(f"models:/{settings.model_for()}/{version}")
     pixels = torch.rand(3, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(loaded(pixels), net(pixels), atol=1e-6)

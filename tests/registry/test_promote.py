@@ -36,20 +36,20 @@ def test_production_stack_pushes_promotions_and_pops_rollbacks():
 def versions(settings, tmp_path):
     """Three versions that passed the gate (against no production) and infra validation."""
     client = tracking_client(settings)
-    client.create_registered_model(settings.model_name)
+    client.create_registered_model(settings.model_for())
     for _ in range(3):
-        version = client.create_model_version(settings.model_name, str(tmp_path / "model"))
+        version = client.create_model_version(settings.model_for(), str(tmp_path / "model"))
         for tag, value in (
             ("gate.decision", "passed"),
             ("infra_validation", "passed"),
             ("gate.production_version", "none"),
         ):
-            client.set_model_version_tag(settings.model_name, version.version, tag, value)
+            client.set_model_version_tag(settings.model_for(), version.version, tag, value)
     return client
 
 
 def test_promote_rollback_and_history(settings, versions, capsys):
-    name = settings.model_name
+    name = settings.model_for()
     move_alias(settings, STAGING, "1", "stage", "ci")
     assert promote(settings, actor="ci").to_version == "1"  # the staging version by default
     assert promote(settings, "1", actor="ci") is None  # already production: no entry
@@ -87,7 +87,7 @@ def test_cli_promote_and_rollback(settings, versions, capsys):
 
 
 def test_promotion_needs_a_gate_against_todays_production_unless_a_person_names_the_version(settings, versions):
-    name = settings.model_name
+    name = settings.model_for()
     promote(settings, "1", actor="ci")
     move_alias(settings, STAGING, "2", "stage", "ci")  # gated while there was no production
     with pytest.raises(
@@ -103,7 +103,7 @@ def test_promotion_needs_a_gate_against_todays_production_unless_a_person_names_
 
 
 def test_a_rolled_back_version_is_not_promoted_again_by_default(settings, versions):
-    name = settings.model_name
+    name = settings.model_for()
     promote(settings, "1", actor="ci")
     versions.set_model_version_tag(name, "2", "gate.production_version", "1")
     move_alias(settings, STAGING, "2", "stage", "ci")
@@ -116,7 +116,7 @@ def test_a_rolled_back_version_is_not_promoted_again_by_default(settings, versio
 
 
 def test_a_move_whose_history_entry_was_lost_is_recorded_on_retry(settings, versions):
-    name = settings.model_name
+    name = settings.model_for()
     versions.set_registered_model_alias(name, PRODUCTION, "1")  # the alias moved, then the process died
     assert promote(settings, "1", actor="ci", reason="retry") is None
     [recorded] = history(settings)
@@ -124,7 +124,7 @@ def test_a_move_whose_history_entry_was_lost_is_recorded_on_retry(settings, vers
 
 
 def test_refusals_are_one_line_and_move_nothing(settings, versions):
-    name = settings.model_name
+    name = settings.model_for()
     versions.set_model_version_tag(name, "2", "infra_validation", "failed")
     with pytest.raises(PromotionRefusedError, match="infra_validation=passed"):
         promote(settings, "2", actor="ci")
@@ -138,7 +138,7 @@ def test_refusals_are_one_line_and_move_nothing(settings, versions):
 def test_registry_lock_excludes_a_second_holder_and_breaks_a_dead_ones(settings, versions, monkeypatch):
     import pipeline.registry.lock
 
-    name = settings.model_name
+    name = settings.model_for()
     with registry_lock(versions, name, "first"):
         with pytest.raises(RegistryBusyError, match="expected it free within 0 s"):
             with registry_lock(versions, name, "second", wait_s=0.5):

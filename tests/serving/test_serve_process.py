@@ -33,7 +33,7 @@ def test_finding_decoder_workers_outlive_a_killed_server(settings, small_splits)
     version, _ = register_version(settings, run_id, model_uri, "test")
     port = free_port()
     server = subprocess.Popen(
-        serve_command(f"models:/{settings.model_name}/{version}", port=port),
+        serve_command(f"models:/{settings.model_for()}/{version}", port=port),
         env={**settings.to_env(), "PATH": str(Path(sys.executable).parent)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -115,25 +115,25 @@ def test_registered_version_has_alias_tags_and_predicts_like_the_checkpoint(trai
     version = trained["version"]
     settings = trained["settings"]
     client = tracking_client(settings)
-    by_alias = client.get_model_version_by_alias(settings.model_name, "candidate")
+    by_alias = client.get_model_version_by_alias(settings.model_for(), "candidate")
     assert str(by_alias.version) == version.version and by_alias.run_id == trained["train"].run_id
     assert by_alias.tags["dataset_hash"] == trained["raw"].dataset_hash
     assert by_alias.tags["validation"] == "passed: raw_dataset, raw_profile"
     assert float(by_alias.tags["test_accuracy"]) == pytest.approx(trained["evaluation"].test_accuracy, abs=1e-4)
-    assert client.get_registered_model(settings.model_name).description
+    assert client.get_registered_model(settings.model_for()).description
     assert f"Trained by run {version.run_id}" in by_alias.description
     report = {a.path for a in client.list_artifacts(version.run_id, "data_report")}
     assert {"data_report/index.html", "data_report/raw_profile.html", "data_report/validation.json"} <= report
 
     # The loader every stage uses, with pickles forbidden: the real model is a pickle-free program.
-    served = load_registered(f"models:/{settings.model_name}@candidate")
+    served = load_registered(f"models:/{settings.model_for()}@candidate")
     images, _ = load_split(trained["processed"], trained["storage"], "test")
     pixels = torch.from_numpy(images[:16, None].astype(np.float32) / 255.0)
     checkpoint = load_checkpoint(str(trained["storage"].local_path(f"checkpoints/{version.run_id}/best.ckpt")))
     with torch.inference_mode():
         expected = torch.softmax(checkpoint(torch.from_numpy(images[:16])), 1)
         assert torch.allclose(served(pixels), expected, atol=1e-5)
-    model_info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{version.version}")
+    model_info = mlflow.models.get_model_info(f"models:/{settings.model_for()}/{version.version}")
     assert tuple(model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
 
 
@@ -145,7 +145,7 @@ def test_same_data_and_config_reuse_the_run_and_the_version(trained):
     version = register(again, evaluation, trained["validation"], trained["processed"], storage, settings)
     assert not version.created and version.version == trained["version"].version
     client = tracking_client(settings)
-    assert len(client.search_model_versions(f"name = '{settings.model_name}'")) == 1
+    assert len(client.search_model_versions(f"name = '{settings.model_for()}'")) == 1
 
 
 def test_force_trains_and_registers_a_new_version(trained):
@@ -158,4 +158,4 @@ def test_force_trains_and_registers_a_new_version(trained):
     version = register(forced, evaluation, trained["validation"], trained["processed"], storage, settings)
     assert version.created and int(version.version) > int(trained["version"].version)
     client = tracking_client(settings)
-    assert str(client.get_model_version_by_alias(settings.model_name, "candidate").version) == version.version
+    assert str(client.get_model_version_by_alias(settings.model_for(), "candidate").version) == version.version
