@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import FASHION_MNIST_CLASSES, FASHION_MNIST_SHAPE, TrainConfig
-from pipeline.models.networks import build_network, flip_averaged_logits
+from pipeline.models.networks import build_network, channel_tensor, flip_averaged_logits
 
 _RECIPE = TrainConfig()
 """The defaults are the training recipe's (:class:`~pipeline.config.TrainConfig`)."""
@@ -69,6 +69,9 @@ class ImageClassifier(pl.LightningModule):
     the validation split in ``best.ckpt``, see :func:`~pipeline.training.calibration.fit_temperature`).
     """
 
+    _mean: torch.Tensor
+    _std: torch.Tensor
+
     def __init__(
         self,
         architecture: str = _RECIPE.architecture,
@@ -80,8 +83,8 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = _RECIPE.label_smoothing,
         crop_padding: int = 2,
         test_time_flip: bool = _RECIPE.test_time_flip,
-        mean: float = 0.0,
-        std: float = 1.0,
+        mean: float | Sequence[float] = 0.0,
+        std: float | Sequence[float] = 1.0,
         num_classes: int = len(FASHION_MNIST_CLASSES),
         compile: bool = _RECIPE.compile,
         temperature: float = 1.0,
@@ -98,6 +101,9 @@ class ImageClassifier(pl.LightningModule):
         net = net if net is not None else build_network(architecture, num_classes, in_channels, image_size)
         self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         self._compiled: nn.Module | None = None
+        # Per channel (one number for all, from checkpoints before); not in the state dict.
+        self.register_buffer("_mean", channel_tensor(mean), persistent=False)
+        self.register_buffer("_std", channel_tensor(std), persistent=False)
 
     @property
     def hp(self) -> Any:
@@ -112,7 +118,7 @@ class ImageClassifier(pl.LightningModule):
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(n, h, w)`` or ``(n, h, w, c)`` -> normalised float ``(n, c, h, w)``, channels_last."""
         x = (images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)).float().div_(255.0)
-        return ((x - self.hp.mean) / self.hp.std).contiguous(memory_format=torch.channels_last)
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images)

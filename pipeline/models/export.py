@@ -7,12 +7,14 @@ load.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.models.classifier import ImageClassifier
-from pipeline.models.networks import flip_averaged_logits
+from pipeline.models.networks import channel_tensor, flip_averaged_logits
 
 
 class ServingModel(nn.Module):
@@ -28,13 +30,18 @@ class ServingModel(nn.Module):
     temperature: torch.Tensor
 
     def __init__(
-        self, net: nn.Module, mean: float, std: float, test_time_flip: bool = False, temperature: float = 1.0
+        self,
+        net: nn.Module,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        test_time_flip: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.test_time_flip = test_time_flip
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("mean", channel_tensor(mean))  # per channel, (c, 1, 1)
+        self.register_buffer("std", channel_tensor(std))
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Fashion-MNIST's 28x28 grayscale by default, for any other input by ``in_channels
 
 * ``resnet_deep``: a residual CNN with batch norm in three stages (stem at 28x28 and max-pool,
   one residual block at 14x14 with 32 channels, at 7x7 with 64 and at 4x4 with 128, global
-  average pooling); the default.
+  average pooling); the default. The stem adapts to the size (:func:`stem_reduction`): the
+  first stage works at 14 to 28 pixels for images of 28 or more (28 -> 14, 32 -> 16, 96 -> 24,
+  224 -> 28), at full size below.
 * ``resnet_small``: its first two stages only.
 * ``resnet_wide``: ``resnet_small`` with 48 and 96 channels.
 * ``resnet_large``: for a GPU; two residual blocks per stage with 64, 128 and 256 channels at
@@ -59,7 +61,8 @@ class ResNetSpec(NamedTuple):
 
     pool_stem: bool = True
     """Max-pool after the stem, so that the first stage works at 14x14 (a quarter of the
-    arithmetic, for the CPU); without, it works at the full 28x28."""
+    arithmetic, for the CPU); without, it works at the full 28x28 (for larger images, at half
+    the resolution :func:`stem_reduction` gives the others)."""
 
 
 # On 2 CPU cores resnet_deep trains at 1.25x (fp32) to 1.3x (bf16) resnet_wide's speed with
@@ -75,14 +78,44 @@ RESNETS: dict[str, ResNetSpec] = {
 }
 
 
-def _resnet(spec: ResNetSpec, num_classes: int, in_channels: int) -> nn.Sequential:
+#: The first stage's smallest side the stem aims at, and its largest reduction.
+FIRST_STAGE_MIN_SIDE = 14
+MAX_STEM_REDUCTION = 8
+
+
+def stem_reduction(image_size: Sequence[int], pool_stem: bool = True) -> int:
+    """By how much the stem shrinks the images (1, 2, 4 or 8): the largest power of two, up to
+    8, that leaves the first stage at least 14 pixels on its short side (2 for 28x28, 4 for
+    96x96, 8 for 224x224; 1 below 28), halved for a network that keeps full resolution
+    (``pool_stem=False``). Small images keep their detail; large ones do not make the first
+    stage's arithmetic grow with their area."""
+    side, reduction = min(image_size), 1
+    while reduction < MAX_STEM_REDUCTION and side / (2 * reduction) >= FIRST_STAGE_MIN_SIDE:
+        reduction *= 2
+    return reduction if pool_stem else max(1, reduction // 2)
+
+
+def _stem(in_channels: int, width: int, reduction: int) -> list[nn.Module]:
+    """A convolution, strided by half the ``reduction`` with a kernel that covers its stride,
+    then a 2x2 max-pool; for a reduction of 1, a plain 3x3 convolution."""
+    if reduction == 1:
+        return _conv_bn_relu(in_channels, width)
+    stride = reduction // 2
+    return [
+        nn.Conv2d(in_channels, width, 2 * stride + 1, stride=stride, padding=stride, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    ]
+
+
+def _resnet(spec: ResNetSpec, num_classes: int, in_channels: int, image_size: Sequence[int]) -> nn.Sequential:
     # Global average pooling at the end: any input size works.
     layers: list[nn.Module] = []
     channels = in_channels
     for index, (width, blocks) in enumerate(spec.stages):
         if index == 0:
-            layers += _conv_bn_relu(channels, width)
-            layers += [nn.MaxPool2d(2)] if spec.pool_stem else []  # halves the resolution
+            layers += _stem(channels, width, stem_reduction(image_size, spec.pool_stem))
         else:
             layers += _conv_bn_relu(channels, width, stride=2)
         layers += [ResidualBlock(width) for _ in range(blocks)]
@@ -99,7 +132,7 @@ def build_network(
     """Logits from normalised images ``(n, in_channels, *image_size)``."""
     height, width = image_size
     if architecture in RESNETS:
-        return _resnet(RESNETS[architecture], num_classes, in_channels)
+        return _resnet(RESNETS[architecture], num_classes, in_channels, (height, width))
     if min(height, width) < 4:
         raise ValueError(f"{architecture} needs images of at least 4x4, not {height}x{width}")
     if architecture == "seed_cnn":
@@ -130,6 +163,13 @@ def build_network(
             nn.Linear(128, num_classes),
         )
     raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def channel_tensor(values: float | Sequence[float]) -> torch.Tensor:
+    """Per-channel statistics as a ``(c, 1, 1)`` float32 tensor that broadcasts over
+    ``(n, c, h, w)`` (one number: ``(1, 1, 1)``, the same for every channel)."""
+    listed = [values] if isinstance(values, (int, float)) else list(values)
+    return torch.tensor(listed, dtype=torch.float32).view(-1, 1, 1)
 
 
 def flip_averaged_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

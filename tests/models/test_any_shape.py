@@ -33,6 +33,38 @@ def test_the_default_sizes_are_fashion_mnists_and_unchanged():
     assert build_network("resnet_deep")[0].in_channels == 1
 
 
+def _first_stage_side(architecture: str, channels: int, side: int) -> int:
+    """The side of the feature maps the first residual block sees."""
+    from pipeline.models.networks import ResidualBlock
+
+    net = build_network(architecture, in_channels=channels, image_size=(side, side)).eval()
+    seen: list[int] = []
+    block = next(m for m in net if isinstance(m, ResidualBlock))
+    block.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[-1]))
+    with torch.no_grad():
+        net(torch.rand(1, channels, side, side))
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("side", "first", "large_first"),
+    [(8, 8, 8), (28, 14, 28), (32, 16, 32), (64, 16, 32), (96, 24, 48), (224, 28, 56)],
+)
+def test_the_residual_stem_adapts_to_the_image_size(side, first, large_first):
+    # Small images keep their detail (8x8 digits are not pooled to 4x4 before the first block);
+    # large ones reach the first stage at 14-28 pixels, as 28x28 does, instead of at full size.
+    assert _first_stage_side("resnet_deep", 3, side) == first
+    assert _first_stage_side("resnet_small", 1, side) == first
+    assert _first_stage_side("resnet_large", 3, side) == large_first  # full 28x28: half the others' reduction
+
+
+def test_fashion_mnists_residual_network_is_unchanged_by_the_adaptive_stem():
+    # Versions registered before load into the same modules: conv, bn, relu, max-pool, blocks.
+    keys = list(build_network("resnet_deep").state_dict())
+    assert keys[:2] == ["0.weight", "1.weight"] and "4.body.0.weight" in keys
+    assert build_network("resnet_deep")[0].kernel_size == (3, 3) and build_network("resnet_deep")[0].stride == (1, 1)
+
+
 def test_a_network_refuses_an_image_too_small_for_it():
     with pytest.raises(ValueError, match="at least 4x4"):
         build_network("seed_cnn", image_size=(3, 3))
@@ -69,3 +101,21 @@ def test_a_colour_model_trains_a_step_and_serves_the_same_probabilities():
     served = predict_probabilities(export_for_serving(model), images.numpy())
     np.testing.assert_allclose(served, offline, atol=1e-5)
     assert to_pixels(images.numpy()).shape == (8, 3, 16, 16)
+
+
+def test_normalisation_is_per_channel_in_training_and_serving():
+    mean, std = (0.2, 0.4, 0.5), (0.1, 0.2, 0.3)
+    model = ImageClassifier(
+        architecture="simple_cnn", num_classes=2, in_channels=3, image_size=(8, 8), mean=mean, std=std
+    )
+    one_sd_above = np.array([[m + s for m, s in zip(mean, std, strict=True)]]) * 255
+    images = torch.from_numpy(np.broadcast_to(one_sd_above.round(), (4, 8, 8, 3)).astype(np.uint8).copy())
+    normalised = model.normalise(images)
+    assert normalised.shape == (4, 3, 8, 8)
+    np.testing.assert_allclose(normalised.mean(dim=(0, 2, 3)).numpy(), [1.0, 1.0, 1.0], atol=0.03)
+    served = export_for_serving(model.eval())
+    assert served.mean.flatten().tolist() == pytest.approx(mean) and served.std.flatten().tolist() == pytest.approx(std)
+    # A grayscale module from a checkpoint of before keeps its one number.
+    assert ImageClassifier(architecture="simple_cnn", mean=0.29, std=0.35).normalise(
+        torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    ).mean().item() == pytest.approx((1 - 0.29) / 0.35, rel=1e-5)
