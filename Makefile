@@ -28,6 +28,10 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+# litdata without its declared deps, which it imports only for what the pipeline does not use:
+# torchvision (PyPI's does not load beside the CPU torch), obstore (its optional S3 path, which
+# cannot reach an http:// endpoint such as MinIO's or moto's) and tifffile (docs/data.md).
+	$(BIN)/pip install -q -c requirements.lock --no-deps litdata
 	@touch $@
 
 venv: $(BIN)/.installed ## create .venv with the pinned packages (requirements.lock)

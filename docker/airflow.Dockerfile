@@ -1,8 +1,8 @@
 # The Airflow image of the stack (docker/docker-compose.yaml): every Airflow service, the Celery
 # workers and `pipeline serve` run from it. Build context: the repository root.
 #
-#   docker build -f docker/airflow.Dockerfile -t fashion-pipeline/airflow:cpu .
-#   docker build -f docker/airflow.Dockerfile --build-arg TORCH_VARIANT=cuda -t fashion-pipeline/airflow:cuda .
+#   docker build -f docker/airflow.Dockerfile -t image-pipeline/airflow:cpu .
+#   docker build -f docker/airflow.Dockerfile --build-arg TORCH_VARIANT=cuda -t image-pipeline/airflow:cuda .
 #
 # TORCH_VARIANT=cpu installs torch's CPU build (download.pytorch.org/whl/cpu, about 1 GB less);
 # TORCH_VARIANT=cuda installs the PyPI build, which brings the CUDA libraries as wheels: the host
@@ -41,6 +41,10 @@ COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
 COPY expectations/ expectations/
 RUN pip install -c requirements.lock -e .
+# litdata without its declared deps, which it imports only for what the pipeline does not use:
+# torchvision (PyPI's does not load beside the CPU torch), obstore (its optional S3 path, which
+# cannot reach an http:// endpoint such as MinIO's or moto's) and tifffile (docs/data.md).
+RUN pip install -c requirements.lock --no-deps litdata
 
 COPY dags/ dags/
 COPY plugins/ plugins/

@@ -107,16 +107,26 @@ class ProcessedDatasetRef(Ref):
     """Images per split: ``train``, ``val``, ``test``."""
     removed: dict[str, int]
     """Images dropped: ``duplicates`` inside train, ``leaked`` (train images found in test)."""
-    mean: float
-    """Pixel mean of the training split, in [0, 1]."""
-    std: float
-    """Pixel standard deviation of the training split, in [0, 1]."""
+    mean: list[float]
+    """Pixel mean of the training split per channel, in [0, 1]."""
+    std: list[float]
+    """Pixel standard deviation of the training split per channel, in [0, 1]."""
     classes: list[str]
     image_shape: list[int] = dataclasses.field(default_factory=lambda: list(FASHION_MNIST_SHAPE))
     """``[channels, height, width]`` of every image (processed data written before this field
     existed is Fashion-MNIST's)."""
     dataset_name: str = ""
     """The dataset's name (:attr:`DatasetSpec.name`)."""
+    layout: str = "npz"
+    """How the splits are stored: ``npz``, every split one ``<split>.npz``; or ``shards``, the
+    training split as litdata shards under ``shards/<processed_hash>/train/`` (the dataset was
+    over the memory budget), validation and test still ``.npz`` (:mod:`pipeline.data.shards`)."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProcessedDatasetRef:
+        # Written before the statistics were per channel: one number for the one channel.
+        per_channel = {k: [data[k]] if isinstance(data.get(k), (int, float)) else data[k] for k in ("mean", "std")}
+        return super().from_dict({**data, **per_channel})
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,15 @@ class PreprocessConfig:
         help="Drop exact duplicate training images, and training images that also occur in the test set (leakage).",
         section="data",
     )
+    memory_budget_mb: int = setting(
+        4096,
+        title="Memory budget (MB)",
+        help="A dataset whose decoded images (all splits) take more than this many MB gets its training split "
+        "written as litdata shards, which training streams chunk by chunk (each rank and node its own share); "
+        "a smaller one is held in memory whole.",
+        section="data",
+        minimum=1,
+    )
     seed: int = seed_setting()
 
     def __post_init__(self) -> None:

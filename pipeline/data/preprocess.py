@@ -9,7 +9,10 @@ is written. The result is stored under
 preprocessing config, so the same inputs are processed once. Arrays stay uint8 (normalised on
 the fly in training); ``MANIFEST.json`` marks the folder complete and is written last, with
 :meth:`~pipeline.storage.Storage.put_folder`: a failure half-way (a full disk, an unreachable
-endpoint) leaves no partial ``processed/<hash>/`` behind.
+endpoint) leaves no partial ``processed/<hash>/`` behind. A dataset whose decoded images are
+over the memory budget (``memory_budget_mb``) has its training split written as litdata shards
+instead, under ``shards/<hash>/train/`` and before the manifest (:mod:`pipeline.data.shards`),
+for training to stream.
 
 Returns a :class:`~pipeline.refs.ProcessedDatasetRef`.
 """
@@ -26,8 +29,9 @@ import numpy as np
 
 from pipeline.config import PreprocessConfig
 from pipeline.data.dataset import decoded_prefix, load_dataset
-from pipeline.data.processed import MANIFEST
+from pipeline.data.processed import MANIFEST, is_sharded
 from pipeline.data.profile import image_hashes
+from pipeline.data.shards import MB, SHARDED_SPLITS, chunk_bytes, decoded_bytes, shards_key, write_shards
 from pipeline.refs import DatasetSpec, ProcessedDatasetRef, RawDatasetRef
 from pipeline.storage import Storage, space_for
 
@@ -67,6 +71,22 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     held_out = np.sort(np.concatenate(held))
     keep = np.setdiff1d(np.arange(len(labels)), held_out)
     return rng.permutation(keep), held_out
+
+
+def channel_statistics(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation per channel, in [0, 1], of uint8 images ``(n, h, w)`` or
+    ``(n, h, w, c)``: integer sums over chunks (exact, and no float copy of the split)."""
+    planes = images.reshape(len(images), -1, 1 if images.ndim == 3 else images.shape[-1])
+    total = np.zeros(planes.shape[-1], dtype=np.int64)
+    squares = np.zeros(planes.shape[-1], dtype=np.int64)
+    for start in range(0, len(planes), chunk):
+        block = planes[start : start + chunk].astype(np.int64)
+        total += block.sum(axis=(0, 1))
+        squares += (block * block).sum(axis=(0, 1))
+    count = max(1, planes.shape[0] * planes.shape[1])
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    return [float(v) / 255.0 for v in mean], [float(v) / 255.0 for v in std]
 
 
 def check_splits(arrays: dict[str, tuple[np.ndarray, np.ndarray]], spec: DatasetSpec | None = None) -> None:
@@ -119,23 +139,33 @@ def preprocess(raw: RawDatasetRef, storage: Storage, config: PreprocessConfig) -
         "test": (x_test, y_test),
     }
     check_splits(arrays, dataset.spec)
-    pixels = arrays["train"][0].astype(np.float64) / 255.0
+    mean, std = channel_statistics(arrays["train"][0])
+    size = decoded_bytes(arrays)
+    sharded = size > config.memory_budget_mb * MB
     ref = ProcessedDatasetRef(
         processed_hash=digest,
         dataset_hash=raw.dataset_hash,
         uri=storage.uri(prefix),
         counts={split: int(len(arrays[split][1])) for split in SPLITS},
         removed=removed,
-        mean=float(pixels.mean()),
-        std=float(pixels.std()),
+        mean=mean,
+        std=std,
         classes=list(dataset.spec.classes),
         image_shape=dataset.spec.shape,
         dataset_name=dataset.spec.name,
+        layout="shards" if sharded else "npz",
     )
+    if sharded:
+        log.info(
+            "%d MB decoded, over the %d MB budget: sharding %s", size // MB, config.memory_budget_mb, SHARDED_SPLITS
+        )
+        for split in SHARDED_SPLITS:
+            write_shards(*arrays[split], storage, shards_key(digest, split), chunk_bytes(config.memory_budget_mb))
     with tempfile.TemporaryDirectory(prefix="preprocess-") as tmp:
         with space_for(tmp):
             for split, (images, labels) in arrays.items():
-                np.savez(Path(tmp) / f"{split}.npz", images=images, labels=labels)
+                if not is_sharded(ref, split):
+                    np.savez(Path(tmp) / f"{split}.npz", images=images, labels=labels)
             (Path(tmp) / MANIFEST).write_text(json.dumps(ref.to_dict(), indent=2, sort_keys=True))
         # Whole or not at all: a full disk or an unreachable endpoint half-way leaves no
         # processed/<hash>/ that a later run could take for complete.

@@ -56,15 +56,16 @@ def calibrate(processed: ProcessedDatasetRef, storage: Storage, run_id: str, dev
     import torch
 
     from pipeline.models.classifier import classifier_from_checkpoint
-    from pipeline.training.datamodule import split_tensors
+    from pipeline.training.datamodule import eval_batch_size, split_tensors
 
     key = f"checkpoints/{run_id}/best.ckpt"
     checkpoint = torch.load(io.BytesIO(storage.get_bytes(key)), map_location="cpu", weights_only=True)
     # Temperature 1 for the logits to fit on, also when a rerun finds the checkpoint calibrated.
     model = classifier_from_checkpoint(checkpoint, temperature=1.0).to(device)
     val = split_tensors(processed, storage, "val")
+    step = 2 * eval_batch_size(processed.image_shape)
     with torch.inference_mode():
-        logits = torch.cat([model(val.images[i : i + 2048].to(device)).cpu() for i in range(0, len(val), 2048)])
+        logits = torch.cat([model(val.images[i : i + step].to(device)).cpu() for i in range(0, len(val), step)])
     temperature = fit_temperature(logits, val.labels)
     checkpoint["hyper_parameters"]["temperature"] = temperature
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:

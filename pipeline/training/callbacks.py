@@ -30,13 +30,13 @@ class EpochLog(pl.Callback):
         # Also set here: a run resumed in the middle of an epoch starts without
         # on_train_epoch_start for it.
         self.started = time.perf_counter()
-        loader: Any = trainer.train_dataloader
-        sampler = loader.sampler.sampler
+        from pipeline.training.datamodule import epoch_images
+
         log.info(
             "rank %d of %d: training on %d images per epoch from epoch %d",
             trainer.global_rank,
             trainer.world_size,
-            sampler.num_samples,
+            epoch_images(trainer.train_dataloader),  # type: ignore[arg-type]
             trainer.current_epoch + 1,
         )
 

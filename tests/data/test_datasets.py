@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from image_datasets import FOLDERS, digits_manifest, encode, fashion_folders, rgb_archive
 from image_datasets import cut as first
@@ -86,6 +87,10 @@ def test_rgb_jpegs_in_a_tar_gz_over_http_give_a_3_channel_32x32_dataset(tmp_path
     processed = preprocess(raw, storage, PreprocessConfig(seed=0))
     images, _ = load_split(processed, storage, "train")
     assert images.shape[1:] == (32, 32, 3) and processed.image_shape == [3, 32, 32]
+    # Normalisation statistics per channel, of the training split.
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(processed.mean, pixels.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(processed.std, pixels.std(axis=0), rtol=1e-9)
 
 
 def broken_folder(root: Path, cut, damage: dict[str, bytes]) -> Path:

@@ -27,7 +27,7 @@ def test_splits_are_stratified_disjoint_and_complete(raw, storage):
     train_share = np.bincount(train[1], minlength=10) / len(train[1])
     val_share = np.bincount(val[1], minlength=10) / len(val[1])
     assert np.abs(train_share - val_share).max() < 0.01
-    assert 0.2 < ref.mean < 0.4 and 0.25 < ref.std < 0.45  # Fashion-MNIST: 0.286, 0.353
+    assert 0.2 < ref.mean[0] < 0.4 and 0.25 < ref.std[0] < 0.45  # Fashion-MNIST: 0.286, 0.353
     assert train[0].dtype == np.uint8
 
 
@@ -85,3 +85,33 @@ def test_split_check_refuses_an_image_in_two_splits_and_a_missing_class(raw, sto
         DataValidationError, match=r"\(n_classes\): expected n_classes in \[10, 10\], found split train: n_classes=9"
     ):
         check_splits({"train": no_bags, "val": val, "test": test})
+
+
+def test_channel_statistics_are_exact_per_channel_and_read_old_refs():
+    from pipeline.data.preprocess import channel_statistics
+    from pipeline.refs import ProcessedDatasetRef
+
+    rng = np.random.default_rng(0)
+    rgb = np.stack(
+        [rng.integers(0, 60, (5000, 6, 6)), rng.integers(100, 256, (5000, 6, 6)), rng.integers(0, 256, (5000, 6, 6))],
+        axis=-1,
+    ).astype(np.uint8)
+    mean, std = channel_statistics(rgb, chunk=777)
+    pixels = rgb.reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-9)
+    assert mean[0] < 0.25 < 0.6 < mean[1]
+    gray_mean, gray_std = channel_statistics(rgb[..., 0])
+    assert gray_mean == pytest.approx([mean[0]]) and gray_std == pytest.approx([std[0]])
+    old = {
+        "processed_hash": "h",
+        "dataset_hash": "d",
+        "uri": "u",
+        "counts": {},
+        "removed": {},
+        "mean": 0.29,
+        "std": 0.35,
+        "classes": [],
+    }
+    ref = ProcessedDatasetRef.from_dict(old)
+    assert (ref.mean, ref.std) == ([0.29], [0.35])
