@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.config import Settings
 from pipeline.errors import ReferenceNotFoundError
 from pipeline.redact import redact_uri
-from pipeline.refs import Ref
+from pipeline.refs import DatasetSpec, Ref
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ def batch_inference(
     from pipeline.monitoring.monitor import fetch_batch
     from pipeline.tracking import experiment_id, tracking_client
 
-    images, labels, batch_hash = fetch_batch(source_uri, storage)
-    name = settings.model_name
+    name = settings.model_for()
     try:
         facts = resolve(f"models:/{name}@{alias}", settings)
     except ReferenceNotFoundError as exc:
@@ -97,12 +96,16 @@ def batch_inference(
             f"model {name}", f"a version with alias {alias}", "none; promote one first"
         ) from exc
     channels, height, width = facts["input_shape"]
-    if [1, *images.shape[1:]] != [channels, height, width] or not len(images):
+    like = DatasetSpec(name, "", channels, height, width, list(facts["classes"]), {})
+    images, labels, batch_hash = fetch_batch(source_uri, storage, like=like)
+    shape = [1 if images.ndim == 3 else images.shape[3], *images.shape[1:3]]
+    if shape != [channels, height, width] or not len(images):
         from pipeline.errors import IdxFormatError
 
+        colour = "grayscale" if channels == 1 else "RGB" if channels == 3 else f"{channels}-channel"
         raise IdxFormatError(
             f"{redact_uri(source_uri.rstrip('/'))}/images-idx3-ubyte.gz",
-            f"one or more {width}x{height} grayscale images (version {facts['version']}'s input shape)",
+            f"one or more {width}x{height} {colour} images (version {facts['version']}'s input shape)",
             f"shape {images.shape}",
         )
     version = facts["version"]

@@ -1,9 +1,11 @@
 """Monitor: check a batch of new images against the data the serving model was trained on.
 
 A batch is a folder or URI prefix (local, ``file://``, ``http(s)://``, ``s3://``) holding
-``images-idx3-ubyte.gz`` and, optionally, ``labels-idx1-ubyte.gz``. The batch is fetched into
-``incoming/<batch_hash>/``, checked by the ``incoming_profile`` suite (broken data stops here),
-then compared by :mod:`pipeline.monitoring.drift` with the reference of the ``production`` model, or of
+``images-idx3-ubyte.gz`` and, optionally, ``labels-idx1-ubyte.gz`` (fetched into
+``incoming/<batch_hash>/``), or labelled images in any layout acquisition reads (class folders,
+a manifest, an archive of either; acquired into ``raw/<batch_hash>/`` and decoded in the colour
+of the model's data). It is checked by the ``incoming_profile`` suite, its bounds (size,
+classes) fitted to the model's data (broken data stops here), then compared by :mod:`pipeline.monitoring.drift` with the reference of the ``production`` model, or of
 the latest ``candidate`` when nothing is in production yet: the training split's profile and
 the model's outputs on the held-out test split against its outputs on the batch.
 
@@ -19,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -27,7 +30,7 @@ from pipeline.data.acquire import dataset_hash, fetch_file
 from pipeline.errors import ReferenceNotFoundError, SourceNotFoundError
 from pipeline.monitoring.drift import DriftConfig, OutputStatistics, compute_drift, drift_report_html
 from pipeline.redact import redact_uri
-from pipeline.refs import Ref
+from pipeline.refs import DatasetSpec, ProcessedDatasetRef, Ref
 from pipeline.storage import Storage
 
 if TYPE_CHECKING:
@@ -58,18 +61,30 @@ class MonitorResult(Ref):
     """The MLflow run (experiment ``drift_monitor``) holding the report and its numbers."""
 
 
+def model_spec(processed: ProcessedDatasetRef) -> DatasetSpec:
+    """What a model's training data held (size, channels, classes): what a batch is read as
+    and checked against."""
+    channels, height, width = processed.image_shape
+    return DatasetSpec(processed.dataset_name or "dataset", "", channels, height, width, processed.classes, {})
+
+
 def fetch_batch(
-    source_uri: str, storage: Storage, limits: SourceLimits | None = None
+    source_uri: str, storage: Storage, limits: SourceLimits | None = None, like: DatasetSpec | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """uint8 images, labels or None, and the batch's content hash; stored once by content.
+    """uint8 images, labels (class ids of ``like``'s classes) or None, and the batch's content
+    hash; stored once by content.
 
     Fetched and read within ``limits`` (default :meth:`SourceLimits.from_env`), as ``acquire``
-    and ``validate`` read a dataset: the two files' content together within
-    ``max_dataset_bytes``, each header's declared size checked before anything is allocated."""
+    and ``validate`` read a dataset: the two IDX files' content together within
+    ``max_dataset_bytes``, each header's declared size checked before anything is allocated.
+    Images in another layout are acquired and decoded as a dataset is, in ``like``'s colour;
+    a size or a class the model does not know is refused in one line naming the batch."""
     from pipeline.data.idx import read_idx
     from pipeline.data.sources import open_source
 
     limits = limits or SourceLimits.from_env()
+    if _holds_image_files(source_uri, limits):
+        return _image_batch(source_uri, storage, limits, like)
     source = open_source(source_uri, limits)
     source.fingerprint(BATCH_IMAGES)  # fails early, with the file's name, if there are no images
     try:
@@ -104,6 +119,60 @@ def fetch_batch(
     return images, labels, digest
 
 
+def _holds_image_files(source_uri: str, limits: SourceLimits) -> bool:
+    """Whether the batch is images rather than the IDX batch files: it names an archive or a
+    manifest, or it is a folder or S3 prefix holding files but not ``images-idx3-ubyte.gz``
+    (looked for first, one ``stat`` or ``HEAD``). An HTTP prefix cannot be listed: IDX."""
+    from pipeline.data.layouts import MANIFEST_NAMES, is_archive
+    from pipeline.data.sources import open_source, split_uri
+
+    _, last = split_uri(source_uri.rstrip("/"))
+    if is_archive(last) or last in MANIFEST_NAMES or last.endswith(".parquet"):
+        return True
+    if urlparse(source_uri).scheme in ("http", "https"):
+        return False
+    source = open_source(source_uri, limits)
+    try:
+        source.fingerprint(BATCH_IMAGES)
+        return False
+    except SourceNotFoundError:
+        pass
+    try:
+        return bool(source.names())
+    except SourceNotFoundError:
+        return False  # the IDX path names the missing file
+
+
+def _image_batch(
+    source_uri: str, storage: Storage, limits: SourceLimits, like: DatasetSpec | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    from pipeline.config import AcquireConfig
+    from pipeline.config.settings import ColourMode
+    from pipeline.data.acquire import acquire
+    from pipeline.data.dataset import load_dataset
+    from pipeline.errors import DatasetLayoutError
+
+    colour: ColourMode = "auto" if like is None else "grayscale" if like.channels == 1 else "rgb"
+    raw = acquire(AcquireConfig(source_uri=source_uri, colour=colour), storage, limits)
+    dataset = load_dataset(raw, storage, limits)
+    images = np.concatenate([images for images, _ in dataset.splits.values()])
+    ids = np.concatenate([labels for _, labels in dataset.splits.values()])
+    if like is None:
+        return images, ids, raw.dataset_hash
+    where, found = redact_uri(source_uri.rstrip("/")), dataset.spec
+    if [found.height, found.width] != [like.height, like.width]:
+        raise DatasetLayoutError(
+            where, f"{like.width}x{like.height} images like the model's training data", f"{found.width}x{found.height}"
+        )
+    unknown = [name for name in found.classes if name not in like.classes]
+    if unknown:
+        raise DatasetLayoutError(
+            where, f"classes among the model's ({', '.join(like.classes)})", f"{', '.join(unknown)}"
+        )
+    to_model = np.array([like.classes.index(name) for name in found.classes], dtype=np.int64)
+    return images, to_model[ids], raw.dataset_hash
+
+
 def reference_version(client: MlflowClient, model_name: str) -> tuple[Any, str]:
     """The version drift is measured against: ``production``, else ``candidate``."""
     from mlflow.exceptions import MlflowException
@@ -130,23 +199,32 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     from pipeline.tracking import experiment_id, tracking_client
 
     config = config or DriftConfig()
-    images, labels, batch_hash = fetch_batch(source_uri, storage)
+    client = tracking_client(settings)
+    try:  # the model's data says what the batch is read as and checked against
+        version, alias = reference_version(client, settings.model_for())
+        processed: ProcessedDatasetRef | None = load_processed_ref(storage, version.tags["processed_hash"])
+    except ReferenceNotFoundError as missing:
+        processed, no_model = None, missing  # broken data is still refused first
+    spec = model_spec(processed) if processed is not None else None
+    images, labels, batch_hash = fetch_batch(source_uri, storage, like=spec)
     profile = profile_table({"incoming": (images, labels if labels is not None else np.zeros(len(images), np.uint8))})
     if labels is None:
         profile["label"] = np.nan
-    validation = run_suite(ephemeral_context(), load_suite("incoming_profile"), profile, "incoming_profile")
+    suite = load_suite("incoming_profile", dataset=spec)
+    validation = run_suite(ephemeral_context(), suite, profile, "incoming_profile")
     if not validation.success:
         shown = redact_uri(source_uri.rstrip("/"))
         files = {"incoming_images": f"{shown}/{BATCH_IMAGES}", "incoming_labels": f"{shown}/{BATCH_LABELS}"}
+        if not storage.exists(f"incoming/{batch_hash}/{BATCH_IMAGES}"):  # images, not the IDX files
+            files = {"incoming_images": shown, "incoming_labels": shown}
         raise failure_error("incoming_profile", validation, profile, files)
+    if processed is None:
+        raise no_model
 
-    client = tracking_client(settings)
-    version, alias = reference_version(client, settings.model_name)
     reference = pd.read_parquet(storage.local_path(f"reports/{version.tags['dataset_hash']}/profile.parquet"))
     reference = reference[reference["split"] == "train"]
-    processed = load_processed_ref(storage, version.tags["processed_hash"])
     test_images, test_labels = load_split(processed, storage, "test")
-    model = load_registered(f"models:/{settings.model_name}/{version.version}")
+    model = load_registered(f"models:/{settings.model_for()}/{version.version}")
     report = compute_drift(
         reference,
         profile,
@@ -156,7 +234,7 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
     )
 
     prefix = f"drift/{batch_hash}/v{version.version}"
-    title = f"Drift of batch {batch_hash} against {settings.model_name} v{version.version} ({alias})"
+    title = f"Drift of batch {batch_hash} against {settings.model_for()} v{version.version} ({alias})"
     page = drift_report_html(report, title)
     storage.put_json(report.to_dict(), f"{prefix}/report.json")
     report_uri = storage.put_bytes(page.encode(), f"{prefix}/report.html")
@@ -192,7 +270,7 @@ def monitor(source_uri: str, storage: Storage, settings: Settings, config: Drift
         drifted=report.drifted,
         reasons=report.reasons,
         report_uri=report_uri,
-        model_name=settings.model_name,
+        model_name=settings.model_for(),
         model_version=str(version.version),
         model_alias=alias,
         run_id=run.info.run_id,
