@@ -2,7 +2,7 @@
 # registry in PostgreSQL, artifacts proxied to S3 (docker/mlflow-server.sh reads the settings from
 # the environment). Build context: the repository root.
 #
-#   docker build -f docker/mlflow.Dockerfile -t fashion-pipeline/mlflow .
+#   docker build -f docker/mlflow.Dockerfile -t image-pipeline/mlflow .
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

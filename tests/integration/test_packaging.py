@@ -26,7 +26,7 @@ def test_finding_an_installed_pipeline_cannot_find_its_suites(tmp_path, small_da
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = wheels.glob("fashion_pipeline-*.whl")
+    (wheel,) = wheels.glob("image_pipeline-*.whl")
     fresh = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
     python = fresh / "bin" / "python"
