@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from pipeline.config import FASHION_MNIST_SHAPE
 from pipeline.data.processed import is_sharded, load_split
 from pipeline.data.shards import streaming_dataset
 from pipeline.refs import ProcessedDatasetRef
@@ -87,9 +88,10 @@ def batch_loader(
     )
 
 
-#: Pixels per validation (and calibration) batch: 1,024 images at 28x28, fewer of larger images,
-#: so that a batch's activations take about the same memory whatever the image size.
-EVAL_BATCH_PIXELS = 1024 * 28 * 28
+#: Pixels per validation (and calibration) batch: 1,024 images of the default dataset's size,
+#: fewer of larger images, so that a batch's activations take about the same memory whatever
+#: the image size.
+EVAL_BATCH_PIXELS = 1024 * FASHION_MNIST_SHAPE[1] * FASHION_MNIST_SHAPE[2]
 
 
 def eval_batch_size(image_shape: list[int]) -> int:
