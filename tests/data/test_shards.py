@@ -5,6 +5,7 @@ changes."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -83,3 +84,60 @@ def test_training_streams_the_whole_split_each_epoch_reshuffled(raw, storage):
         assert items(got_images.numpy(), got_labels.numpy()) == items(images, labels)
         orders.append(image_hashes(got_images.numpy()))
     assert orders[0] != orders[1]
+
+
+#: One DDP rank of :func:`test_ddp_ranks_stream_disjoint_equal_shares`: joins a gloo group of
+#: two on loopback, builds the data module as Lightning would once the group is up, and writes
+#: the image hashes of each of two epochs it is given.
+RANK = """
+import json, sys
+import torch.distributed as dist
+from pipeline.data.profile import image_hashes
+from pipeline.refs import ProcessedDatasetRef
+from pipeline.storage import open_storage
+from pipeline.training.datamodule import ProcessedDataModule, epoch_images
+
+rank, port, root, ref, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+data = ProcessedDataModule(ProcessedDatasetRef.from_dict(json.loads(ref)), open_storage(root), 64, seed=0)
+data.setup()
+loader = data.train_dataloader()
+epochs = [[h for images, _ in loader for h in image_hashes(images.numpy())] for _ in range(2)]
+json.dump({"per_epoch": epoch_images(loader), "epochs": epochs}, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stream_disjoint_equal_shares(raw, storage, settings, tmp_path):
+    """Two DDP processes (gloo, CPU) on one sharded split: each epoch, each rank streams its own
+    share, as many images as the other, none of them the other's, together the whole split but
+    less than a batch per rank (litdata deals out whole batches under DDP); and the next epoch
+    deals them out again."""
+    import json
+    import subprocess
+    import sys
+
+    from services import free_port
+
+    ref = preprocess(raw, storage, OVER)
+    images, labels = load_split(ref, storage, "train")
+    port, outs = str(free_port()), [tmp_path / f"rank{rank}.json" for rank in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(rank), port, settings.storage_uri, json.dumps(ref.to_dict()), str(out)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for rank, out in enumerate(outs)
+    ]
+    assert [process.wait(timeout=300) for process in ranks] == [0, 0]
+    seen = [json.loads(out.read_text()) for out in outs]
+    share = seen[0]["per_epoch"]
+    assert seen[1]["per_epoch"] == share and share % 64 == 0 and len(labels) - 2 * 64 < 2 * share <= len(labels)
+    everything = Counter(image_hashes(images))
+    for epoch in (0, 1):
+        first, second = (rank["epochs"][epoch] for rank in seen)
+        assert len(first) == len(second) == share
+        assert not set(first) & set(second)
+        assert not Counter(first + second) - everything  # only the split's images, each at most once
+    assert seen[0]["epochs"][0] != seen[0]["epochs"][1]
