@@ -47,6 +47,14 @@ def retry_policy() -> ExceptionRetryPolicy:
     )
 
 
+def alert_on_failure(context) -> None:
+    """Every task's ``on_failure_callback``: an alert to the people in ``PIPELINE_ALERT_TO``
+    (``pipeline.entrypoints.alerts``; none configured: nothing is sent)."""
+    from pipeline.entrypoints import alerts
+
+    alerts.on_task_failure(context)
+
+
 DEFAULT_ARGS = {
     "owner": "ml-platform",
     "retries": 2,
@@ -54,8 +62,10 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
     "retry_policy": retry_policy(),
+    "on_failure_callback": alert_on_failure,
 }
-"""Every task of every DAG: two retries with exponential backoff, by :func:`retry_policy`."""
+"""Every task of every DAG: two retries with exponential backoff, by :func:`retry_policy`, and
+an alert when it fails for good."""
 
 
 def run_params_form() -> dict[str, Param]:

@@ -5,10 +5,12 @@ Daily, and on demand with a batch URI: `check_drift` fetches the batch (`images-
 optional `labels-idx1-ubyte.gz`), stops on broken data (suite `incoming_profile`), and measures
 drift against the `production` model's training data (the latest `candidate` while nothing is
 in production): profile features (PSI, KS), labels, and the model's own outputs. The drift
-report's path is in the task log and in an MLflow run of experiment `drift_monitor`.
+report opens from the task's "Drift report" link, and is in an MLflow run of experiment
+`drift_monitor`.
 
 Drift found: `request_retraining` updates the asset `training-data-drift-detected`, on which
-`training_pipeline` is scheduled, so retraining starts without a person. No drift: the run ends
+`training_pipeline` is scheduled, so retraining starts without a person, and e-mails the people
+in `PIPELINE_ALERT_TO` (through the SMTP connection; none configured, nothing is sent). No drift: the run ends
 green, the log says so, and `request_retraining` is skipped.
 """
 
@@ -55,9 +57,10 @@ def drift_monitor():
         return result["drifted"]
 
     @task(outlets=[DRIFT_DETECTED])
-    def request_retraining(result: dict, outlet_events=None) -> dict:
-        keys = ("batch_hash", "reasons", "report_uri", "model_version")
-        outlet_events[DRIFT_DETECTED].extra = {k: result[k] for k in keys}
+    def request_retraining(result: dict, outlet_events=None, dag_run=None) -> dict:
+        from pipeline.entrypoints import tasks
+
+        outlet_events[DRIFT_DETECTED].extra = tasks.request_retraining(result, dag_run.dag_id, dag_run.run_id)
         return result
 
     result = check_drift()

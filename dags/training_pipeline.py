@@ -10,7 +10,7 @@ candidate) >> tune_choose` picks the training config first.
   stored under `raw/<hash>/`; an unchanged source is not fetched again.
 * **validate**: Great Expectations suites from `expectations/` on a per-image profile and
   dataset-level facts; a failure stops the run and names the suite, expectation and values.
-  The data report's path is in the task log.
+  The task instance's "Data report" link opens the report (plugins/README.md).
 * **preprocess**: duplicates and train/test leakage removed, stratified validation split.
 * **train**: PyTorch Lightning, tracked in MLflow (experiment `training_pipeline`). Runs on the
   Celery queue `$PIPELINE_TRAIN_QUEUE` (default `default`; `gpu` on a GPU fleet). Several devices
@@ -26,8 +26,12 @@ candidate) >> tune_choose` picks the training config first.
   nothing moves. The numbers are in the version's tags and description.
 * **infra_validate**: the version served by `pipeline serve` in a fresh process and queried;
   its answers must equal the offline ones. Then alias `staging`.
-* **promote**: only with `auto_promote`: alias `production`. Otherwise a person promotes the
-  staging version by triggering `promote_model`. Pool `promotions` (one slot).
+* **approve**, by the Param `promotion`: `manual` (the default) skips it and the run ends at
+  staging, a person promotes later with `promote_model`; `auto` goes on to `promote`; `approval`
+  waits for a person's **Approve** or **Reject** (the task instance, or "Required actions"),
+  showing the gate's verdict, the evaluation, infra validation and links to the version.
+* **promote**: alias `production`, recorded in the history with the approver and their comment.
+  **reject**: production stays; the history records who rejected and why. Pool `promotions`.
 
 Runs weekly, and whenever `drift_monitor` reports drift in new data (asset
 `training-data-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
@@ -47,6 +51,8 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
     sys.path.append(str(Path(__file__).parent))
 from _common import DEFAULT_ARGS, DRIFT_DETECTED, PROMOTIONS_POOL, run_params_form  # noqa: E402
+
+from pipeline.entrypoints.approval import PromotionApproval  # noqa: E402
 
 # The Celery queue of the train task: `gpu` on a fleet with GPU workers. Read from the
 # environment at parse time (no database or network).
@@ -136,19 +142,17 @@ def training_pipeline():
         actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
         return tasks.infra_validate(params, version, processed, actor)
 
-    @task.short_circuit
-    def auto_promote(params=None) -> bool:
+    @task(pool=PROMOTIONS_POOL)
+    def promote(version: dict, approval: dict, params=None, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        return tasks.auto_promote(params)
+        return tasks.decided(params, version, approval, dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
 
     @task(pool=PROMOTIONS_POOL)
-    def promote(version: dict, params=None, dag_run=None) -> dict:
+    def reject(version: dict, approval: dict, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        actor = tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
-        reason = "auto_promote: passed the gate and infra validation"
-        return tasks.promote(params, actor, version["version"], reason, model_name=version["model_name"])
+        return tasks.reject(version, approval, dag_run.dag_id, dag_run.run_id)
 
     raw = acquire()
     validation = validate(raw)
@@ -161,7 +165,10 @@ def training_pipeline():
     evaluation = evaluate(trained, processed)
     version = register(trained, evaluation, validation, processed)
     staged = infra_validate(version, processed)
-    gate(version, processed) >> staged >> auto_promote() >> promote(version)
+    approve = PromotionApproval(task_id="approve")
+    gate(version, processed) >> staged >> approve
+    promote(version, approve.output)
+    reject(version, approve.output)
 
 
 training_pipeline()

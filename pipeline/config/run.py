@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.config.base import check_settings, setting
 from pipeline.config.data import AcquireConfig, PreprocessConfig
 from pipeline.config.gate import GatePolicy
+from pipeline.config.settings import Promotion
 from pipeline.config.training import TrainConfig, TuneConfig
 
 
@@ -20,11 +21,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     gate: GatePolicy = field(default_factory=GatePolicy)
-    auto_promote: bool = setting(
-        False,
-        title="Promote to production automatically",
-        help="Move production to the new version when it passes the gate and infra validation. "
-        "Off: the run stops at staging and a person promotes (the promote_model DAG or pipeline promote).",
+    promotion: Promotion = setting(
+        "manual",
+        title="Promotion",
+        help="After the gate and infra validation (alias staging): manual, the run stops at staging and a "
+        "person promotes later (promote_model, pipeline promote); approval, the run waits for a person's "
+        "Approve or Reject in Airflow (training_pipeline only); auto, production moves to the new version.",
         section="promotion",
     )
     force: bool = setting(

@@ -70,6 +70,7 @@ Architecture = Literal["resnet_deep", "resnet_small", "resnet_wide", "resnet_lar
 Optimizer = Literal["adamw", "adam", "sgd"]
 Accelerator = Literal["auto", "cpu", "gpu"]
 LrSchedule = Literal["onecycle", "cosine", "constant"]
+Promotion = Literal["manual", "approval", "auto"]
 Strategy = Literal["auto", "ddp", "ddp_spawn"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 SearchMethod = Literal["grid", "random"]
@@ -130,6 +131,27 @@ class Settings:
     """``PIPELINE_INCOMING_URI``: where new images arrive for drift monitoring (default
     ``<home>/new-data``): ``images-idx3-ubyte.gz`` and, optionally, ``labels-idx1-ubyte.gz``."""
 
+    mlflow_ui_url: str = ""
+    """``PIPELINE_MLFLOW_UI_URL``: the MLflow UI as a person's browser reaches it, for the links
+    from Airflow's task instances (default: the tracking URI when it is an MLflow server, else
+    ``make mlflow-ui``'s ``http://127.0.0.1:5000``). See :meth:`mlflow_ui`."""
+
+    alert_to: str = ""
+    """``PIPELINE_ALERT_TO``: who hears of a failed task, detected drift, a failed gate and a
+    pending approval (e-mail addresses, comma-separated). Empty: no alerts."""
+
+    alert_smtp_conn_id: str = "smtp_default"
+    """``PIPELINE_ALERT_SMTP_CONN_ID``: the Airflow SMTP connection alerts go through; none by
+    that id: no alerts, and nothing fails."""
+
+    alert_from: str = ""
+    """``PIPELINE_ALERT_FROM``: the alerts' sender (default: the connection's ``from_email``)."""
+
+    approvers: str = ""
+    """``PIPELINE_APPROVERS``: who may answer a promotion's approval (Airflow user ids,
+    comma-separated; the user name with the simple auth manager). Empty: whoever Airflow lets
+    answer it. Read when the DAG is parsed."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -143,7 +165,21 @@ class Settings:
             experiment_name=env.get("PIPELINE_EXPERIMENT") or cls.experiment_name,
             source_uri=env.get("PIPELINE_SOURCE_URI") or cls.source_uri,
             incoming_uri=env.get("PIPELINE_INCOMING_URI") or str(home / "new-data"),
+            mlflow_ui_url=env.get("PIPELINE_MLFLOW_UI_URL") or "",
+            alert_to=env.get("PIPELINE_ALERT_TO") or "",
+            alert_smtp_conn_id=env.get("PIPELINE_ALERT_SMTP_CONN_ID") or cls.alert_smtp_conn_id,
+            alert_from=env.get("PIPELINE_ALERT_FROM") or "",
+            approvers=env.get("PIPELINE_APPROVERS") or "",
         )
+
+    def mlflow_ui(self) -> str:
+        """The MLflow UI's base URL, without a trailing slash or credentials: the setting, else
+        the tracking server's, else the local ``make mlflow-ui``."""
+        url = self.mlflow_ui_url or (
+            self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        )
+        parsed = urlparse(url)
+        return parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="", fragment="").geturl().rstrip("/")
 
     def model_for(self, dataset: str = "") -> str:
         """The registered model's name: ``PIPELINE_MODEL_NAME``, else ``<dataset>-classifier``
@@ -173,4 +209,9 @@ class Settings:
             "PIPELINE_EXPERIMENT": self.experiment_name,
             "PIPELINE_SOURCE_URI": self.source_uri,
             "PIPELINE_INCOMING_URI": self.incoming_uri,
+            "PIPELINE_MLFLOW_UI_URL": self.mlflow_ui_url,
+            "PIPELINE_ALERT_TO": self.alert_to,
+            "PIPELINE_ALERT_SMTP_CONN_ID": self.alert_smtp_conn_id,
+            "PIPELINE_ALERT_FROM": self.alert_from,
+            "PIPELINE_APPROVERS": self.approvers,
         }

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         cmd_run,
         "run the whole chain: acquire, validate, preprocess, train, evaluate, register, gate, "
-        "infra-validate (alias staging), and promote with --auto-promote",
+        "infra-validate (alias staging), and promote with --promotion auto",
     )
     add_flags(p, "acquire", "preprocess", "train", "tune", "gate", "run")
     p = add("acquire", cmd_acquire, "fetch the four IDX files into content-addressed storage")

@@ -1,8 +1,8 @@
 """The whole chain without Airflow: the same stage functions the DAG calls, in the same order.
 
 ``acquire -> validate -> preprocess -> [tune] -> train -> evaluate -> register -> gate ->
-infra_validate`` (alias ``staging``) and, with ``auto_promote``, ``promote`` (alias
-``production``); a failing stage raises and nothing after it runs. With tuning on, the search
+infra_validate`` (alias ``staging``) and, with ``promotion`` ``auto``, ``promote`` (alias
+``production``; ``approval`` waits for a person in Airflow and is refused here); a failing stage raises and nothing after it runs. With tuning on, the search
 runs its trials one after another and ``train`` uses the best one's configuration.
 """
 
@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from pipeline.config import RunConfig, Settings
+from pipeline.errors import ConfigError
 from pipeline.storage import storage_for
 
 
@@ -29,6 +30,10 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     from pipeline.training.fit import train
     from pipeline.training.hardware import is_global_rank_zero
 
+    if config.promotion == "approval":
+        raise ConfigError(
+            "promotion", "manual or auto without Airflow (an approval waits in the Airflow UI)", "approval"
+        )
     storage = storage_for(settings)
     raw = acquire(config.acquire, storage)
     validation = validate_raw(raw, storage)
@@ -49,8 +54,8 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     verdict = gate(version, processed, storage, settings, config.gate)
     served = infra_validate(version, processed, storage, settings, actor)
     promoted = (
-        promote(settings, version.version, actor, "pipeline run --auto-promote", forward_only=True)
-        if config.auto_promote
+        promote(settings, version.version, actor, "pipeline run --promotion auto", forward_only=True)
+        if config.promotion == "auto"
         else None
     )
     return {
@@ -63,5 +68,5 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "register": version.to_dict(),
         "gate": verdict.to_dict(),
         "infra_validate": served.to_dict(),
-        "promote": outcome(settings, promoted) if config.auto_promote else None,
+        "promote": outcome(settings, promoted) if config.promotion == "auto" else None,
     }

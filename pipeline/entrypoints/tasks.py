@@ -188,9 +188,32 @@ def _registry_settings(model_name: str | None) -> Settings:
     return settings.for_model(model_name) if model_name else settings
 
 
-def auto_promote(params: Params | None) -> bool:
-    """Whether the training run itself moves ``production`` (the Param ``auto_promote``)."""
-    return _context(params)[2].auto_promote
+def decided(
+    params: Params | None, version: dict[str, Any], approval: dict[str, Any], dag_id: str, run_id: str, user: str | None
+) -> dict[str, Any]:
+    """``training_pipeline``'s ``promote``: production to the run's own version (forward only),
+    by the ``approve`` task's ``approval`` (``auto``, or a person's Approve, recorded with their
+    name and comment in the history and the version's tags)."""
+    from pipeline.registry.promote import tag_decision
+
+    if approval.get("decision") == "auto":
+        reason = "promotion auto: passed the gate and infra validation"
+        return promote(params, actor(dag_id, run_id, user), version["version"], reason, version["model_name"])
+    approver = actor(dag_id, run_id, approval.get("by") or None)
+    reason = f"approved: {approval['comment']}" if approval.get("comment") else "approved"
+    tag_decision(_registry_settings(version["model_name"]), version["version"], "approved", approver, reason)
+    return promote(params, approver, version["version"], reason, version["model_name"])
+
+
+def reject(version: dict[str, Any], approval: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """``training_pipeline``'s ``reject``: a person's Reject; production stays, and the history
+    and the version's tags say who and why."""
+    from pipeline.registry.promote import reject as stage
+
+    settings = _registry_settings(version["model_name"])
+    reason = f"rejected: {approval['comment']}" if approval.get("comment") else "rejected"
+    entry = stage(settings, version["version"], actor(dag_id, run_id, approval.get("by") or None), reason)
+    return {"moved": False, "model_name": settings.model_for(), **entry.to_dict()}
 
 
 def promote(
@@ -230,6 +253,16 @@ def check_drift(params: Params | None) -> dict[str, Any]:
     settings, storage, _ = _context({})
     batch_uri = (params or {}).get("batch_uri") or settings.incoming_uri
     return monitor(batch_uri, storage, settings).to_dict()
+
+
+def request_retraining(result: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """Drift was found: the drift asset event's extra (what the triggered training run sees),
+    and an alert to the people who watch the model."""
+    from pipeline.entrypoints import alerts
+
+    settings = Settings.from_env()
+    alerts.send(alerts.drift_detected(result, dag_id, run_id, settings), settings)
+    return {k: result[k] for k in ("batch_hash", "reasons", "report_uri", "model_version")}
 
 
 def batch_inference(params: Params | None) -> dict[str, Any]:

@@ -45,6 +45,11 @@ TAG_GATE = "gate.decision"
 TAG_GATE_PRODUCTION = "gate.production_version"
 """The production version the gate compared with ("none" when there was none)."""
 
+TAG_APPROVAL = "approval.decision"
+"""Version tag: ``approved`` or ``rejected`` by a person (with ``approval.by``, ``approval.comment``)."""
+REJECT = "reject"
+"""The history action of a refusal: an entry that records a decision, not a move."""
+
 TAG_ROLLED_BACK = "promotion.rolled_back"
 """Set on a version production was rolled back from: promoting it again needs its number."""
 MAX_REASON = 1000
@@ -59,7 +64,9 @@ class AliasMove(Ref):
     """Position in the history, from 1."""
     alias: str
     action: str
-    """``register`` (candidate), ``stage`` (infra validation passed), ``promote`` or ``rollback``."""
+    """``register`` (candidate), ``stage`` (infra validation passed), ``promote`` or ``rollback``;
+    or ``reject``, a person's refusal to move ``alias`` to ``to_version``, which moved nothing
+    (``from_version`` is where the alias stayed)."""
     from_version: str | None
     """The version the alias pointed at before (None: the alias did not exist)."""
     to_version: str
@@ -141,6 +148,30 @@ def record_move(
     return entry
 
 
+def record_rejection(client: MlflowClient, name: str, alias: str, version: str, actor: str, reason: str) -> AliasMove:
+    """Append a person's refusal to move ``alias`` to ``version`` (the caller holds the lock);
+    the alias does not move. One tag write: nothing to reconcile."""
+    history = read_history(client, name)
+    entry = AliasMove(
+        seq=(history[-1].seq + 1) if history else 1,
+        alias=alias,
+        action=REJECT,
+        from_version=alias_version(client, name, alias),
+        to_version=str(version),
+        actor=actor,
+        at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        reason=reason[:MAX_REASON],
+    )
+    _record(client, name, entry)
+    log.info("%s: %s stays at %s, version %s rejected by %s", name, alias, entry.from_version, version, actor)
+    return entry
+
+
+def moves(history: list[AliasMove]) -> list[AliasMove]:
+    """The entries that moved an alias (not the rejections)."""
+    return [entry for entry in history if entry.action != REJECT]
+
+
 def _record(client: MlflowClient, name: str, entry: AliasMove, history_entry: bool = True) -> None:
     """Append ``entry`` to the history and, for a rollback, tag the version it left (both
     idempotent: a retry writes the same values)."""
@@ -199,7 +230,7 @@ def already_there(
     after a crash between the move and its entry), the entry is written now."""
     if alias_version(client, name, alias) != str(version):
         return False
-    recorded = [e for e in read_history(client, name) if e.alias == alias]
+    recorded = [e for e in moves(read_history(client, name)) if e.alias == alias]
     if not recorded or recorded[-1].to_version != str(version):
         record_move(client, name, alias, version, action, actor, f"{reason} (recorded on retry)".strip())
     return True
@@ -208,7 +239,7 @@ def already_there(
 def production_stack(history: list[AliasMove]) -> list[str]:
     """The production versions still reachable by rollbacks, oldest first (the last is current)."""
     stack: list[str] = []
-    for entry in history:
+    for entry in moves(history):
         if entry.alias != PRODUCTION:
             continue
         if entry.action == "rollback" and entry.to_version in stack:

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Settings
 from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError
 from pipeline.registry.history import (
+    MAX_REASON,
     PRODUCTION,
     STAGING,
+    TAG_APPROVAL,
     TAG_GATE,
     TAG_GATE_PRODUCTION,
     TAG_INFRA,
@@ -30,9 +32,11 @@ from pipeline.registry.history import (
     alias_version,
     already_there,
     cli_actor,
+    moves,
     production_stack,
     read_history,
     record_move,
+    record_rejection,
 )
 from pipeline.registry.lock import registry_lock
 from pipeline.registry.outage import is_unavailable, registry_reachable
@@ -105,7 +109,7 @@ def promote(
     """Move ``production`` to ``version`` (default: the ``staging`` version), which must have
     passed the gate and infra validation. None when it is production already.
 
-    ``forward_only`` is for automation (a training run's ``auto_promote``): production never goes
+    ``forward_only`` is for automation (a training run's ``promotion``, ``auto`` or approved): production never goes
     to an older version, and the gate must have compared against today's production. A person
     naming ``version`` may promote any validated version; the default staging version must also
     have been gated against today's production."""
@@ -148,7 +152,7 @@ def rollback(
                 )
             to_version = earlier[-1]
         to_version = str(to_version)
-        been_production = {e.to_version for e in history if e.alias == PRODUCTION}
+        been_production = {e.to_version for e in moves(history) if e.alias == PRODUCTION}
         if to_version == current or to_version not in been_production:
             raise PromotionRefusedError(
                 f"model {name} rollback",
@@ -159,15 +163,40 @@ def rollback(
         return record_move(client, name, PRODUCTION, to_version, "rollback", actor, reason or "rolled back")
 
 
+def tag_decision(settings: Settings, version: str, decision: str, actor: str, comment: str) -> None:
+    """Write a person's decision on ``version`` into its tags (:data:`TAG_APPROVAL`)."""
+    name = settings.model_for()
+    with registry_reachable(settings):
+        client = tracking_client(settings)
+        for key, value in (
+            (TAG_APPROVAL, decision),
+            ("approval.by", actor),
+            ("approval.comment", comment[:MAX_REASON]),
+        ):
+            client.set_model_version_tag(name, str(version), key, value)
+
+
+def reject(settings: Settings, version: str, actor: str, reason: str) -> AliasMove:
+    """A person refused to promote ``version``: ``production`` stays where it is, and the history
+    and the version's tags say who refused and why."""
+    name = settings.model_for()
+    reason = reason or "rejected"
+    with registry_reachable(settings), registry_lock(client := tracking_client(settings), name, actor):
+        entry = record_rejection(client, name, PRODUCTION, version, actor, reason)
+    tag_decision(settings, version, "rejected", actor, reason)
+    return entry
+
+
 def outcome(settings: Settings, move: AliasMove | None, alias: str = PRODUCTION) -> dict[str, Any]:
     """What a promotion or rollback did, in the one shape the CLI, the Airflow tasks and
     ``pipeline run`` all return: ``moved``, the ``alias`` and the version it points at now
-    (``to_version``), and the history entry's fields when it moved."""
+    (``to_version``) of ``model_name``, and the history entry's fields when it moved."""
+    name = settings.model_for()
     if move is not None:
-        return {"moved": True, **move.to_dict()}
+        return {"moved": True, "model_name": name, **move.to_dict()}
     with registry_reachable(settings):
-        current = alias_version(tracking_client(settings), settings.model_for(), alias)
-    return {"moved": False, "alias": alias, "to_version": current}
+        current = alias_version(tracking_client(settings), name, alias)
+    return {"moved": False, "model_name": name, "alias": alias, "to_version": current}
 
 
 def history(settings: Settings) -> list[AliasMove]:

@@ -14,8 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if not p.name.startswith("_"))  # _common.py: shared, no DAG
 HEAVY = ("torch", "mlflow", "great_expectations", "pytorch_lightning", "lightning", "pandas", "boto3", "sklearn")
 # Retry rules name pipeline exceptions (Airflow checks those names at parse time) and the Params
-# are generated from the config fields: pipeline.errors and pipeline.config import nothing else.
-ALLOWED_PIPELINE_MODULES = ("pipeline", "pipeline.errors", "pipeline.config")
+# are generated from the config fields: pipeline.errors and pipeline.config import nothing else;
+# the approval step is an operator class, whose module imports the rest when the task runs.
+ALLOWED_PIPELINE_MODULES = (
+    "pipeline",
+    "pipeline.errors",
+    "pipeline.config",
+    "pipeline.entrypoints",
+    "pipeline.entrypoints.approval",
+)
 
 # Parse one DAG file with every socket and SQLite connection refused, then report what was attempted and which heavy modules got imported.
 PARSE_PROBE = r"""
@@ -84,14 +91,22 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert dag.get_task("train").upstream_task_ids == {"preprocess", "tune_choose"}
     assert dag.get_task("tune_choose").trigger_rule == "none_failed"
     assert dag.get_task("register").upstream_task_ids == {"validate", "preprocess", "train", "evaluate"}
-    # Deployment: the gate, then the served check that sets staging, then production only when
-    # auto_promote is on (a short-circuit), alias moves in the one-slot pool.
+    # Deployment: the gate, then the served check that sets staging, then the approval step,
+    # which branches to promote (approved, or promotion auto) or reject; alias moves and
+    # decisions in the one-slot pool.
     assert dag.get_task("gate").upstream_task_ids == {"register", "preprocess"}
     assert dag.get_task("infra_validate").upstream_task_ids == {"register", "preprocess", "gate"}
-    assert dag.get_task("auto_promote").upstream_task_ids == {"infra_validate"}
-    assert dag.get_task("promote").upstream_task_ids == {"register", "auto_promote"}
-    assert dag.get_task("promote").pool == "promotions"
-    assert dag.params.dump()["auto_promote"] is False
+    approve = dag.get_task("approve")
+    assert approve.upstream_task_ids == {"infra_validate"} and approve.downstream_task_ids == {"promote", "reject"}
+    assert approve.options == ["Approve", "Reject"] and approve.options_mapping == {
+        "Approve": "promote",
+        "Reject": "reject",
+    }
+    assert list(approve.params) == ["comment"] or "comment" in approve.params
+    for name in ("promote", "reject"):
+        assert dag.get_task(name).upstream_task_ids == {"register", "approve"}
+        assert dag.get_task(name).pool == "promotions"
+    assert dag.params.dump()["promotion"] == "manual"
     assert dag.timetable.timetable.expression == "0 0 * * 0"  # weekly, and on the drift asset:
     assert [a.name for a in dag.timetable.asset_condition.objects] == ["training-data-drift-detected"]
     assert dag.catchup is False
@@ -107,7 +122,7 @@ def test_param_defaults_are_the_config_defaults(dagbag):
     params = dagbag.get_dag("training_pipeline").params.dump()
     config = run_config_from_params(params)
     assert config.train == TrainConfig() and config.preprocess == PreprocessConfig() and not config.force
-    assert config.tune == TuneConfig() and config.gate == GatePolicy() and not config.auto_promote
+    assert config.tune == TuneConfig() and config.gate == GatePolicy() and config.promotion == "manual"
 
 
 def test_the_trigger_form_shows_the_params_in_sections(dagbag):
@@ -122,7 +137,7 @@ def test_the_trigger_form_shows_the_params_in_sections(dagbag):
     assert sections == {p.name: SECTIONS[p.setting.section] for p in run_params()}
     assert sections["epochs"] == "Training" and sections["gate_min_accuracy"] == "Quality gate"
     assert sections["precision"] == "Hardware" and sections["tune_space"] == "Tuning"
-    assert sections["source_uri"] == "Data" and sections["auto_promote"] == "Promotion"
+    assert sections["source_uri"] == "Data" and sections["promotion"] == "Promotion"
 
 
 def test_no_dag_file_repeats_a_choice_list_or_a_config_default():

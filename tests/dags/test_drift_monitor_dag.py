@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mail import SmtpSink, send_alerts_to
 from recipes import SMALL_RECIPE
 
 from pipeline.data.idx import write_idx
@@ -74,8 +75,16 @@ def states(dag_run) -> dict[str, str]:
         return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
 
 
+@pytest.fixture
+def mail(monkeypatch):
+    """Alerts on, to an SMTP server on loopback."""
+    with SmtpSink() as sink:
+        send_alerts_to(monkeypatch, sink)
+        yield sink
+
+
 def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(
-    dags, small_dataset, real_splits, settings, tmp_path
+    dags, small_dataset, real_splits, settings, tmp_path, mail
 ):
     from pipeline.tracking import tracking_client
 
@@ -99,6 +108,7 @@ def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(
     assert states(clean) == {"check_drift": "success", "drift_found": "success", "request_retraining": "skipped"}
     assert len(asset_events()) == events_before
     assert "training_pipeline" not in scheduler_would_start()
+    assert mail.messages == []  # a green training run and a clean batch: nothing to say
 
     rotated = write_batch(tmp_path / "rotated", np.rot90(images, axes=(1, 2)).copy())
     shifted = monitor.test(run_conf={"batch_uri": str(rotated)})
@@ -109,6 +119,10 @@ def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(
     assert any(reason.startswith("bbox_") for reason in events[-1]["reasons"]), events[-1]
     assert Path(events[-1]["report_uri"]).read_text().count("DRIFT") >= 1
     assert "training_pipeline" in scheduler_would_start()
+    # The people watching the model hear of it once, with the reasons and the report's link.
+    [subject] = mail.subjects()
+    assert subject.startswith("[image-pipeline] drift in new data for ") and "bbox_" in subject
+    assert "/pipeline/dags/drift_monitor/dagRuns/" in mail.body() and "/check_drift/report" in mail.body()
 
     runs = tracking_client(settings).search_runs(
         [tracking_client(settings).get_experiment_by_name("drift_monitor").experiment_id]
@@ -116,7 +130,7 @@ def test_shifted_batch_asks_for_retraining_and_a_clean_one_does_not(
     assert sorted(run.data.tags["drifted"] for run in runs) == ["false", "true"]
 
 
-def test_broken_batch_fails_the_check_at_once_and_asks_for_nothing(dags, pipeline_home, tmp_path):
+def test_broken_batch_fails_the_check_at_once_and_asks_for_nothing(dags, pipeline_home, tmp_path, mail):
     from pipeline.config import Settings
     from pipeline.errors import DataValidationError
     from pipeline.monitoring.monitor import monitor as check
@@ -134,3 +148,7 @@ def test_broken_batch_fails_the_check_at_once_and_asks_for_nothing(dags, pipelin
     run = monitor.test(run_conf={"batch_uri": str(folder)})
     assert run.state == "failed" and states(run)["check_drift"] == "failed"
     assert len(asset_events()) == events_before
+    # One alert for the failed task (bad input is not retried), its error in one line.
+    [subject] = mail.subjects()
+    assert subject.startswith("[image-pipeline] drift_monitor.check_drift failed: suite incoming_profile")
+    assert f"{folder}/images-idx3-ubyte.gz" in mail.body() and run.run_id in mail.body()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from defects import DEFECTS, broken_copy
+from mail import SmtpSink, send_alerts_to
 from recipes import SMALL_RECIPE
 from services import RecordingServer
 
@@ -112,9 +113,9 @@ def test_tuning_maps_one_trial_per_candidate_and_trains_with_the_best(training_d
     assert "mlflow.parentRunId" not in final.data.tags
 
 
-def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db):
-    """auto_promote reaches production; a model that learned nothing stops at the gate; a run
-    without auto_promote stops at staging until promote_model; rollback_model goes back."""
+def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db, monkeypatch):
+    """promotion auto reaches production; a model that learned nothing stops at the gate; a run
+    with promotion manual stops at staging until promote_model; rollback_model goes back."""
     from airflow.dag_processing.dagbag import DagBag
 
     from pipeline.registry.history import PRODUCTION, STAGING, alias_version
@@ -131,20 +132,28 @@ def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db)
     # About 50 test images a class: single classes move by 0.15 between such small models.
     conf = {"source_uri": str(small_dataset), **QUICK, "gate_max_class_drop": 0.3}
 
-    first = run("training_pipeline", {**conf, "auto_promote": True})
+    first = run("training_pipeline", {**conf, "promotion": "auto"})
     assert first.state == "success", task_states(first)
     assert alias_version(client, name, PRODUCTION) == "1"
 
-    worse = run("training_pipeline", {**conf, "learning_rate": 1e-7, "force": True})
+    with SmtpSink() as mail:
+        send_alerts_to(monkeypatch, mail)
+        worse = run("training_pipeline", {**conf, "learning_rate": 1e-7, "force": True})
     states = task_states(worse)
     assert worse.state == "failed" and states["gate"] == "failed", states
+    # One alert, for the gate (the tasks it stopped are not failures of their own).
+    [subject] = mail.subjects()
+    assert subject.startswith(f"[image-pipeline] gate refused {name} version 2 against production v1: "), subject
+    assert f"#/models/{name}/versions/2" in mail.body()
+    monkeypatch.delenv("PIPELINE_ALERT_TO")
     assert states["infra_validate"] == states["promote"] == "upstream_failed", states
     assert client.get_model_version(name, "2").tags["gate.decision"] == "failed"
     assert alias_version(client, name, PRODUCTION) == alias_version(client, name, STAGING) == "1"
 
     better = run("training_pipeline", {**conf, "epochs": 2, "force": True})
     states = task_states(better)
-    assert better.state == "success" and states["promote"] == "skipped", states  # auto_promote off
+    assert better.state == "success", states
+    assert states["approve"] == states["promote"] == states["reject"] == "skipped", states  # promotion manual
     assert alias_version(client, name, STAGING) == "3" and alias_version(client, name, PRODUCTION) == "1"
 
     promoted = run("promote_model", {"reason": "reviewed the model card"})
@@ -160,7 +169,7 @@ def test_staged_deployment_through_the_dags(small_dataset, settings, airflow_db)
         if e.alias == PRODUCTION
     ]
     assert moves == [
-        ("promote", None, "1", "airflow:training_pipeline", "auto_promote: passed the gate and infra validation"),
+        ("promote", None, "1", "airflow:training_pipeline", "promotion auto: passed the gate and infra validation"),
         ("promote", "1", "3", "airflow:promote_model", "reviewed the model card"),
         ("rollback", "3", "1", "airflow:rollback_model", "complaints"),
     ]

@@ -46,7 +46,7 @@ def test_a_move_has_one_shape_in_the_cli_and_the_airflow_adapter(settings, stage
     _, moves = stages
     moves.update(promote=MOVE, rollback=MOVE)
     args = argparse.Namespace(version="2", to="1", reason="why")
-    expected = {"moved": True, **MOVE.to_dict()}
+    expected = {"moved": True, "model_name": settings.model_for(), **MOVE.to_dict()}
     assert commands.cmd_promote(args, settings) == tasks.promote({"version": "2"}, MOVE.actor) == expected
     assert commands.cmd_rollback(args, settings) == tasks.rollback({"to_version": "1"}, MOVE.actor) == expected
 
@@ -54,7 +54,7 @@ def test_a_move_has_one_shape_in_the_cli_and_the_airflow_adapter(settings, stage
 def test_no_move_has_one_shape_too(settings, stages):
     args = argparse.Namespace(version=None, to=None, reason="")
     # A fresh registry: production points nowhere.
-    expected = {"moved": False, "alias": "production", "to_version": None}
+    expected = {"moved": False, "model_name": settings.model_for(), "alias": "production", "to_version": None}
     assert commands.cmd_promote(args, settings) == tasks.promote({}, "someone") == expected
 
 

@@ -63,7 +63,7 @@ def registry(module_settings, small_dataset):
 
 
 def deploy(registry, label: str):
-    """The DAG's path after register with auto_promote: gate, infra validation (staging), promote."""
+    """The DAG's path after register with promotion auto: gate, infra validation (staging), promote."""
     version = registry["versions"][label]
     args = (registry["processed"], registry["storage"], registry["settings"])
     verdict = gate(version, *args, POLICY)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import requests
 from defects import write_dataset
+from mail import RECIPIENT, SmtpSink
 from recipes import SMALL_RECIPE
 from services import ProcessGroup, RequestCuttingProxy, TcpProxy, free_port, kill_session, port_is_free
 
@@ -110,6 +111,7 @@ class Stack:
         self.api_url, self.mlflow_url = f"http://127.0.0.1:{self.api_port}", f"http://127.0.0.1:{self.mlflow_port}"
         # What the Airflow tasks reach MLflow through (the tests' own client goes direct).
         self.mlflow_proxy = RequestCuttingProxy(self.mlflow_port)
+        self.mail = SmtpSink()  # the alerts' mail server
         self.airflow_user = ("operator", secrets.token_urlsafe(16))
         self.mlflow_user = ("admin", secrets.token_urlsafe(16))
         self.leftovers: list[str] = []
@@ -121,6 +123,7 @@ class Stack:
         try:
             self.proxy.start()
             self.mlflow_proxy.start()
+            self.mail.__enter__()
             self.s3.create_bucket(Bucket=self.bucket)
             self._create_databases()
             base = self._base_env()
@@ -214,6 +217,10 @@ class Stack:
             "PIPELINE_SOURCE_URI": f"s3://{self.bucket}/datasets/a",
             "PIPELINE_MODEL_NAME": MODEL,  # as docker/.env.example sets it; else "a-classifier"
             "PIPELINE_TRAIN_QUEUE": "gpu",
+            "PIPELINE_MLFLOW_UI_URL": self.mlflow_url,
+            # Alerts from the workers, through the Airflow connection a team would define.
+            "PIPELINE_ALERT_TO": RECIPIENT,
+            "AIRFLOW_CONN_SMTP_DEFAULT": self.mail.connection(),
             "MLFLOW_TRACKING_URI": self.mlflow_proxy.url,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_user[0],
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_user[1],
@@ -294,6 +301,8 @@ class Stack:
         self.proxy.stop()
         self.mlflow_proxy.stop()
         with contextlib.suppress(Exception):
+            self.mail.__exit__()
+        with contextlib.suppress(Exception):
             self._drop_databases()
         with contextlib.suppress(Exception):
             import redis
@@ -306,7 +315,7 @@ class Stack:
 
     @property
     def ports(self) -> list[int]:
-        return [self.api_port, self.mlflow_port, self.log_port, self.proxy.port, self.mlflow_proxy.port]
+        return [self.api_port, self.mlflow_port, self.log_port, self.proxy.port, self.mlflow_proxy.port, self.mail.port]
 
     def _create_databases(self) -> None:
         with _postgres() as cursor:
@@ -425,7 +434,7 @@ def test_a_triggered_run_trains_on_the_gpu_queue_and_registers_on_the_mlflow_ser
     tis = stack.api.task_instances(run_id)
     assert outage_run["run"]["state"] == "success", stack.failures(run_id)
     assert tis["train"]["queue"] == "gpu" and tis["acquire"]["queue"] == "default"
-    assert tis["promote"]["state"] == "skipped"  # auto_promote is off: the run stops at staging
+    assert tis["promote"]["state"] == "skipped"  # promotion manual: the run stops at staging
     client = stack.mlflow_client(monkeypatch)
     version = client.get_model_version_by_alias(MODEL, "staging")
     mlflow_run = client.get_run(version.run_id)
@@ -443,6 +452,45 @@ def test_a_triggered_run_trains_on_the_gpu_queue_and_registers_on_the_mlflow_ser
     assert sorted(raw_objects(stack)[digest]) == EXPECTED_RAW
     assert f"pipeline/checkpoints/{version.run_id}/best.ckpt" in stack.keys("pipeline/checkpoints/")
     assert any(key.endswith("/train.npz") for key in stack.keys("pipeline/processed/"))
+
+
+def test_the_plugin_links_task_instances_to_what_they_made_behind_airflows_login(stack, outage_run, monkeypatch):
+    """The API server loads the plugin: its links resolve from the run's XComs to the MLflow UI
+    and to the plugin's pages, which answer a logged-in user and no one else."""
+    run_id = outage_run["run_id"]
+    assert outage_run["run"]["state"] == "success", stack.failures(run_id)
+    [plugin] = [p for p in stack.api.call("GET", "/plugins")["plugins"] if p["name"] == "image_pipeline"]
+    assert len(plugin["global_operator_extra_links"]) == 5
+    assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/pipeline"]
+
+    def task_links(task_id: str) -> dict[str, str | None]:
+        return stack.api.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/links")["extra_links"]
+
+    client = stack.mlflow_client(monkeypatch)
+    version = client.get_model_version_by_alias(MODEL, "staging")
+    train = task_links("train")
+    assert train["MLflow run"] == f"{stack.mlflow_url}/#/runs/{version.run_id}"
+    assert train["Model version"] is None and train["Data report"] is None  # not this task's
+    register = task_links("register")
+    assert register["Model version"] == f"{stack.mlflow_url}/#/models/{MODEL}/versions/{version.version}"
+    card_url = register["Model card"]
+    assert card_url == f"/pipeline/models/{MODEL}/versions/{version.version}/card"
+    report_url = task_links("validate")["Data report"]
+    assert report_url.startswith("/pipeline/dags/training_pipeline/dagRuns/") and report_url.endswith(
+        "/validate/report"
+    )
+
+    for url, words in ((card_url, "Model card"), (report_url, "Data report for dataset")):
+        answer = stack.api.session.get(f"{stack.api_url}{url}", timeout=60)
+        assert answer.status_code == 200, answer.text[:500]
+        assert answer.headers["content-type"].startswith("text/html") and words.lower() in answer.text.lower()
+        assert "sandbox" in answer.headers["content-security-policy"]
+        assert requests.get(f"{stack.api_url}{url}", timeout=30).status_code == 401  # no token
+    # A task instance that made no report, and a version that does not exist: 404 in one line.
+    missing = stack.api.session.get(stack.api_url + report_url.replace("/validate/", "/train/"), timeout=30)
+    assert missing.status_code == 404 and "training_pipeline.train" in missing.json()["detail"]
+    gone = stack.api.session.get(f"{stack.api_url}/pipeline/models/{MODEL}/versions/999/card", timeout=60)
+    assert gone.status_code == 404 and "999" in gone.json()["detail"]
 
 
 def test_an_s3_outage_during_acquisition_is_retried_and_the_data_is_stored_once(stack, outage_run):
@@ -601,6 +649,118 @@ def test_fault_mlflow_down_20s_during_register_gives_exactly_one_complete_versio
         move for move in read_history(client, MODEL) if move.action == "register" and move.to_version == version.version
     ]
     assert len(registered) == 1, registered
+
+
+def wait_for_approval(stack: Stack, run_id: str, timeout: float = 600) -> dict:
+    """The run's approval request once its ``approve`` task waits for a person."""
+    deadline = time.monotonic() + timeout
+    while (state := stack.states(run_id).get("approve")) != "awaiting_input":
+        assert state not in ("failed", "skipped", "upstream_failed"), stack.failures(run_id)
+        assert stack.api.run(run_id)["state"] in ("queued", "running"), stack.failures(run_id)
+        assert time.monotonic() < deadline, f"approve still {state} after {timeout}s: {stack.states(run_id)}"
+        time.sleep(3)
+    return stack.api.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails")
+
+
+def answer(stack: Stack, run_id: str, option: str, comment: str) -> requests.Response:
+    return stack.api.session.patch(
+        f"{stack.api_url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails",
+        json={"chosen_options": [option], "params_input": {"comment": comment}},
+        timeout=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def approved(stack: Stack, outage_run: dict, faulted_run: dict) -> dict:
+    """A run with promotion approval on the data of the first run (its model reused: nothing
+    is trained), approved through the REST API by the stack's user."""
+    source = f"s3://{stack.bucket}/datasets/b"
+    run_id = stack.api.trigger({"source_uri": source, **QUICK, "promotion": "approval"})
+    request = wait_for_approval(stack, run_id)
+    models = stack.api.session.get(f"{stack.api_url}/pipeline/api/models", timeout=60)
+    response = answer(stack, run_id, "Approve", "read the model card")
+    again = answer(stack, run_id, "Reject", "changed my mind")
+    return {
+        "run_id": run_id,
+        "request": request,
+        "models": models,
+        "response": response,
+        "again": again,
+        "run": stack.wait_for_run(run_id, 600),
+    }
+
+
+def test_an_approval_waits_for_a_person_and_records_who_approved(stack, approved, monkeypatch):
+    from pipeline.registry.history import read_history
+
+    run_id, request = approved["run_id"], approved["request"]
+    assert approved["response"].status_code == 200, approved["response"].text
+    assert approved["response"].json()["responded_by"]["name"] == stack.airflow_user[0]
+    assert approved["run"]["state"] == "success", stack.failures(run_id)
+    states = stack.states(run_id)
+    assert states["promote"] == "success" and states["reject"] == "skipped" and states["train"] == "success"
+    client = stack.mlflow_client(monkeypatch)
+    version = client.get_model_version_by_alias(MODEL, "production")
+    assert request["subject"] == f"Promote {MODEL} version {version.version} to production?"
+    assert "| test accuracy |" in request["body"] and f"#/models/{MODEL}/versions/{version.version}" in request["body"]
+    assert request["options"] == ["Approve", "Reject"]
+    # While it waited, the Models page listed it, with where to answer.
+    assert approved["models"].status_code == 200, approved["models"].text
+    [pending] = [p for p in approved["models"].json()["pending_approvals"] if p["run_id"] == run_id]
+    assert pending["subject"] == request["subject"] and pending["url"].endswith("/tasks/approve")
+    last = read_history(client, MODEL)[-1]
+    assert (last.alias, last.action, last.to_version) == ("production", "promote", version.version)
+    assert last.actor == f"{stack.airflow_user[0]} via airflow:{DAG_ID}/{run_id}"
+    assert last.reason == "approved: read the model card"
+    assert version.tags["approval.decision"] == "approved"
+    # The alert said it waited, with the way to answer.
+    waiting = [i for i, subject in enumerate(stack.mail.subjects()) if "approval needed" in subject]
+    [body] = [stack.mail.body(i) for i in waiting if run_id in stack.mail.body(i)]
+    assert f"{MODEL} version {version.version}" in body and "/tasks/approve" in body
+
+
+def test_a_second_answer_to_an_answered_approval_is_refused(approved):
+    assert approved["again"].status_code == 409, approved["again"].text
+
+
+def test_a_rejected_candidate_leaves_production_and_the_history_says_who_and_why(stack, approved, monkeypatch):
+    """The faulted run's version (reused: its data and config again) put up for approval, and rejected."""
+    from pipeline.registry.history import read_history
+
+    client = stack.mlflow_client(monkeypatch)
+    production = client.get_model_version_by_alias(MODEL, "production").version
+    source = f"s3://{stack.bucket}/datasets/a"
+    conf = {
+        "source_uri": source,
+        **QUICK,
+        "epochs": 3,
+        "promotion": "approval",
+        "gate_max_class_drop": 0.3,
+        "gate_max_accuracy_drop": 0.3,
+    }
+    run_id = stack.api.trigger(conf)
+    request = wait_for_approval(stack, run_id)
+    candidate = request["subject"].split(" version ")[1].split(" ")[0]
+    assert candidate != production
+    refused = answer(stack, run_id, "Reject", "Shirt recall too low")
+    assert refused.status_code == 200, refused.text
+    run = stack.wait_for_run(run_id, 600)
+    assert run["state"] == "success", stack.failures(run_id)
+    states = stack.states(run_id)
+    assert states["reject"] == "success" and states["promote"] == "skipped"
+    assert client.get_model_version_by_alias(MODEL, "production").version == production
+    last = read_history(client, MODEL)[-1]
+    assert (last.action, last.from_version, last.to_version) == ("reject", production, candidate)
+    assert last.actor == f"{stack.airflow_user[0]} via airflow:{DAG_ID}/{run_id}"
+    assert last.reason == "rejected: Shirt recall too low"
+    assert client.get_model_version(MODEL, candidate).tags["approval.decision"] == "rejected"
+
+
+def test_alerts_reached_the_mail_server_from_the_workers(stack, approved):
+    """The faults' failed tries are retried, not alerted; a run that failed for good was."""
+    subjects = stack.mail.subjects()
+    assert any("approval needed" in s for s in subjects), subjects
+    assert any(s.startswith("[image-pipeline] training_pipeline.acquire failed: ") for s in subjects), subjects
 
 
 def test_stopping_the_stack_leaves_no_process_or_port_behind(stack):

@@ -11,7 +11,7 @@ from pipeline.entrypoints.cli import main
 from pipeline.errors import PromotionRefusedError, ReferenceNotFoundError, RegistryBusyError
 from pipeline.registry.history import PRODUCTION, STAGING, AliasMove, alias_version, production_stack
 from pipeline.registry.lock import registry_lock
-from pipeline.registry.promote import history, move_alias, promote, rollback
+from pipeline.registry.promote import history, move_alias, promote, reject, rollback
 from pipeline.tracking import tracking_client
 
 
@@ -70,6 +70,25 @@ def test_promote_rollback_and_history(settings, versions, capsys):
         (PRODUCTION, "3", "1"),
     ]
     assert [e.seq for e in history(settings)] == [1, 2, 3, 4]
+
+
+def test_a_rejection_moves_nothing_and_the_history_says_who_and_why(settings, versions):
+    name = settings.model_for()
+    promote(settings, "1", actor="ci")
+    refused = reject(settings, "2", "alice via airflow:training_pipeline/r1", "rejected: Shirt recall too low")
+    assert (refused.action, refused.from_version, refused.to_version) == ("reject", "1", "2")
+    assert alias_version(versions, name, PRODUCTION) == "1"
+    tags = versions.get_model_version(name, "2").tags
+    assert tags["approval.decision"] == "rejected" and tags["approval.by"].startswith("alice via ")
+    assert tags["approval.comment"] == "rejected: Shirt recall too low"
+    [last] = history(settings)[-1:]
+    assert last.actor.startswith("alice") and last.reason == "rejected: Shirt recall too low"
+    # A decision is not a move: rollback and the stack see only the moves.
+    assert production_stack(history(settings)) == ["1"]
+    promote(settings, "3", actor="ci")
+    assert rollback(settings, actor="ci").to_version == "1"
+    # The rejected version can still be promoted by a person who names it.
+    assert promote(settings, "2", actor="bob").to_version == "2"
 
 
 def test_cli_promote_and_rollback(settings, versions, capsys):

@@ -1,0 +1,171 @@
+"""Alerts: a person hears of a failed task, detected drift, a failed gate and a pending approval, by e-mail through
+the smtp provider's ``SmtpNotifier``.
+
+Configured by :class:`~pipeline.config.Settings`: recipients (``PIPELINE_ALERT_TO``) and the
+Airflow SMTP connection (``PIPELINE_ALERT_SMTP_CONN_ID``, default ``smtp_default``). Without
+recipients or without that connection nothing is sent and nothing fails; a mail server that
+refuses or does not answer is logged, and the run goes on: an alert never changes the outcome
+of what it reports.
+
+Every DAG's tasks call :func:`on_task_failure` when they fail for good (``dags/_common.py``'s
+default ``on_failure_callback``; retries do not alert); the drift monitor calls
+:func:`send` with :func:`drift_detected` when it asks for retraining.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import smtplib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.entrypoints import links
+from pipeline.errors import GateFailedError
+
+log = logging.getLogger(__name__)
+
+SUBJECT_PREFIX = "[image-pipeline]"
+SUBJECT_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One message: what happened (``kind``), a subject, facts and links."""
+
+    kind: str
+    """``task_failed``, ``gate_failed``, ``drift`` or ``approval``."""
+    subject: str
+    facts: list[tuple[str, str]]
+    links: list[tuple[str, str]] = field(default_factory=list)
+
+    def html(self) -> str:
+        e = html.escape
+        rows = "".join(f"<tr><th align=left>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in self.facts)
+        anchors = "".join(f'<li><a href="{e(url, quote=True)}">{e(name)}</a></li>' for name, url in self.links if url)
+        return (
+            f"<html><body><h2>{e(self.subject)}</h2><table>{rows}</table>"
+            + (f"<ul>{anchors}</ul>" if anchors else "")
+            + "</body></html>"
+        )
+
+
+def _subject(text: str) -> str:
+    text = " ".join(f"{SUBJECT_PREFIX} {text}".split())  # one line, whatever the error held
+    return text if len(text) <= SUBJECT_LIMIT else text[: SUBJECT_LIMIT - 3] + "..."
+
+
+def one_line(error: BaseException | str | None) -> str:
+    text = str(error) if error is not None else ""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if isinstance(error, BaseException):
+        return line or type(error).__name__
+    return line or "no error was recorded"
+
+
+def task_failed(
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    try_number: int | None,
+    error: BaseException | str | None,
+    log_url: str,
+    extra_links: list[tuple[str, str]] | None = None,
+) -> Alert:
+    """A task that failed for good: its DAG, run, task, the one-line error and its log. A failed
+    gate is its own kind: the candidate was judged, nothing is broken."""
+    line = one_line(error)
+    facts = [("DAG", dag_id), ("Run", run_id), ("Task", task_id)]
+    if try_number:
+        facts.append(("Try", str(try_number)))
+    facts.append(("Error", line))
+    task_links = [("Task log", log_url), *(extra_links or [])]
+    if isinstance(error, GateFailedError):
+        return Alert("gate_failed", _subject(f"gate refused {error.where}: {error.found}"), facts, task_links)
+    return Alert("task_failed", _subject(f"{dag_id}.{task_id} failed: {line}"), facts, task_links)
+
+
+def drift_detected(result: dict[str, Any], dag_id: str, run_id: str, settings: Settings, app_base: str = "") -> Alert:
+    """New data drifted from what the serving model was trained on (``result``: the monitor's)."""
+    model = f"{result.get('model_name')} version {result.get('model_version')} ({result.get('model_alias')})"
+    reasons = list(result.get("reasons") or [])
+    facts = [
+        ("DAG", dag_id),
+        ("Run", run_id),
+        ("Model", model),
+        ("Batch", f"{result.get('batch_size')} images, {result.get('batch_hash')}"),
+        ("Drift", "; ".join(reasons) or "(no reason recorded)"),
+    ]
+    report = links.task_link(links.DRIFT_REPORT, dag_id, run_id, "check_drift", -1, result, settings, app_base)
+    mlflow = f"{settings.mlflow_ui()}/#/runs/{result['run_id']}" if result.get("run_id") else ""
+    subject = f"drift in new data for {model}: {reasons[0] if reasons else 'see the report'}"
+    return Alert("drift", _subject(subject), facts, [("Drift report", report), ("MLflow run", mlflow)])
+
+
+def approval_pending(request: Any, dag_id: str, run_id: str, task_url: str) -> Alert:
+    """A model version waits for a person's Approve or Reject (``request``: an
+    :class:`~pipeline.entrypoints.approval.ApprovalRequest`)."""
+    facts = [("DAG", dag_id), ("Run", run_id), ("Model", f"{request.model_name} version {request.version}")]
+    base = task_url.split("/dags/", 1)[0]
+    return Alert(
+        "approval",
+        _subject(f"approval needed: {request.model_name} version {request.version} to production"),
+        facts,
+        [("Approve or reject", task_url), ("Required actions", f"{base}/required_actions")],
+    )
+
+
+def configured(settings: Settings) -> bool:
+    """Recipients set and the SMTP connection defined (looked up through Airflow)."""
+    if not settings.alert_to.strip():
+        return False
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        BaseHook.get_connection(settings.alert_smtp_conn_id)
+    except AirflowNotFoundException:
+        log.info("alerts: no connection %r; nothing sent", settings.alert_smtp_conn_id)
+        return False
+    return True
+
+
+def send(alert: Alert, settings: Settings) -> bool:
+    """Send ``alert`` if alerts are configured; True when the mail server took it."""
+    if not configured(settings):
+        return False
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    recipients = [address.strip() for address in settings.alert_to.split(",") if address.strip()]
+    notifier = SmtpNotifier(
+        to=recipients,
+        from_email=settings.alert_from or None,
+        smtp_conn_id=settings.alert_smtp_conn_id,
+        subject=alert.subject,
+        html_content=alert.html(),
+    )
+    try:
+        # notify(), not the notifier's __call__: that renders the fields as Jinja templates,
+        # and an error message or a file name is not a template.
+        notifier.notify({})
+    except (OSError, smtplib.SMTPException, ValueError) as exc:
+        log.warning("alerts: %s not sent through %s: %s", alert.kind, settings.alert_smtp_conn_id, one_line(exc))
+        return False
+    log.info("alerts: sent %s to %s", alert.kind, ", ".join(recipients))
+    return True
+
+
+def on_task_failure(context: Any) -> None:
+    """``on_failure_callback`` of every task: one alert for a task that failed for good."""
+    ti = context["ti"]
+    settings = Settings.from_env()
+    if not settings.alert_to.strip():
+        return
+    error = context.get("exception")
+    extra: list[tuple[str, str]] = []
+    if isinstance(error, GateFailedError):
+        version = ti.xcom_pull(task_ids="register")
+        url = links.task_link(links.MODEL_VERSION, ti.dag_id, ti.run_id, "register", -1, version, settings)
+        extra.append(("Model version", url))
+    send(task_failed(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, error, ti.log_url, extra), settings)

@@ -1,0 +1,229 @@
+"""The pipeline's Airflow plugin: links from task instances to what they made, and the pages the
+links open that neither Airflow nor MLflow serves (the data and drift reports, the model card).
+
+* Global extra links on every task instance: "MLflow run" (``train``, ``evaluate``), "Model
+  version" and "Model card" (``register``, ``gate``, ``infra_validate``, ``promote``, the
+  deployment DAGs' ``promote`` and ``rollback``), "Data report" (``validate``), "Drift report"
+  (``check_drift``). The API server resolves them from the task's return value; which task gets
+  which, and the URLs, are :mod:`pipeline.entrypoints.links`.
+* A FastAPI app at ``/pipeline`` on the API server, behind Airflow's login (its JWT, the UI's
+  cookie or a bearer token) and its DAG permissions: a report needs read access to the task
+  instances of its DAG; a model card and the "Models" page (``/pipeline/models``, in the UI's
+  navigation; ``/pipeline/api/models`` as JSON) read access to ``training_pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from airflow.api_fastapi.core_api.security import DagAccessEntity, requires_access_dag
+from airflow.configuration import conf
+from airflow.plugins_manager import AirflowPlugin
+from airflow.sdk import BaseOperatorLink
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+
+from pipeline.config import Settings
+from pipeline.entrypoints import links
+from pipeline.errors import ReferenceNotFoundError, RegistryUnavailableError, StorageUnavailableError
+
+#: Served pages run no script, send no form and load nothing from elsewhere: they are shown with
+#: the user's Airflow session, and a report holds names that came with the data. Their links open
+#: in a new tab, or in the whole window when the page is shown inside the Airflow UI.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-popups allow-popups-to-escape-sandbox "
+    "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+}
+
+
+def return_value(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
+    """A task instance's return value as stored (JSON; never deserialised into objects), or None."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(
+            XComModel.get_many(
+                key="return_value", run_id=run_id, dag_ids=dag_id, task_ids=task_id, map_indexes=map_index
+            ).with_only_columns(XComModel.value)
+        ).first()
+    if row is None:
+        return None
+    try:
+        return json.loads(row.value) if isinstance(row.value, str | bytes) else row.value
+    except ValueError:
+        return None
+
+
+def app_base() -> str:
+    """The API server's path prefix (``[api] base_url``'s path), for links to the app."""
+    return urlparse(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+
+
+class PipelineLink(BaseOperatorLink):
+    """A link of :data:`pipeline.entrypoints.links.NAMES`, by its ``name``."""
+
+    name = ""
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        if not links.applies(self.name, ti_key.dag_id, ti_key.task_id):
+            return ""
+        result = return_value(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
+        return links.task_link(
+            self.name,
+            ti_key.dag_id,
+            ti_key.run_id,
+            ti_key.task_id,
+            ti_key.map_index,
+            result,
+            Settings.from_env(),
+            app_base(),
+        )
+
+
+class MlflowRunLink(PipelineLink):
+    name = links.MLFLOW_RUN
+
+
+class ModelVersionLink(PipelineLink):
+    name = links.MODEL_VERSION
+
+
+class ModelCardLink(PipelineLink):
+    name = links.MODEL_CARD
+
+
+class DataReportLink(PipelineLink):
+    name = links.DATA_REPORT
+
+
+class DriftReportLink(PipelineLink):
+    name = links.DRIFT_REPORT
+
+
+def report_key_or_404(dag_id: str, run_id: str, task_id: str, map_index: int, storage: Any) -> str:
+    try:
+        return links.report_key(dag_id, task_id, return_value(dag_id, run_id, task_id, map_index), storage)
+    except ReferenceNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+def pending_approvals(base: str) -> list[dict[str, str]]:
+    """The promotion approvals waiting for a person: their subject, run and where to answer."""
+    from airflow.models.hitl import HITLDetail
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    query = (
+        select(
+            HITLDetail.subject, HITLDetail.created_at, TaskInstance.dag_id, TaskInstance.run_id, TaskInstance.task_id
+        )
+        .join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
+        .where(~HITLDetail.response_received, TaskInstance.task_id == "approve")
+        .order_by(HITLDetail.created_at)
+    )
+    with create_session() as session:
+        rows = session.execute(query).all()
+    return [
+        {
+            "subject": row.subject,
+            "dag_id": row.dag_id,
+            "run_id": row.run_id,
+            "since": row.created_at.isoformat(timespec="seconds"),
+            "url": f"{base}/dags/{quote(row.dag_id)}/runs/{quote(row.run_id, safe='')}/tasks/{quote(row.task_id)}",
+        }
+        for row in rows
+    ]
+
+
+def page(html: str | bytes) -> HTMLResponse:
+    return HTMLResponse(html, headers={**PAGE_HEADERS, "X-Content-Type-Options": "nosniff"})
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Image pipeline", description="Reports and model cards, behind Airflow's login.")
+
+    @app.get(
+        "/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/report",
+        response_class=HTMLResponse,
+        dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE))],
+    )
+    def report(dag_id: str, dag_run_id: str, task_id: str, map_index: int = -1) -> HTMLResponse:
+        """The HTML report a task instance made: ``validate``'s data report, the drift monitor's report."""
+        from pipeline.storage import storage_for
+
+        settings = Settings.from_env()
+        storage = storage_for(settings)
+        key = report_key_or_404(dag_id, dag_run_id, task_id, map_index, storage)
+        try:
+            if not storage.exists(key):
+                raise HTTPException(404, f"{dag_id}.{task_id}: the report is no longer in storage")
+            return page(storage.get_bytes(key))
+        except StorageUnavailableError as exc:
+            raise HTTPException(503, str(exc)) from exc
+
+    @app.get(
+        "/models/{name}/versions/{version}/card",
+        response_class=HTMLResponse,
+        dependencies=[Depends(requires_access_dag("GET", param_dag_id="training_pipeline"))],
+    )
+    def model_card(name: str, version: str) -> HTMLResponse:
+        """A registered version's model card, as evaluation wrote it."""
+        try:
+            return page(links.model_card_page(Settings.from_env(), name, version))
+        except ReferenceNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except RegistryUnavailableError as exc:
+            raise HTTPException(503, str(exc)) from exc
+
+    read_registry = [Depends(requires_access_dag("GET", param_dag_id="training_pipeline"))]
+
+    @app.get("/api/models", dependencies=read_registry)
+    def models_json() -> dict[str, Any]:
+        """The registered models (aliases, newest versions, history) and the pending approvals."""
+        from pipeline.entrypoints.registry_page import overview
+
+        try:
+            models = overview(Settings.from_env())
+        except RegistryUnavailableError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return {"models": models, "pending_approvals": pending_approvals(app_base())}
+
+    @app.get("/models", response_class=HTMLResponse, dependencies=read_registry)
+    def models_page() -> HTMLResponse:
+        """The "Models" page of the Airflow UI's navigation."""
+        from pipeline.entrypoints.registry_page import overview
+        from pipeline.entrypoints.registry_page import page as render
+
+        settings = Settings.from_env()
+        try:
+            models = overview(settings)
+        except RegistryUnavailableError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return page(render(models, pending_approvals(app_base()), settings))
+
+    return app
+
+
+class PipelinePlugin(AirflowPlugin):
+    name = "image_pipeline"
+    global_operator_extra_links = [
+        MlflowRunLink(),
+        ModelVersionLink(),
+        ModelCardLink(),
+        DataReportLink(),
+        DriftReportLink(),
+    ]
+    fastapi_apps = [{"app": create_app(), "url_prefix": links.APP_PREFIX, "name": "Image pipeline"}]
+    external_views = [
+        {
+            "name": "Models",
+            "href": f"{links.APP_PREFIX}/models",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "models",
+        }
+    ]
