@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from airflow.api_fastapi.core_api.security import DagAccessEntity, requires_access_dag
-from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException
@@ -57,9 +56,7 @@ def return_value(dag_id: str, run_id: str, task_id: str, map_index: int = -1) ->
         return None
 
 
-def app_base() -> str:
-    """The API server's path prefix (``[api] base_url``'s path), for links to the app."""
-    return urlparse(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+app_base = links.app_base
 
 
 class PipelineLink(BaseOperatorLink):
@@ -115,6 +112,7 @@ def pending_approvals(base: str) -> list[dict[str, str]]:
     from airflow.models.hitl import HITLDetail
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
 
     query = (
@@ -122,7 +120,12 @@ def pending_approvals(base: str) -> list[dict[str, str]]:
             HITLDetail.subject, HITLDetail.created_at, TaskInstance.dag_id, TaskInstance.run_id, TaskInstance.task_id
         )
         .join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
-        .where(~HITLDetail.response_received, TaskInstance.task_id == "approve")
+        .where(
+            ~HITLDetail.response_received,
+            TaskInstance.dag_id == "training_pipeline",
+            TaskInstance.task_id == "approve",
+            TaskInstance.state == TaskInstanceState.AWAITING_INPUT,
+        )
         .order_by(HITLDetail.created_at)
     )
     with create_session() as session:
@@ -144,7 +147,14 @@ def page(html: str | bytes) -> HTMLResponse:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Image pipeline", description="Reports and model cards, behind Airflow's login.")
+    # No /docs, /redoc or /openapi.json: they would answer without a login.
+    app = FastAPI(
+        title="Image pipeline",
+        description="Reports, model cards and the Models page, behind Airflow's login.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     @app.get(
         "/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/report",

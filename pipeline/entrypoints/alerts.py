@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import logging
-import smtplib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +115,13 @@ def approval_pending(request: Any, dag_id: str, run_id: str, task_url: str) -> A
     )
 
 
+def airflow_url() -> str:
+    """Airflow's own URL (``[api] base_url``), for links in a message read outside Airflow."""
+    from airflow.configuration import conf
+
+    return (conf.get("api", "base_url", fallback="") or "http://localhost:8080").rstrip("/")
+
+
 def configured(settings: Settings) -> bool:
     """Recipients set and the SMTP connection defined (looked up through Airflow)."""
     if not settings.alert_to.strip():
@@ -149,7 +155,7 @@ def send(alert: Alert, settings: Settings) -> bool:
         # notify(), not the notifier's __call__: that renders the fields as Jinja templates,
         # and an error message or a file name is not a template.
         notifier.notify({})
-    except (OSError, smtplib.SMTPException, ValueError) as exc:
+    except Exception as exc:  # the provider raises its own errors too: an alert never fails the task
         log.warning("alerts: %s not sent through %s: %s", alert.kind, settings.alert_smtp_conn_id, one_line(exc))
         return False
     log.info("alerts: sent %s to %s", alert.kind, ", ".join(recipients))

@@ -20,6 +20,7 @@ Airflow and :mod:`pipeline.config`; the rest waits for the task to run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +33,15 @@ from airflow.sdk.exceptions import AirflowSkipException
 from pipeline.config import Settings
 
 APPROVE, REJECT = "Approve", "Reject"
-MARKDOWN_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]<>()#+-.!|"})
 
 
 def md(text: Any) -> str:
-    """``text`` as literal Markdown (a class name or a reason came with the data)."""
-    return " ".join(str(text).split()).translate(MARKDOWN_SPECIAL)
+    """``text`` (a name or a reason that came with the data) as a Markdown code span: shown as
+    written, never a link, emphasis or HTML; one line; ``|`` escaped for table cells."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class PromotionApproval(HITLBranchOperator):
             raise AirflowSkipException("promotion manual: the run stops at staging (promote_model moves production)")
         if mode == "auto":
             return self._decide(context, {"decision": "auto", "comment": "", "by": "", "at": ""}, self.promote_task)
-        from pipeline.entrypoints import alerts
+        from pipeline.entrypoints import alerts, links
 
         ti, settings = context["ti"], Settings.from_env()
         version = ti.xcom_pull(task_ids="register")
@@ -175,6 +179,7 @@ class PromotionApproval(HITLBranchOperator):
             ti.xcom_pull(task_ids="gate"),
             ti.xcom_pull(task_ids="infra_validate"),
             settings,
+            links.app_base(),
         )
         self.subject, self.body = request.subject, request.body
         alerts.send(alerts.approval_pending(request, ti.dag_id, ti.run_id, ti.log_url), settings)

@@ -52,6 +52,15 @@ TASKS: dict[str, set[tuple[str, str]]] = {
 REPORT_PREFIXES = {DATA_REPORT: "reports/", DRIFT_REPORT: "drift/"}
 
 
+def app_base() -> str:
+    """The API server's path prefix (``[api] base_url``'s path), for links to the app's pages."""
+    from urllib.parse import urlparse
+
+    from airflow.configuration import conf
+
+    return urlparse(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+
+
 def applies(name: str, dag_id: str, task_id: str) -> bool:
     return (dag_id, task_id) in TASKS.get(name, set())
 

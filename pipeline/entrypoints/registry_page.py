@@ -41,8 +41,10 @@ def _version_row(version: Any, aliases: list[str]) -> dict[str, Any]:
 
 def overview(settings: Settings, limit: int = VERSIONS_SHOWN) -> list[dict[str, Any]]:
     """Every registered model with its aliases, newest versions and promotion history."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline.registry.history import read_history
-    from pipeline.registry.outage import registry_reachable
+    from pipeline.registry.outage import first_line, is_unavailable, registry_reachable
     from pipeline.tracking import tracking_client
 
     client = tracking_client(settings)
@@ -53,17 +55,18 @@ def overview(settings: Settings, limit: int = VERSIONS_SHOWN) -> list[dict[str, 
             by_version: dict[str, list[str]] = {}
             for alias, number in aliases.items():
                 by_version.setdefault(str(number), []).append(alias)
-            versions = client.search_model_versions(
-                f"name = '{model.name}'", max_results=limit, order_by=["version_number DESC"]
-            )
-            models.append(
-                {
-                    "name": model.name,
-                    "aliases": aliases,
-                    "versions": [_version_row(v, by_version.get(str(v.version), [])) for v in versions],
-                    "history": [move.to_dict() for move in read_history(client, model.name)],
-                }
-            )
+            entry: dict[str, Any] = {"name": model.name, "aliases": aliases, "versions": [], "history": []}
+            try:
+                versions = client.search_model_versions(
+                    f"name = '{model.name}'", max_results=limit, order_by=["version_number DESC"]
+                )
+                entry["versions"] = [_version_row(v, by_version.get(str(v.version), [])) for v in versions]
+                entry["history"] = [move.to_dict() for move in read_history(client, model.name)]
+            except (MlflowException, ValueError, TypeError, KeyError) as exc:
+                if is_unavailable(exc):
+                    raise
+                entry["error"] = first_line(exc)  # one model's odd name or tag: the others still show
+            models.append(entry)
     return models
 
 
@@ -95,6 +98,8 @@ def page(models: list[dict[str, Any]], pending: list[dict[str, str]], settings: 
         name = model["name"]
         aliases = ", ".join(f"{alias} → v{number}" for alias, number in sorted(model["aliases"].items()))
         parts += [f"<h2>{e(name)}</h2>", f"<p>Aliases: <span class='alias'>{e(aliases or 'none')}</span></p>"]
+        if model.get("error"):
+            parts.append(f"<p>Its versions could not be read: {e(model['error'])}</p>")
         parts.append(
             "<table><tr><th>version</th><th>aliases</th><th>test accuracy</th><th>gate</th><th>why</th>"
             "<th>infra (p50 / p99 / batch ms)</th><th>approval</th><th>data</th><th>training run</th></tr>"
@@ -122,7 +127,7 @@ def page(models: list[dict[str, Any]], pending: list[dict[str, str]], settings: 
             )
             for m in reversed(model["history"]):
                 parts.append(
-                    f"<tr><td>{m['seq']}</td><td>{_cell(m['at'][:19])}</td><td>{_cell(m['alias'])}</td>"
+                    f"<tr><td>{_cell(m['seq'])}</td><td>{_cell(m['at'][:19])}</td><td>{_cell(m['alias'])}</td>"
                     f"<td>{_cell(m['action'])}</td><td>{_cell(m['from_version'])}</td><td>{_cell(m['to_version'])}</td>"
                     f"<td>{_cell(m['actor'])}</td><td>{_cell(m['reason'])}</td></tr>"
                 )

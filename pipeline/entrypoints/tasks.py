@@ -201,8 +201,9 @@ def decided(
         return promote(params, actor(dag_id, run_id, user), version["version"], reason, version["model_name"])
     approver = actor(dag_id, run_id, approval.get("by") or None)
     reason = f"approved: {approval['comment']}" if approval.get("comment") else "approved"
+    moved = promote(params, approver, version["version"], reason, version["model_name"])
     tag_decision(_registry_settings(version["model_name"]), version["version"], "approved", approver, reason)
-    return promote(params, approver, version["version"], reason, version["model_name"])
+    return moved
 
 
 def reject(version: dict[str, Any], approval: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
@@ -261,8 +262,9 @@ def request_retraining(result: dict[str, Any], dag_id: str, run_id: str) -> dict
     from pipeline.entrypoints import alerts
 
     settings = Settings.from_env()
-    alerts.send(alerts.drift_detected(result, dag_id, run_id, settings), settings)
-    return {k: result[k] for k in ("batch_hash", "reasons", "report_uri", "model_version")}
+    extra = {k: result[k] for k in ("batch_hash", "reasons", "report_uri", "model_version")}
+    alerts.send(alerts.drift_detected(result, dag_id, run_id, settings, alerts.airflow_url()), settings)
+    return extra
 
 
 def batch_inference(params: Params | None) -> dict[str, Any]:

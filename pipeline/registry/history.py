@@ -150,8 +150,12 @@ def record_move(
 
 def record_rejection(client: MlflowClient, name: str, alias: str, version: str, actor: str, reason: str) -> AliasMove:
     """Append a person's refusal to move ``alias`` to ``version`` (the caller holds the lock);
-    the alias does not move. One tag write: nothing to reconcile."""
+    the alias does not move. One tag write: nothing to reconcile. A retry of the same refusal
+    (same alias, version, actor and reason as the last entry) returns that entry."""
     history = read_history(client, name)
+    if history and (last := history[-1]).action == REJECT:
+        if (last.alias, last.to_version, last.actor, last.reason) == (alias, str(version), actor, reason[:MAX_REASON]):
+            return last
     entry = AliasMove(
         seq=(history[-1].seq + 1) if history else 1,
         alias=alias,

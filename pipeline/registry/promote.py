@@ -91,6 +91,12 @@ def _require_promotable(
             f"a gate against today's production ({production or 'none'})",
             f"a gate against {gated_against}; run the gate again (pipeline gate --version {version})",
         )
+    if by_default and tags.get(TAG_APPROVAL) == "rejected":
+        raise PromotionRefusedError(
+            where,
+            "a staging version no one rejected",
+            f"rejected by {tags.get('approval.by', 'someone')}; name it (--version {version}) to promote it anyway",
+        )
     if by_default and TAG_ROLLED_BACK in tags:
         raise PromotionRefusedError(
             where,

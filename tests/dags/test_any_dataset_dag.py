@@ -1,6 +1,6 @@
-"""Datasets other than Fashion-MNIST's IDX files, from source to a served model: scikit-learn's
-digits as a CSV manifest through the training_pipeline DAG (``dag.test()``), and the Fashion-MNIST
-cut as 32x32 RGB JPEGs in a .tar.gz over HTTP through ``pipeline run``. Each registered version
+"""Datasets other than Fashion-MNIST's IDX files, from source to a served model: the Fashion-MNIST
+cut as PNG class folders and scikit-learn's digits as a CSV manifest through the training_pipeline
+DAG (``dag.test()``), and the cut as 32x32 RGB JPEGs in a .tar.gz over HTTP through ``pipeline run``. Each registered version
 says what it takes (input shape, classes), and the endpoint serving it takes exactly that."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from image_datasets import cut, digits_manifest, encode, rgb_archive
+from image_datasets import FOLDERS, cut, digits_manifest, encode, fashion_folders, rgb_archive
 from recipes import SMALL_RECIPE, recipe_flags
 from services import RecordingServer
 
@@ -45,6 +45,23 @@ def serving(settings: Settings, name: str, version: str):
     slot.load_first(settings)
     assert slot.current is not None, slot.error
     return TestClient(create_app(slot))
+
+
+def test_png_class_folders_train_as_well_as_the_idx_files_they_came_from(
+    training_dag, tmp_path, settings, small_splits, small_dataset
+):
+    """The same 2,500 real images, as PNG class folders and as IDX files, same recipe and seed:
+    models as good as each other (the validation split is drawn from each layout's own order, so
+    not the same model). All 70,000 images, within 0.3 points: bench/layout_bench.py."""
+    folders = fashion_folders(tmp_path / "fashion-png", small_splits)
+    conf = {**SMALL_RECIPE, "epochs": 2, "batch_size": 64, "gate_min_accuracy": 0.5}
+    assert training_dag.test(run_conf={"source_uri": str(folders), **conf}).state == "success"
+    png = only_version(settings, "fashion-png-classifier")  # named after its folder
+    assert json.loads(png.tags["classes"]) == sorted(FOLDERS) and json.loads(png.tags["input_shape"]) == [1, 28, 28]
+    assert training_dag.test(run_conf={"source_uri": str(small_dataset), **conf}).state == "success"
+    (idx,) = tracking_client(settings).search_model_versions("name = 'fashion-mnist-classifier'")
+    accuracies = {"png": float(png.tags["test_accuracy"]), "idx": float(idx.tags["test_accuracy"])}
+    assert accuracies["png"] > 0.6 and abs(accuracies["png"] - accuracies["idx"]) < 0.05, accuracies
 
 
 def test_digits_from_a_csv_manifest_train_register_and_serve_with_classes_0_to_9(training_dag, tmp_path, settings):

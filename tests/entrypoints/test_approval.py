@@ -38,8 +38,8 @@ def test_the_approver_sees_the_verdict_table_the_figures_and_the_links(ui):
     body = request.body
     assert "moves `production` to it (today: version 2)" in body
     assert "| test accuracy | 93.55% | 93.01% |" in body
-    assert "| lowest class recall (Shirt) | 78.00% | 75.00% |" in body
-    assert "Gate: **passed** on 10000 test images" in body and "min\\_accuracy 0.8" in body
+    assert "| lowest class recall (`Shirt`) | 78.00% | 75.00% |" in body
+    assert "Gate: **passed** on 10000 test images" in body and "`min_accuracy` 0.8" in body
     assert "ECE) 0.0123" in body and "p99 5.3 ms" in body
     assert "[MLflow version](https://mlflow.example/#/models/fashion-mnist-classifier/versions/4)" in body
     assert "[Model card](/pipeline/models/fashion-mnist-classifier/versions/4/card)" in body
@@ -52,10 +52,14 @@ def test_a_first_version_has_no_production_to_compare_with(ui):
 
 
 def test_names_that_came_with_the_data_are_text_not_markdown(ui):
-    gate = {**GATE, "candidate": {**GATE["candidate"], "class_recall": {"[x](javascript:alert(1))": 0.1}}}
+    """In a code span: no link (written or autolinked), no emphasis, no HTML, and the table holds."""
+    names = ["[x](javascript:alert(1))", "http://1249835268/x", "<img src=x>", "a|b"]
+    gate = {**GATE, "candidate": {**GATE["candidate"], "class_recall": {name: 0.1 for name in names}}}
     body = approval_request(VERSION, None, gate, None, ui).body
-    assert "[x](javascript" not in body and "\\[x\\]\\(javascript:alert\\(1\\)\\)" in body
-    assert md("a|b\nc") == "a\\|b c"
+    assert "(`[x](javascript:alert(1))`)" in body  # the lowest recall: the first of the ties
+    assert md("a|b\nc") == "`a\\|b c`" and md("x`y") == "``x`y``" and md("`q") == "`` `q ``"
+    reasons = approval_request(VERSION, None, {**GATE, "passed": False, "reasons": names}, None, ui).body
+    assert "failed: `[x](javascript:alert(1))`; `http://1249835268/x`; `<img src=x>`; `a\\|b`" in reasons
 
 
 def test_the_answer_becomes_a_small_decision():

@@ -116,6 +116,11 @@ def test_without_a_login_the_pages_answer_401(api, settings, path):
     assert client.get(path, headers={"Authorization": "Bearer not-a-token"}).status_code in (401, 403)
 
 
+def test_the_app_publishes_no_unauthenticated_api_description(api):
+    client, _ = api
+    assert [client.get(f"/pipeline/{path}").status_code for path in ("docs", "redoc", "openapi.json")] == [404] * 3
+
+
 def test_an_empty_registry_says_so(api, settings):
     client, tokens = api
     page = client.get("/pipeline/models", headers=tokens["admin"])

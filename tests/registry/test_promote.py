@@ -83,11 +83,20 @@ def test_a_rejection_moves_nothing_and_the_history_says_who_and_why(settings, ve
     assert tags["approval.comment"] == "rejected: Shirt recall too low"
     [last] = history(settings)[-1:]
     assert last.actor.startswith("alice") and last.reason == "rejected: Shirt recall too low"
+    # A retry of the same refusal (the task ran again) adds nothing.
+    assert reject(settings, "2", "alice via airflow:training_pipeline/r1", "rejected: Shirt recall too low") == refused
+    assert [e.action for e in history(settings)] == ["promote", "reject"]
     # A decision is not a move: rollback and the stack see only the moves.
     assert production_stack(history(settings)) == ["1"]
     promote(settings, "3", actor="ci")
     assert rollback(settings, actor="ci").to_version == "1"
-    # The rejected version can still be promoted by a person who names it.
+    # At staging, the rejected version is not promoted by default; a person who names it may.
+    move_alias(settings, STAGING, "2", "stage", "ci")
+    versions.set_model_version_tag(name, "2", "gate.production_version", "1")  # gated against today's
+    with pytest.raises(
+        PromotionRefusedError, match="expected a staging version no one rejected, found rejected by alice"
+    ):
+        promote(settings, actor="bob")
     assert promote(settings, "2", actor="bob").to_version == "2"
 
 
