@@ -56,11 +56,13 @@ def _subject(text: str) -> str:
 
 
 def one_line(error: BaseException | str | None) -> str:
-    text = str(error) if error is not None else ""
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    """An exception's first line (the registry's :func:`~pipeline.registry.outage.first_line`),
+    a message's first line, or a note that none was recorded."""
+    from pipeline.registry.outage import first_line
+
     if isinstance(error, BaseException):
-        return line or type(error).__name__
-    return line or "no error was recorded"
+        return first_line(error)
+    return next((part.strip() for part in str(error or "").splitlines() if part.strip()), "no error was recorded")
 
 
 def task_failed(
