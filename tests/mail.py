@@ -55,3 +55,41 @@ def send_alerts_to(monkeypatch, sink: SmtpSink, conn_id: str = "smtp_default") -
     in its deployment)."""
     monkeypatch.setenv("PIPELINE_ALERT_TO", RECIPIENT)
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", sink.connection())
+
+
+class WebhookSink:
+    """An HTTP server on ``127.0.0.1:<port>`` that keeps every JSON body posted to it: the
+    webhook an Apprise connection (``json://``) sends alerts to."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.port = free_port()
+
+    def __enter__(self) -> WebhookSink:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        posts = self.posts
+
+        class Keep(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's hook name)
+                length = int(self.headers.get("Content-Length") or 0)
+                posts.append({"path": self.path, **json.loads(self.rfile.read(length) or b"{}")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Keep)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def connection(self) -> str:
+        """The Airflow Apprise connection (``AIRFLOW_CONN_<ID>``, JSON) posting to this server."""
+        config = {"path": f"json://127.0.0.1:{self.port}/alerts", "tag": "alerts"}
+        return json.dumps({"conn_type": "apprise", "extra": {"config": config}})

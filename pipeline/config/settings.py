@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
 from urllib.parse import unquote, urlparse
+
+from pipeline.errors import ConfigError
 
 #: The Fashion-MNIST file set; any dataset in the same IDX layout (MNIST included) works.
 IDX_FILES = {
@@ -147,10 +150,21 @@ class Settings:
     alert_from: str = ""
     """``PIPELINE_ALERT_FROM``: the alerts' sender (default: the connection's ``from_email``)."""
 
+    alert_apprise_conn_id: str = ""
+    """``PIPELINE_ALERT_APPRISE_CONN_ID``: an Airflow Apprise connection (its ``config`` extra
+    names the services: a webhook, Slack, Teams, ...) that gets every alert too. Empty, or no
+    connection by that id: no second channel."""
+
     approvers: str = ""
     """``PIPELINE_APPROVERS``: who may answer a promotion's approval (Airflow user ids,
     comma-separated; the user name with the simple auth manager). Empty: whoever Airflow lets
     answer it. Read when the DAG is parsed."""
+
+    approval_timeout_hours: str = "72"
+    """``PIPELINE_APPROVAL_TIMEOUT_HOURS``: how long a promotion's approval waits for an answer;
+    then it counts as **Reject** (production stays; the history says no one answered in time),
+    and the runs queued behind it go on. ``0``: it waits until someone answers. Read when the DAG
+    is parsed."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -169,8 +183,22 @@ class Settings:
             alert_to=env.get("PIPELINE_ALERT_TO") or "",
             alert_smtp_conn_id=env.get("PIPELINE_ALERT_SMTP_CONN_ID") or cls.alert_smtp_conn_id,
             alert_from=env.get("PIPELINE_ALERT_FROM") or "",
+            alert_apprise_conn_id=env.get("PIPELINE_ALERT_APPRISE_CONN_ID") or "",
             approvers=env.get("PIPELINE_APPROVERS") or "",
+            approval_timeout_hours=env.get("PIPELINE_APPROVAL_TIMEOUT_HOURS") or cls.approval_timeout_hours,
         )
+
+    def approval_timeout(self) -> timedelta | None:
+        """:attr:`approval_timeout_hours` as a duration; None: no limit."""
+        try:
+            hours = float(self.approval_timeout_hours)
+        except ValueError:
+            hours = -1.0
+        if not 0 <= hours <= 24 * 365:
+            raise ConfigError(
+                "PIPELINE_APPROVAL_TIMEOUT_HOURS", "hours in [0, 8760] (0: no limit)", repr(self.approval_timeout_hours)
+            )
+        return timedelta(hours=hours) if hours else None
 
     def mlflow_ui(self) -> str:
         """The MLflow UI's base URL, without a trailing slash or credentials: the setting, else
@@ -213,5 +241,7 @@ class Settings:
             "PIPELINE_ALERT_TO": self.alert_to,
             "PIPELINE_ALERT_SMTP_CONN_ID": self.alert_smtp_conn_id,
             "PIPELINE_ALERT_FROM": self.alert_from,
+            "PIPELINE_ALERT_APPRISE_CONN_ID": self.alert_apprise_conn_id,
             "PIPELINE_APPROVERS": self.approvers,
+            "PIPELINE_APPROVAL_TIMEOUT_HOURS": self.approval_timeout_hours,
         }

@@ -1,11 +1,13 @@
 """Alerts: a person hears of a failed task, detected drift, a failed gate and a pending approval, by e-mail through
-the smtp provider's ``SmtpNotifier``.
+the smtp provider's ``SmtpNotifier``, and through Apprise (a webhook, Slack, Teams, ...) as a
+second channel.
 
 Configured by :class:`~pipeline.config.Settings`: recipients (``PIPELINE_ALERT_TO``) and the
-Airflow SMTP connection (``PIPELINE_ALERT_SMTP_CONN_ID``, default ``smtp_default``). Without
-recipients or without that connection nothing is sent and nothing fails; a mail server that
-refuses or does not answer is logged, and the run goes on: an alert never changes the outcome
-of what it reports.
+Airflow SMTP connection (``PIPELINE_ALERT_SMTP_CONN_ID``, default ``smtp_default``); an Airflow
+Apprise connection (``PIPELINE_ALERT_APPRISE_CONN_ID``, the apprise provider's). A channel
+without its setting or its connection sends nothing and fails nothing; a server that refuses or
+does not answer is logged, and the run goes on: an alert never changes the outcome of what it
+reports.
 
 Every DAG's tasks call :func:`on_task_failure` when they fail for good (``dags/_common.py``'s
 default ``on_failure_callback``; retries do not alert); the drift monitor calls
@@ -48,6 +50,11 @@ class Alert:
             + (f"<ul>{anchors}</ul>" if anchors else "")
             + "</body></html>"
         )
+
+    def text(self) -> str:
+        """The facts and links as plain lines, for the Apprise channel (a title comes apart)."""
+        lines = [f"{k}: {' '.join(v.split())}" for k, v in self.facts]
+        return "\n".join(lines + [f"{name}: {url}" for name, url in self.links if url])
 
 
 def _subject(text: str) -> str:
@@ -124,25 +131,41 @@ def airflow_url() -> str:
     return (conf.get("api", "base_url", fallback="") or "http://localhost:8080").rstrip("/")
 
 
-def configured(settings: Settings) -> bool:
-    """Recipients set and the SMTP connection defined (looked up through Airflow)."""
-    if not settings.alert_to.strip():
-        return False
+def _has_connection(conn_id: str) -> bool:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
-        BaseHook.get_connection(settings.alert_smtp_conn_id)
+        BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
-        log.info("alerts: no connection %r; nothing sent", settings.alert_smtp_conn_id)
+        log.info("alerts: no connection %r; nothing sent through it", conn_id)
         return False
     return True
 
 
+def configured(settings: Settings) -> bool:
+    """Recipients set and the SMTP connection defined (looked up through Airflow)."""
+    return bool(settings.alert_to.strip()) and _has_connection(settings.alert_smtp_conn_id)
+
+
+def apprise_configured(settings: Settings) -> bool:
+    """The Apprise connection set and defined."""
+    return bool(settings.alert_apprise_conn_id) and _has_connection(settings.alert_apprise_conn_id)
+
+
+def any_channel(settings: Settings) -> bool:
+    """Whether an alert has anywhere to go (without looking up connections)."""
+    return bool(settings.alert_to.strip() or settings.alert_apprise_conn_id)
+
+
 def send(alert: Alert, settings: Settings) -> bool:
-    """Send ``alert`` if alerts are configured; True when the mail server took it."""
-    if not configured(settings):
-        return False
+    """Send ``alert`` through every configured channel; True when one of them took it."""
+    by_mail = _by_mail(alert, settings) if configured(settings) else False
+    by_apprise = _by_apprise(alert, settings) if apprise_configured(settings) else False
+    return by_mail or by_apprise
+
+
+def _by_mail(alert: Alert, settings: Settings) -> bool:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     recipients = [address.strip() for address in settings.alert_to.split(",") if address.strip()]
@@ -164,11 +187,36 @@ def send(alert: Alert, settings: Settings) -> bool:
     return True
 
 
+def _by_apprise(alert: Alert, settings: Settings) -> bool:
+    """Through the services of the Apprise connection's ``config``. The provider's hook reads
+    the connection; Apprise itself is called here, as the hook drops whether it delivered."""
+    import apprise
+    from airflow.providers.apprise.hooks.apprise import AppriseHook
+
+    conn_id = settings.alert_apprise_conn_id
+    try:
+        hook = AppriseHook(apprise_conn_id=conn_id)
+        services = apprise.Apprise()
+        hook.set_config_from_conn(conn=hook.get_connection(conn_id), apprise_obj=services)
+        kind = {"approval": apprise.NotifyType.INFO, "drift": apprise.NotifyType.WARNING}.get(
+            alert.kind, apprise.NotifyType.FAILURE
+        )
+        delivered = bool(services.notify(title=alert.subject, body=alert.text(), notify_type=kind))
+    except Exception as exc:  # a bad config or a service down: logged; the task's outcome stands
+        log.warning("alerts: %s not sent through %s: %s", alert.kind, conn_id, one_line(exc))
+        return False
+    if not delivered:
+        log.warning("alerts: %s not delivered by a service of %s", alert.kind, conn_id)
+        return False
+    log.info("alerts: sent %s through %s", alert.kind, conn_id)
+    return True
+
+
 def on_task_failure(context: Any) -> None:
     """``on_failure_callback`` of every task: one alert for a task that failed for good."""
     ti = context["ti"]
     settings = Settings.from_env()
-    if not settings.alert_to.strip():
+    if not any_channel(settings):
         return
     error = context.get("exception")
     extra: list[tuple[str, str]] = []

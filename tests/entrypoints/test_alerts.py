@@ -1,11 +1,11 @@
-"""Alerts through a real SMTP server on loopback: what a person receives, and that nothing is sent
-or fails where alerts are not configured. (From real DAG runs: tests/dags/test_training_dag.py
+"""Alerts through a real SMTP server and a webhook (through Apprise) on loopback: what a person
+receives, and that nothing is sent or fails where alerts are not configured. (From real DAG runs: tests/dags/test_training_dag.py
 and tests/dags/test_drift_monitor_dag.py.)"""
 
 from __future__ import annotations
 
 import pytest
-from mail import RECIPIENT, SmtpSink, send_alerts_to
+from mail import RECIPIENT, SmtpSink, WebhookSink, send_alerts_to
 from services import free_port
 
 from pipeline.config import Settings
@@ -112,3 +112,41 @@ def test_a_mail_server_that_does_not_answer_is_logged_not_raised(monkeypatch):
     finally:
         logger.removeHandler(handler)
     assert any("task_failed not sent through smtp_default" in r.getMessage() for r in records), records
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    """The second channel: an Airflow Apprise connection whose service is a webhook on loopback."""
+    with WebhookSink() as server:
+        monkeypatch.setenv("AIRFLOW_CONN_APPRISE_ALERTS", server.connection())
+        monkeypatch.setenv("PIPELINE_ALERT_APPRISE_CONN_ID", "apprise_alerts")
+        yield server
+
+
+def test_the_webhook_gets_the_same_alert_as_the_mail(sink, webhook):
+    settings = Settings.from_env()
+    assert alerts.send(alerts.drift_detected(DRIFT, "drift_monitor", "scheduled__1", settings), settings)
+    [mail], [post] = sink.subjects(), webhook.posts
+    assert post["path"] == "/alerts" and post["title"] == mail and post["type"] == "warning"
+    assert "prediction share: PSI 1.2 > 0.25" in post["message"]
+    assert "/pipeline/dags/drift_monitor/dagRuns/scheduled__1/" in post["message"]
+
+
+def test_the_webhook_alone_is_enough_and_a_failed_task_is_a_failure(webhook, monkeypatch):
+    monkeypatch.delenv("PIPELINE_ALERT_TO", raising=False)
+    error = ValueError("train.csv, row 7: expected a label, found none")
+    assert alerts.send(alerts.task_failed("d", "r", "t", 2, error, "http://af/log"), Settings.from_env())
+    [post] = webhook.posts
+    assert post["type"] == "failure" and post["title"].startswith("[image-pipeline] d.t failed: ")
+    assert "train.csv, row 7: expected a label, found none" in post["message"] and "http://af/log" in post["message"]
+
+
+def test_a_webhook_that_does_not_answer_or_no_connection_sends_nothing_and_fails_nothing(monkeypatch):
+    alert = alerts.task_failed("d", "r", "t", 1, ValueError("x"), "http://af/log")
+    monkeypatch.delenv("PIPELINE_ALERT_TO", raising=False)
+    monkeypatch.setenv("PIPELINE_ALERT_APPRISE_CONN_ID", "apprise_nobody_defined")
+    assert not alerts.send(alert, Settings.from_env())
+    dead = WebhookSink()  # never started: nothing listens on its port
+    monkeypatch.setenv("AIRFLOW_CONN_APPRISE_ALERTS", dead.connection())
+    monkeypatch.setenv("PIPELINE_ALERT_APPRISE_CONN_ID", "apprise_alerts")
+    assert not alerts.send(alert, Settings.from_env())
