@@ -5,7 +5,8 @@ Two DAGs a person triggers (no schedule) to move the registry alias `production`
 
 * **promote_model**: once a `training_pipeline` run has left a version at `staging`, moves
   `production` to it (or to the `version` given), which must have passed the gate and infra
-  validation.
+  validation. With `approval` on, its task `approve` first waits for a second person's
+  Approve or Reject (the Models page, the task instance, "Required actions" or the REST API).
 * **rollback_model**: moves `production` back to the version before the current one (two
   rollbacks in a row go two versions back), or to `to_version`.
 
@@ -26,11 +27,16 @@ if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder a
     sys.path.append(str(Path(__file__).parent))
 from _common import DEFAULT_ARGS, PROMOTIONS_POOL  # noqa: E402
 
+from pipeline.entrypoints.approval import DeploymentApproval  # noqa: E402
+
 DEPLOYMENT_DAG = {
     "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
     "catchup": False,
     "tags": ["deployment", "images", "mlflow"],
     "default_args": DEFAULT_ARGS,
+    # They run only when a person triggers them (no schedule): paused, a trigger from the Models
+    # page or the REST API would only queue.
+    "is_paused_upon_creation": False,
 }
 REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")
 MODEL = Param(
@@ -55,16 +61,31 @@ MODEL = Param(
         ),
         "model_name": MODEL,
         "reason": REASON,
+        "approval": Param(
+            False,
+            type="boolean",
+            title="Ask for approval",
+            description="Wait for a second person's Approve (or Reject) before production moves.",
+        ),
     },
 )
 def promote_model():
+    approve = DeploymentApproval(task_id="approve")
+
     @task(pool=PROMOTIONS_POOL)
-    def promote(params=None, dag_run=None) -> dict:
+    def promote(approval: dict, params=None, dag_run=None) -> dict:
         from pipeline.entrypoints import tasks
 
-        return tasks.promote(params, tasks.actor(dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name))
+        return tasks.promote_requested(params, approval, dag_run.dag_id, dag_run.run_id, dag_run.triggering_user_name)
 
-    promote()
+    @task(pool=PROMOTIONS_POOL)
+    def reject(approval: dict, dag_run=None) -> dict:
+        from pipeline.entrypoints import tasks
+
+        return tasks.reject(approval, approval, dag_run.dag_id, dag_run.run_id)
+
+    promote(approve.output)
+    reject(approve.output)
 
 
 @dag(

@@ -11,10 +11,16 @@
   the approver and their comment), **Reject** runs ``reject`` (production does not move; the
   history records who rejected and why). Anyone with Airflow's permission to answer may
   respond, or only the users in ``PIPELINE_APPROVERS`` when it is set. A response goes through
-  the UI (the task instance, or "Required actions") or the REST API
+  the UI (the task instance, or "Required actions"), the Models page or the REST API
   (``PATCH .../taskInstances/approve/-1/hitlDetails``); a second response is refused (409).
+  Unanswered for ``PIPELINE_APPROVAL_TIMEOUT_HOURS`` (72 by default), it counts as **Reject**,
+  recorded as no answer in time, so the runs queued behind it (``max_active_runs=1``) go on.
 
-``dags/training_pipeline.py`` imports this module when it is parsed: at the top it imports only
+``promote_model`` has the same step for a person's promotion, with its Param ``approval``
+(:class:`DeploymentApproval`): off (the default), its ``approve`` goes straight on to
+``promote``; on, a second person approves or rejects the version the first one asked for.
+
+``dags/training_pipeline.py`` and ``dags/model_deployment.py`` import this module when parsed: at the top it imports only
 Airflow and :mod:`pipeline.config`; the rest waits for the task to run.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLBranchOperator, HITLOperator
@@ -126,13 +133,17 @@ def approvers(settings: Settings) -> list[dict[str, str]] | None:
     return [{"id": user, "name": user} for user in ids] or None
 
 
-def decision(response: dict[str, Any]) -> dict[str, Any]:
-    """The small result ``approve`` returns: the decision, the comment and who answered."""
+def decision(response: dict[str, Any], timed_out_after: timedelta | None = None) -> dict[str, Any]:
+    """The small result ``approve`` returns: the decision, the comment and who answered; for an
+    approval no one answered within ``timed_out_after``, Airflow's default (Reject) and why."""
     by = response.get("responded_by_user") or {}
     at = response.get("responded_at")
+    comment = str((response.get("params_input") or {}).get("comment") or "")
+    if timed_out_after is not None:
+        comment = f"no answer within {timed_out_after.total_seconds() / 3600:g} h"
     return {
         "decision": response["chosen_options"][0],
-        "comment": str((response.get("params_input") or {}).get("comment") or ""),
+        "comment": comment,
         "by": str(by.get("name") or by.get("id") or ""),
         "at": at.isoformat() if at is not None and hasattr(at, "isoformat") else str(at or ""),
     }
@@ -153,12 +164,17 @@ class PromotionApproval(HITLBranchOperator):
             description="Why you approve or reject: kept in the promotion history.",
             source="task",
         )
+        settings = Settings.from_env()
+        timeout = settings.approval_timeout()
         super().__init__(
             subject="Promote the new model version to production?",
             options=[APPROVE, REJECT],
             options_mapping={APPROVE: promote_task, REJECT: reject_task},
             params=params,
-            assigned_users=approvers(Settings.from_env()),
+            assigned_users=approvers(settings),
+            # Unanswered in time: the scheduler answers with the default, Reject.
+            response_timeout=timeout,
+            defaults=[REJECT] if timeout else None,
             **kwargs,
         )
         self.promote_task = promote_task
@@ -187,7 +203,7 @@ class PromotionApproval(HITLBranchOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         response = HITLOperator.execute_complete(self, context=context, event=event)
-        result = decision(response)
+        result = decision(response, self.response_timeout if event.get("timedout") else None)
         return self._decide(context, result, self.options_mapping[result["decision"]])
 
     def _decide(self, context: Any, result: dict[str, Any], branch: str) -> dict[str, Any]:
@@ -196,3 +212,113 @@ class PromotionApproval(HITLBranchOperator):
         context["ti"].xcom_push(BaseXCom.XCOM_RETURN_KEY, result)
         self.do_branch(context, branch)
         return result
+
+
+def deployment_request(
+    name: str,
+    number: str,
+    tags: dict[str, str],
+    run_id: str | None,
+    production: str | None,
+    requester: str,
+    reason: str,
+    settings: Settings,
+    app_base: str = "",
+) -> ApprovalRequest:
+    """What the second person reads when ``promote_model`` asks for approval: who asked and why,
+    and the version's verdicts as its registry tags hold them."""
+    from pipeline.entrypoints import links
+
+    ref = {"model_name": name, "version": number}
+    latency = [tags.get(f"infra.latency_single_{k}_ms") for k in ("p50", "p99")]
+    gate_reasons = tags.get("gate.reasons", "")
+    lines = [
+        f"{md(requester or 'someone')} asks to move `production` of **{md(name)}** to **version {number}** "
+        f"(today: {'version ' + production if production else 'no production version'}): {md(reason or 'no reason given')}. "
+        "**Approve** moves it; **Reject** leaves `production` where it is. Either way the promotion history "
+        "keeps your name and comment.",
+        "",
+        f"| | v{number} |",
+        "| --- | --- |",
+        f"| test accuracy | {md(tags.get('test_accuracy', '-'))} |",
+        f"| gate | {md(tags.get('gate.decision', 'not gated'))}"
+        + (f" ({md(gate_reasons)})" if gate_reasons and gate_reasons != "none" else "")
+        + f" against production {md(tags.get('gate.production_version', '-'))} |",
+        f"| infra validation | {md(tags.get('infra_validation', 'not run'))}"
+        + (f", one image p50 {md(latency[0])} ms, p99 {md(latency[1])} ms" if all(latency) else "")
+        + " |",
+    ]
+    if tags.get("approval.decision"):
+        lines.append(f"| earlier decision | {md(tags['approval.decision'])} by {md(tags.get('approval.by', '?'))} |")
+    references = [
+        ("MLflow version", links.task_link(links.MODEL_VERSION, "promote_model", "", "promote", -1, ref, settings)),
+        ("Model card", links.task_link(links.MODEL_CARD, "promote_model", "", "promote", -1, ref, settings, app_base)),
+        ("MLflow run", f"{settings.mlflow_ui()}/#/runs/{run_id}" if run_id else ""),
+    ]
+    lines += ["", " · ".join(f"[{label}]({url})" for label, url in references if url)]
+    return ApprovalRequest(f"Promote {name} version {number} to production?", "\n".join(lines), name, number)
+
+
+def requested_version(params: Any) -> dict[str, Any]:
+    """The version ``promote_model``'s Params ask for (the Param ``version``, else the staging
+    version), with its tags, its run and today's production version, read from the registry."""
+    from pipeline.entrypoints.tasks import _registry_settings
+    from pipeline.errors import PromotionRefusedError
+    from pipeline.registry.history import PRODUCTION, STAGING, alias_version
+    from pipeline.registry.outage import registry_reachable
+    from pipeline.tracking import tracking_client
+
+    settings = _registry_settings(params.get("model_name") or None)
+    name = settings.model_for()
+    with registry_reachable(settings):
+        client = tracking_client(settings)
+        asked = params.get("version")
+        number = str(asked) if asked not in (None, "") else alias_version(client, name, STAGING)
+        if number is None:
+            raise PromotionRefusedError(f"{name} alias staging", "a version to promote", "no staging version")
+        version = client.get_model_version(name, number)
+        production = alias_version(client, name, PRODUCTION)
+    return {
+        "model_name": name,
+        "version": number,
+        "tags": dict(version.tags or {}),
+        "run_id": version.run_id,
+        "production": production,
+    }
+
+
+class DeploymentApproval(PromotionApproval):
+    """``promote_model``'s ``approve``: with the Param ``approval``, a second person's decision
+    on the version asked for (fixed when the request is made: the result carries it), else
+    straight on to ``promote``."""
+
+    def execute(self, context: Any) -> Any:
+        params = context["params"]
+        if not params.get("approval"):
+            return self._decide(context, {"decision": "auto", "comment": "", "by": "", "at": ""}, self.promote_task)
+        from pipeline.entrypoints import alerts, links
+
+        ti, run, settings = context["ti"], context["dag_run"], Settings.from_env()
+        asked = requested_version(params)
+        self.asked = {"model_name": asked["model_name"], "version": asked["version"]}
+        request = deployment_request(
+            asked["model_name"],
+            asked["version"],
+            asked["tags"],
+            asked["run_id"],
+            asked["production"],
+            run.triggering_user_name or "",
+            str(params.get("reason") or ""),
+            settings,
+            links.app_base(),
+        )
+        self.subject, self.body = request.subject, request.body
+        ti.xcom_push("asked", self.asked)
+        alerts.send(alerts.approval_pending(request, ti.dag_id, ti.run_id, ti.log_url), settings)
+        return HITLBranchOperator.execute(self, context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        response = HITLOperator.execute_complete(self, context=context, event=event)
+        result = decision(response, self.response_timeout if event.get("timedout") else None)
+        result.update(context["ti"].xcom_pull(task_ids=self.task_id, key="asked") or {})
+        return self._decide(context, result, self.options_mapping[result["decision"]])

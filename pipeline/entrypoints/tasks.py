@@ -206,6 +206,24 @@ def decided(
     return moved
 
 
+def promote_requested(
+    params: Params | None, approval: dict[str, Any], dag_id: str, run_id: str, user: str | None
+) -> dict[str, Any]:
+    """``promote_model``'s ``promote``: as the person who triggered it asked (no approval step),
+    or the version a second person approved, recorded with both of them."""
+    from pipeline.registry.promote import tag_decision
+
+    params = params or {}
+    if approval.get("decision") == "auto":
+        return promote(params, actor(dag_id, run_id, user))
+    approver = actor(dag_id, run_id, approval.get("by") or None)
+    asked = f"asked by {user or 'someone'}: {params.get('reason') or 'no reason given'}"
+    reason = f"approved: {approval['comment']} ({asked})" if approval.get("comment") else f"approved ({asked})"
+    moved = promote(params, approver, None, reason, approval["model_name"], pinned=approval["version"])
+    tag_decision(_registry_settings(approval["model_name"]), approval["version"], "approved", approver, reason)
+    return moved
+
+
 def reject(version: dict[str, Any], approval: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """``training_pipeline``'s ``reject``: a person's Reject; production stays, and the history
     and the version's tags say who and why."""
@@ -223,16 +241,18 @@ def promote(
     version: str | None = None,
     reason: str | None = None,
     model_name: str | None = None,
+    pinned: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``production`` to ``version`` (a training run's own, forward only), else to the Param
-    ``version``, else to the staging version (a person's choice), of ``model_name`` (a training
-    run's own), else of the Param ``model_name``, else of the default model."""
+    """Move ``production`` to ``version`` (a training run's own, forward only), else to
+    ``pinned`` (a version a person chose), else to the Param ``version``, else to the staging
+    version (a person's choice), of ``model_name`` (a training run's own), else of the Param
+    ``model_name``, else of the default model."""
     from pipeline.registry.promote import outcome
     from pipeline.registry.promote import promote as stage
 
     params = params or {}
     settings = _registry_settings(model_name or params.get("model_name"))
-    chosen = version or (str(params["version"]) if params.get("version") not in (None, "") else None)
+    chosen = version or pinned or (str(params["version"]) if params.get("version") not in (None, "") else None)
     move = stage(settings, chosen, actor, reason or params.get("reason") or "", forward_only=version is not None)
     return outcome(settings, move)
 

@@ -160,6 +160,12 @@ def test_promotions_and_rollbacks_are_manual_one_at_a_time_and_not_retried_when_
         assert task.pool == "promotions"
         assert task.retry_policy.evaluate(RegistryBusyError("busy"), 1, 3).action == RetryAction.RETRY
         assert task.retry_policy.evaluate(PromotionRefusedError("v", "a", "b"), 1, 3).action == RetryAction.FAIL
+    # promote_model's optional approval: approve branches to promote or reject; off by default.
+    promote_model = dagbag.get_dag("promote_model")
+    approve = promote_model.get_task("approve")
+    assert approve.downstream_task_ids == {"promote", "reject"} and promote_model.params.dump()["approval"] is False
+    assert approve.options_mapping == {"Approve": "promote", "Reject": "reject"}
+    assert promote_model.get_task("reject").pool == "promotions"
     gate = dagbag.get_dag("training_pipeline").get_task("gate")
     assert gate.retry_policy.evaluate(GateFailedError("v", "a", "b"), 1, 3).action == RetryAction.FAIL
 

@@ -8,7 +8,7 @@ import datetime
 import pytest
 
 from pipeline.config import RunConfig, Settings
-from pipeline.entrypoints.approval import approval_request, approvers, decision, md
+from pipeline.entrypoints.approval import PromotionApproval, approval_request, approvers, decision, md
 from pipeline.entrypoints.run import run_pipeline
 from pipeline.errors import ConfigError
 
@@ -71,6 +71,29 @@ def test_the_answer_becomes_a_small_decision():
         "responded_at": at,
     }
     assert decision(response) == {"decision": "Reject", "comment": "Shirt recall", "by": "alice", "at": at.isoformat()}
+
+
+def test_an_approval_no_one_answers_in_time_is_a_reject_that_says_so(tmp_path, monkeypatch):
+    """Airflow's scheduler answers an approval past its ``response_timeout`` with the operator's
+    default: Reject, from no one; the decision says why, for the history."""
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path))
+    monkeypatch.setenv("PIPELINE_APPROVAL_TIMEOUT_HOURS", "0.5")
+    task = PromotionApproval(task_id="approve")
+    assert task.response_timeout == datetime.timedelta(minutes=30) and task.defaults == ["Reject"]
+    at = datetime.datetime(2026, 12, 3, 12, 30, tzinfo=datetime.UTC)
+    timed_out = {"chosen_options": ["Reject"], "params_input": {"comment": ""}, "responded_by_user": None}
+    assert decision({**timed_out, "responded_at": at}, task.response_timeout) == {
+        "decision": "Reject",
+        "comment": "no answer within 0.5 h",
+        "by": "",
+        "at": at.isoformat(),
+    }
+    monkeypatch.setenv("PIPELINE_APPROVAL_TIMEOUT_HOURS", "0")
+    untimed = PromotionApproval(task_id="approve")
+    assert untimed.response_timeout is None and untimed.defaults is None
+    monkeypatch.setenv("PIPELINE_APPROVAL_TIMEOUT_HOURS", "three days")
+    with pytest.raises(ConfigError, match=r"^PIPELINE_APPROVAL_TIMEOUT_HOURS: expected hours in \[0, 8760\]"):
+        PromotionApproval(task_id="approve")
 
 
 def test_approvers_are_a_setting(tmp_path):
