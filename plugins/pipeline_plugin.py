@@ -9,23 +9,30 @@ links open that neither Airflow nor MLflow serves (the data and drift reports, t
 * A FastAPI app at ``/pipeline`` on the API server, behind Airflow's login (its JWT, the UI's
   cookie or a bearer token) and its DAG permissions: a report needs read access to the task
   instances of its DAG; a model card and the "Models" page (``/pipeline/models``, in the UI's
-  navigation; ``/pipeline/api/models`` as JSON) read access to ``training_pipeline``.
+  navigation; ``/pipeline/api/models`` as JSON) read access to ``training_pipeline``. The page's
+  buttons post to ``/pipeline/models/{name}/promote``, ``/pipeline/models/{name}/rollback`` and
+  ``/pipeline/approvals/{dag}/{run}``, which act through Airflow as the user
+  (:mod:`pipeline.entrypoints.registry_actions`): they need the permission to trigger
+  ``promote_model`` / ``rollback_model`` or to answer the approval, else 403.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from airflow.api_fastapi.core_api.security import DagAccessEntity, requires_access_dag
+from airflow.api_fastapi.common.dagbag import DagBagDep, create_dag_bag
+from airflow.api_fastapi.common.db.common import SessionDep
+from airflow.api_fastapi.core_api.security import DagAccessEntity, GetUserDep, requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from pipeline.config import Settings
-from pipeline.entrypoints import links
+from pipeline.entrypoints import links, registry_actions
 from pipeline.errors import ReferenceNotFoundError, RegistryUnavailableError, StorageUnavailableError
 
 #: Served pages run no script, send no form and load nothing from elsewhere: they are shown with
@@ -34,6 +41,13 @@ from pipeline.errors import ReferenceNotFoundError, RegistryUnavailableError, St
 PAGE_HEADERS = {
     "Content-Security-Policy": "sandbox allow-popups allow-popups-to-escape-sandbox "
     "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+}
+#: The Models page, the pipeline's own, also sends its buttons' forms, to this app only (still no
+#: script: a same origin without scripts reads nothing).
+FORM_PAGE_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-forms allow-same-origin allow-popups allow-popups-to-escape-sandbox "
+    "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "form-action 'self'"
 }
 
 
@@ -122,8 +136,8 @@ def pending_approvals(base: str) -> list[dict[str, str]]:
         .join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
         .where(
             ~HITLDetail.response_received,
-            TaskInstance.dag_id == "training_pipeline",
-            TaskInstance.task_id == "approve",
+            TaskInstance.dag_id.in_(registry_actions.APPROVAL_DAGS),
+            TaskInstance.task_id == registry_actions.APPROVAL_TASK,
             TaskInstance.state == TaskInstanceState.AWAITING_INPUT,
         )
         .order_by(HITLDetail.created_at)
@@ -142,8 +156,35 @@ def pending_approvals(base: str) -> list[dict[str, str]]:
     ]
 
 
-def page(html: str | bytes) -> HTMLResponse:
-    return HTMLResponse(html, headers={**PAGE_HEADERS, "X-Content-Type-Options": "nosniff"})
+def page(html: str | bytes, headers: dict[str, str] = PAGE_HEADERS) -> HTMLResponse:
+    return HTMLResponse(html, headers={**headers, "X-Content-Type-Options": "nosniff"})
+
+
+def act(request: Request, session: Any, action: Callable[[], str]) -> Response:
+    """Run one of the page's actions. A browser's form post (it accepts HTML) is sent back to the
+    Models page with what happened, or why not; an API client gets JSON and the status."""
+    from airflow.configuration import conf
+
+    netlocs = registry_actions.server_netlocs(request.headers.get("host"), conf.get("api", "base_url", fallback=""))
+    try:
+        registry_actions.check_same_origin(request.headers, netlocs)
+    except registry_actions.CrossSiteRequestError as exc:
+        raise HTTPException(403, str(exc)) from exc
+    browser = "text/html" in request.headers.get("accept", "")
+    try:
+        done = action()
+    except (ValueError, HTTPException) as exc:
+        session.rollback()
+        status, detail = (400, str(exc)) if isinstance(exc, ValueError) else (exc.status_code, str(exc.detail))
+        if not browser:
+            return JSONResponse({"detail": detail}, status_code=status)
+        query = registry_actions.notice_query("error", detail)
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/models?{query}", 303)
+    if not browser:
+        return JSONResponse({"done": done})
+    return RedirectResponse(
+        f"{request.scope.get('root_path', '')}/models?{registry_actions.notice_query('done', done)}", 303
+    )
 
 
 def create_app() -> FastAPI:
@@ -155,6 +196,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.dag_bag = create_dag_bag()  # the buttons' triggers read DAGs as the REST API does
 
     @app.get(
         "/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/report",
@@ -203,8 +245,8 @@ def create_app() -> FastAPI:
         return {"models": models, "pending_approvals": pending_approvals(app_base())}
 
     @app.get("/models", response_class=HTMLResponse, dependencies=read_registry)
-    def models_page() -> HTMLResponse:
-        """The "Models" page of the Airflow UI's navigation."""
+    def models_page(user: GetUserDep, done: str = "", error: str = "", sig: str = "") -> HTMLResponse:
+        """The "Models" page of the Airflow UI's navigation, with the buttons the user may press."""
         from pipeline.entrypoints.registry_page import overview
         from pipeline.entrypoints.registry_page import page as render
 
@@ -213,7 +255,80 @@ def create_app() -> FastAPI:
             models = overview(settings)
         except RegistryUnavailableError as exc:
             raise HTTPException(503, str(exc)) from exc
-        return page(render(models, pending_approvals(app_base()), settings))
+        allowed = registry_actions.allowed_for(user)
+        notice = registry_actions.verified_notice(done, error, sig)
+        return page(render(models, pending_approvals(app_base()), settings, allowed, notice), FORM_PAGE_HEADERS)
+
+    def trigger_with(dag_id: str) -> list[Any]:
+        return [Depends(requires_access_dag("POST", DagAccessEntity.RUN, param_dag_id=dag_id))]
+
+    @app.post("/models/{name}/promote", dependencies=trigger_with(registry_actions.PROMOTE_DAG))
+    def promote(
+        name: str,
+        request: Request,
+        dag_bag: DagBagDep,
+        user: GetUserDep,
+        session: SessionDep,
+        version: Annotated[str, Form()] = "",
+        reason: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The Promote button: a ``promote_model`` run for the staging version the page showed."""
+
+        def run() -> str:
+            conf = registry_actions.promote_conf(name, version, reason)
+            dag_id = registry_actions.PROMOTE_DAG
+            run_id, waits = registry_actions.trigger(
+                dag_id, conf, dag_bag=dag_bag, user=user, session=session, request=request
+            )
+            return (
+                f"{dag_id} run {run_id} will move production of {name} to v{version} "
+                f"(triggered by {user.get_name()}){waits}"
+            )
+
+        return act(request, session, run)
+
+    @app.post("/models/{name}/rollback", dependencies=trigger_with(registry_actions.ROLLBACK_DAG))
+    def rollback(
+        name: str,
+        request: Request,
+        dag_bag: DagBagDep,
+        user: GetUserDep,
+        session: SessionDep,
+        reason: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The Roll back button: a ``rollback_model`` run to the production version before."""
+
+        def run() -> str:
+            conf = registry_actions.rollback_conf(name, reason)
+            dag_id = registry_actions.ROLLBACK_DAG
+            run_id, waits = registry_actions.trigger(
+                dag_id, conf, dag_bag=dag_bag, user=user, session=session, request=request
+            )
+            return f"{dag_id} run {run_id} will move production of {name} back (triggered by {user.get_name()}){waits}"
+
+        return act(request, session, run)
+
+    @app.post(
+        "/approvals/{dag_id}/{dag_run_id}",
+        dependencies=[Depends(requires_access_dag("PUT", DagAccessEntity.HITL_DETAIL))],  # of the path's dag_id
+    )
+    def answer_approval(
+        dag_id: str,
+        dag_run_id: str,
+        request: Request,
+        user: GetUserDep,
+        session: SessionDep,
+        answer: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The Approve and Reject buttons of a pending approval."""
+
+        def run() -> str:
+            payload = registry_actions.answer_payload(answer, comment)
+            chosen = registry_actions.answer_approval(dag_id, dag_run_id, payload, user=user, session=session)
+            return f"{dag_id} run {dag_run_id}: {chosen} by {user.get_name()}"
+
+        return act(request, session, run)
 
     return app
 

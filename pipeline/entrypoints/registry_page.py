@@ -3,8 +3,10 @@
 :func:`overview` gathers, for each registered model, its aliases, its newest versions (accuracy,
 the gate's verdict and reasons, infra validation's latencies, the approval decision, the data
 hash and the training run) and its promotion history; :func:`page` renders that, with the
-pending approvals the plugin finds in Airflow, as one HTML page. Read only: promotions and
-rollbacks go through Airflow (the deployment DAGs, the approval step), which records who acted.
+pending approvals the plugin finds in Airflow, as one HTML page, and the buttons the user may
+press (promote the staging version, roll back, approve or reject), as plain forms (the page runs
+no script). The buttons act through Airflow (:mod:`pipeline.entrypoints.registry_actions`),
+which records who acted.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 from urllib.parse import quote
 
 from pipeline.config import Settings
+from pipeline.entrypoints.registry_actions import REASON_MAX, Allowed
 
 VERSIONS_SHOWN = 20
 """Newest versions per model on the page (all of them are in the MLflow UI)."""
 LATENCIES = ("single_p50", "single_p99", "batch")
+READ_ONLY = Allowed()
 
 
 def _version_row(version: Any, aliases: list[str]) -> dict[str, Any]:
@@ -74,22 +78,71 @@ def _cell(value: Any) -> str:
     return html.escape("-" if value in (None, "") else str(value))
 
 
-def page(models: list[dict[str, Any]], pending: list[dict[str, str]], settings: Settings) -> str:
-    """The Models page: pending approvals first, then each model's versions and history."""
+def _form(action: str, field: str, buttons: list[tuple[str, str, str]], hidden: dict[str, str] | None = None) -> str:
+    """A post form of the page: hidden fields, one required text field and its buttons
+    (``(name, value, label)``). ``action`` is relative to the page (``/pipeline/models``)."""
+    e = html.escape
+    fields = "".join(
+        f"<input type='hidden' name='{e(k, quote=True)}' value='{e(v, quote=True)}'>" for k, v in (hidden or {}).items()
+    )
+    pressed = "".join(
+        f"<button type='submit' name='{e(n, quote=True)}' value='{e(v, quote=True)}'>{e(label)}</button>"
+        for n, v, label in buttons
+    )
+    return (
+        f"<form class='act' method='post' action='{e(action, quote=True)}'>{fields}"
+        f"<input name='{field}' required maxlength='{REASON_MAX}' placeholder='{field} (for the history)' "
+        f"aria-label='{field}'> {pressed}</form>"
+    )
+
+
+def _model_actions(model: dict[str, Any], versions: dict[str, dict[str, Any]], allowed: Allowed) -> str:
+    """Promote the staging version (unless a person rejected it, or it is production already),
+    and roll production back."""
+    name, aliases, forms = model["name"], model["aliases"], []
+    staging, production = aliases.get("staging"), aliases.get("production")
+    base = f"models/{quote(name, safe='')}"
+    rejected = (versions.get(str(staging)) or {}).get("approval") == "rejected"
+    if allowed.promote and staging and staging != production and not rejected:
+        label = f"Promote v{staging} (staging) to production"
+        forms.append(_form(f"{base}/promote", "reason", [("go", "1", label)], {"version": str(staging)}))
+    if allowed.rollback and production:
+        forms.append(_form(f"{base}/rollback", "reason", [("go", "1", f"Roll back production (v{production})")]))
+    return "".join(forms)
+
+
+def page(
+    models: list[dict[str, Any]],
+    pending: list[dict[str, str]],
+    settings: Settings,
+    allowed: Allowed = READ_ONLY,
+    notice: dict[str, str] | None = None,
+) -> str:
+    """The Models page: what the last button did, pending approvals, then each model's
+    versions and history, with the buttons ``allowed`` lets the user press."""
     e, ui = html.escape, settings.mlflow_ui()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Models</title>",
         "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.alias{font-weight:bold}</style>",
+        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.alias{font-weight:bold}"
+        "form.act{margin:.4em 0}.done{background:#e6f4ea;padding:.5em}.error{background:#fce8e6;padding:.5em}</style>",
         "</head><body><h1>Models</h1>",
-        "<h2>Waiting for approval</h2>",
     ]
+    for kind, text in (notice or {}).items():
+        if text and kind in ("done", "error"):
+            parts.append(f"<p class='{kind}' role='status'>{e(text)}</p>")
+    parts.append("<h2>Waiting for approval</h2>")
     if pending:
-        parts.append("<table><tr><th>model version</th><th>run</th><th>waiting since</th><th></th></tr>")
+        parts.append("<table><tr><th>request</th><th>DAG run</th><th>waiting since</th><th></th></tr>")
         for item in pending:
+            answer = f"<a href='{e(item['url'], quote=True)}' target='_top'>Open in Airflow</a>"
+            if item["dag_id"] in allowed.answer:
+                buttons = [("answer", "Approve", "Approve"), ("answer", "Reject", "Reject")]
+                where = f"approvals/{quote(item['dag_id'], safe='')}/{quote(item['run_id'], safe='')}"
+                answer = _form(where, "comment", buttons) + answer
             parts.append(
-                f"<tr><td>{e(item['subject'])}</td><td>{e(item['run_id'])}</td><td>{e(item['since'])}</td>"
-                f"<td><a href='{e(item['url'], quote=True)}' target='_top'>Approve or reject</a></td></tr>"
+                f"<tr><td>{e(item['subject'])}</td><td>{e(item['dag_id'])} / {e(item['run_id'])}</td><td>{e(item['since'])}</td>"
+                f"<td>{answer}</td></tr>"
             )
         parts.append("</table>")
     else:
@@ -98,6 +151,7 @@ def page(models: list[dict[str, Any]], pending: list[dict[str, str]], settings: 
         name = model["name"]
         aliases = ", ".join(f"{alias} → v{number}" for alias, number in sorted(model["aliases"].items()))
         parts += [f"<h2>{e(name)}</h2>", f"<p>Aliases: <span class='alias'>{e(aliases or 'none')}</span></p>"]
+        parts.append(_model_actions(model, {v["version"]: v for v in model["versions"]}, allowed))
         if model.get("error"):
             parts.append(f"<p>Its versions could not be read: {e(model['error'])}</p>")
         parts.append(

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import boto3
 import numpy as np
@@ -754,6 +755,70 @@ def test_a_rejected_candidate_leaves_production_and_the_history_says_who_and_why
     assert last.actor == f"{stack.airflow_user[0]} via airflow:{DAG_ID}/{run_id}"
     assert last.reason == "rejected: Shirt recall too low"
     assert client.get_model_version(MODEL, candidate).tags["approval.decision"] == "rejected"
+
+
+def browser_session(stack: Stack) -> requests.Session:
+    """What the Airflow UI's browser sends to the Models page: the session cookie, its own Origin,
+    and an Accept for HTML (the page's forms are plain posts)."""
+    token = stack.api.session.headers["Authorization"].split()[1]
+    browser = requests.Session()
+    browser.cookies.set("_token", token)
+    browser.headers.update({"Origin": stack.api_url, "Accept": "text/html"})
+    return browser
+
+
+def press(stack: Stack, browser: requests.Session, path: str, form: dict, dag_id: str) -> tuple[str, dict]:
+    """Press one of the Models page's buttons; returns the run it triggered, once finished."""
+    pressed = browser.post(f"{stack.api_url}/pipeline{path}", data=form, allow_redirects=False, timeout=60)
+    assert pressed.status_code == 303, pressed.text
+    shown = browser.get(f"{stack.api_url}{pressed.headers['location']}", timeout=60).text
+    run_id = pressed.headers["location"].split(f"{dag_id}+run+", 1)[1].split("+", 1)[0]
+    run_id = unquote(run_id)
+    assert f"{dag_id} run {run_id} will move production" in shown
+    deadline = time.monotonic() + 300
+    while (run := stack.api.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}"))["state"] not in ("success", "failed"):
+        assert time.monotonic() < deadline, f"{dag_id} {run_id} still {run['state']}"
+        time.sleep(2)
+    return run_id, run
+
+
+def test_promote_and_roll_back_from_the_models_page_as_the_logged_in_user(stack, approved, monkeypatch):
+    """After the rejection: the rejected version is promoted anyway by naming it (the page offers
+    no button for it, an API client may), then the page's Roll back button puts production back;
+    both through the real API server, as its user, recorded in the history."""
+    from pipeline.registry.history import read_history
+
+    client = stack.mlflow_client(monkeypatch)
+    production = client.get_model_version_by_alias(MODEL, "production").version
+    staging = client.get_model_version_by_alias(MODEL, "staging").version
+    browser = browser_session(stack)
+    page = browser.get(f"{stack.api_url}/pipeline/models", timeout=60).text
+    assert f"Roll back production (v{production})" in page and f"Promote v{staging}" not in page  # rejected
+
+    form = {"version": staging, "reason": "second look at the card"}
+    run_id, run = press(stack, browser, f"/models/{MODEL}/promote", form, "promote_model")
+    assert run["state"] == "success" and run["triggering_user_name"] == stack.airflow_user[0]
+    assert client.get_model_version_by_alias(MODEL, "production").version == staging
+    last = read_history(client, MODEL)[-1]
+    assert (last.action, last.to_version) == ("promote", staging)
+    assert last.actor == f"{stack.airflow_user[0]} via airflow:promote_model/{run_id}"
+    assert "second look at the card" in last.reason
+
+    run_id, run = press(stack, browser, f"/models/{MODEL}/rollback", {"reason": "undo it"}, "rollback_model")
+    assert run["state"] == "success"
+    assert client.get_model_version_by_alias(MODEL, "production").version == production
+    last = read_history(client, MODEL)[-1]
+    assert (last.action, last.from_version, last.to_version) == ("rollback", staging, production)
+    assert last.actor == f"{stack.airflow_user[0]} via airflow:rollback_model/{run_id}"
+
+    forged = requests.post(
+        f"{stack.api_url}/pipeline/models/{MODEL}/rollback",
+        data={"reason": "forged"},
+        cookies={"_token": stack.api.session.headers["Authorization"].split()[1]},
+        headers={"Origin": "https://elsewhere.example", "Accept": "text/html"},
+        timeout=60,
+    )
+    assert forged.status_code == 403, forged.text
 
 
 def test_alerts_reached_the_mail_server_from_the_workers(stack, approved):
