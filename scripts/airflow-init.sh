@@ -8,3 +8,12 @@ airflow db migrate
 # Production moves (promote, rollback) run one at a time in this pool; Airflow never schedules a
 # task whose pool does not exist.
 airflow pools set promotions 1 "registry alias moves, one at a time"
+
+# With the FAB auth manager (the compose stack's): its tables, then the users and roles the
+# environment names (scripts/airflow-users.py; nothing has a default password).
+case "${AIRFLOW__CORE__AUTH_MANAGER:-}" in
+  *.FabAuthManager)
+    airflow fab-db migrate
+    python "$(dirname "$0")/airflow-users.py"
+    ;;
+esac

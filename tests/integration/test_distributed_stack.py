@@ -13,6 +13,7 @@ through Airflow's REST API.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import sys
@@ -114,6 +115,7 @@ class Stack:
         self.mlflow_proxy = RequestCuttingProxy(self.mlflow_port)
         self.mail = SmtpSink()  # the alerts' mail server
         self.airflow_user = ("operator", secrets.token_urlsafe(16))
+        self.viewer = ("watcher", secrets.token_urlsafe(16))
         self.mlflow_user = ("admin", secrets.token_urlsafe(16))
         self.leftovers: list[str] = []
         self._closed = False
@@ -199,10 +201,12 @@ class Stack:
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(32),
             "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_port),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.airflow_user[0]}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.workdir / "airflow" / "passwords.json"),
+            # The compose stack's auth: FAB, its users made by airflow-init from the environment.
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager",
             "AIRFLOW_ADMIN_USERNAME": self.airflow_user[0],
             "AIRFLOW_ADMIN_PASSWORD": self.airflow_user[1],
+            "AIRFLOW_USERS": f"{self.viewer[0]}:Viewer",
+            "AIRFLOW_USER_PASSWORDS": json.dumps({self.viewer[0]: self.viewer[1]}),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -810,6 +814,14 @@ def test_promote_and_roll_back_from_the_models_page_as_the_logged_in_user(stack,
     last = read_history(client, MODEL)[-1]
     assert (last.action, last.from_version, last.to_version) == ("rollback", staging, production)
     assert last.actor == f"{stack.airflow_user[0]} via airflow:rollback_model/{run_id}"
+
+    # A Viewer of the FAB auth manager reads the page, sees no button, and may not press one.
+    viewer = AirflowApi(stack.api_url, *stack.viewer)
+    seen = viewer.session.get(f"{stack.api_url}/pipeline/models", timeout=60)
+    assert seen.status_code == 200 and "<form" not in seen.text
+    refused = viewer.session.post(f"{stack.api_url}/pipeline/models/{MODEL}/rollback", data={"reason": "x"}, timeout=60)
+    assert refused.status_code == 403, refused.text
+    assert client.get_model_version_by_alias(MODEL, "production").version == production
 
     forged = requests.post(
         f"{stack.api_url}/pipeline/models/{MODEL}/rollback",
