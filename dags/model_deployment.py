@@ -41,7 +41,7 @@ DEPLOYMENT_DAG = {
 REASON = Param("", type="string", title="Reason", description="Why, for the promotion history.")
 MODEL = Param(
     "",
-    type="string",
+    type=["null", "string"],  # empty (the default) is not "missing" in the trigger form
     title="Registered model",
     description="Empty: $PIPELINE_MODEL_NAME, else the default dataset's (fashion-mnist-classifier).",
     pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$",

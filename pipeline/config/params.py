@@ -64,8 +64,11 @@ class RunParam:
         """The Param's JSON schema, with the trigger form's title, description and section."""
         s, kind = self.setting, self.kind
         json_type = _JSON_TYPES[kind.base]
+        # Nullable where empty means "derived" (from the settings, the data): the trigger form
+        # marks a field whose type excludes null as required, and refuses an empty one.
+        derived = kind.optional or s.from_settings or (kind.base is str and self.default == "")
         schema: dict[str, Any] = {
-            "type": ["null", json_type] if kind.optional or s.from_settings else json_type,
+            "type": ["null", json_type] if derived else json_type,
             "title": s.title,
             "description": s.help,
             "section": SECTIONS[s.section],

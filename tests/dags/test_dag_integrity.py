@@ -256,3 +256,19 @@ def test_drift_monitor_updates_the_asset_training_waits_for(dagbag):
     outlets = monitor.get_task("request_retraining").outlets
     assert [a.name for a in outlets] == [a.name for a in training.timetable.asset_condition.objects]
     assert monitor.timetable.expression == "0 0 * * *"  # daily
+
+
+def test_the_trigger_forms_defaults_can_be_submitted_as_they_are(dagbag):
+    """Airflow's trigger form marks a Param whose type excludes null as required and refuses it
+    empty (its Trigger button stays disabled): every Param a person may leave alone is nullable
+    or has a value, so the form's defaults run the full recipe. Only a promotion's reason must be
+    typed, on purpose (the history keeps it)."""
+    must_type = {("promote_model", "reason"), ("rollback_model", "reason")}
+    blocked = []
+    for dag_id, dag in dagbag.dags.items():
+        for name, param in dag.params.items():
+            types = param.schema.get("type", [])
+            types = [types] if isinstance(types, str) else types
+            if "null" not in types and param.value in (None, "") and (dag_id, name) not in must_type:
+                blocked.append(f"{dag_id}.{name}")
+    assert blocked == [], f"empty by default but required in the trigger form: {blocked}"
