@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode, urlparse
 
-from pipeline.errors import PipelineError
-
 TRAINING_DAG, APPROVAL_TASK = "training_pipeline", "approve"
 PROMOTE_DAG, ROLLBACK_DAG = "promote_model", "rollback_model"
 APPROVAL_DAGS = (TRAINING_DAG, PROMOTE_DAG)
@@ -38,8 +36,10 @@ ANSWERS = ("Approve", "Reject")
 REASON_MAX = 500
 
 
-class CrossSiteRequestError(PipelineError):
-    """A cookie-authenticated post that did not come from this server's pages."""
+class CrossSiteRequestError(Exception):
+    """A cookie-authenticated post that did not come from this server's pages (an HTTP request's
+    fault, answered 403; not a :class:`~pipeline.errors.PipelineError`, which tasks raise and
+    the DAGs' retry policies are built from)."""
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,11 @@ def test_every_task_retries_exactly_the_errors_that_declare_it(dagbag):
         return cls(*["x"] * len(named[1:]))
 
     classes = error_classes()
+    # The DAGs' policy is built from the classes defined when they are parsed: a pipeline error
+    # defined elsewhere (and imported later, by a plugin say) would escape it.
+    assert {c.__module__ for c in classes} == {"pipeline.errors"}, [
+        c for c in classes if c.__module__ != "pipeline.errors"
+    ]
     assert {c.__name__ for c in classes if c.retryable} >= {
         "SourceUnavailableError",
         "StorageUnavailableError",
