@@ -40,14 +40,15 @@ from pipeline.errors import ReferenceNotFoundError, RegistryUnavailableError, St
 #: in a new tab, or in the whole window when the page is shown inside the Airflow UI.
 PAGE_HEADERS = {
     "Content-Security-Policy": "sandbox allow-popups allow-popups-to-escape-sandbox "
-    "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "frame-ancestors 'self'"
 }
 #: The Models page, the pipeline's own, also sends its buttons' forms, to this app only (still no
 #: script: a same origin without scripts reads nothing).
 FORM_PAGE_HEADERS = {
     "Content-Security-Policy": "sandbox allow-forms allow-same-origin allow-popups allow-popups-to-escape-sandbox "
     "allow-top-navigation-by-user-activation; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-    "form-action 'self'"
+    "form-action 'self'; frame-ancestors 'self'"
 }
 
 

@@ -276,6 +276,13 @@ def requested_version(params: Any) -> dict[str, Any]:
         number = str(asked) if asked not in (None, "") else alias_version(client, name, STAGING)
         if number is None:
             raise PromotionRefusedError(f"{name} alias staging", "a version to promote", "no staging version")
+    if asked in (None, ""):
+        # Not named: refused as pipeline promote refuses the default staging version, before
+        # anyone is asked (rejected, rolled back from, gated against another production).
+        from pipeline.registry.promote import check_default_promotion
+
+        check_default_promotion(settings, number)
+    with registry_reachable(settings):
         version = client.get_model_version(name, number)
         production = alias_version(client, name, PRODUCTION)
     return {
@@ -318,7 +325,16 @@ class DeploymentApproval(PromotionApproval):
         return HITLBranchOperator.execute(self, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from pipeline.errors import PromotionRefusedError
+
         response = HITLOperator.execute_complete(self, context=context, event=event)
         result = decision(response, self.response_timeout if event.get("timedout") else None)
         result.update(context["ti"].xcom_pull(task_ids=self.task_id, key="asked") or {})
+        requester = context["dag_run"].triggering_user_name
+        if result["decision"] == APPROVE and requester and result["by"] == requester:
+            raise PromotionRefusedError(
+                f"{self.dag_id}.{self.task_id}",
+                "a second person's approval",
+                f"{requester} approving their own request; nothing moved (trigger it again)",
+            )
         return self._decide(context, result, self.options_mapping[result["decision"]])

@@ -111,10 +111,23 @@ def reason_of(text: str | None, what: str) -> str:
 
 
 def promote_conf(model_name: str, version: str, reason: str) -> dict[str, Any]:
-    """``promote_model``'s Params for the version a person saw at ``staging``."""
+    """``promote_model``'s Params for the version a person saw at ``staging``, refused here as
+    ``pipeline promote`` refuses the default staging version (not gated against today's
+    production, rejected by a person, or one production was rolled back from): the button names
+    the version only so that the run promotes what the person saw."""
+    from pipeline.config import Settings
+    from pipeline.errors import PromotionRefusedError
+    from pipeline.registry.promote import check_default_promotion
+
     if not version.isdigit():
         raise ValueError(f"version: expected a registered version number, found {version!r}")
-    return {"model_name": model_name, "version": version, "reason": reason_of(reason, "reason")}
+    reason = reason_of(reason, "reason")
+    settings = Settings.from_env()
+    try:
+        check_default_promotion(settings.for_model(model_name), version)
+    except PromotionRefusedError as exc:
+        raise ValueError(str(exc)) from exc
+    return {"model_name": model_name, "version": version, "reason": reason}
 
 
 def rollback_conf(model_name: str, reason: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def _version_row(version: Any, aliases: list[str]) -> dict[str, Any]:
         "infra": tags.get("infra_validation"),
         "latency_ms": {k: tags[f"infra.latency_{k}_ms"] for k in LATENCIES if f"infra.latency_{k}_ms" in tags},
         "approval": tags.get("approval.decision"),
+        "rolled_back": tags.get("promotion.rolled_back"),
         "approval_by": tags.get("approval.by"),
         "dataset_hash": tags.get("dataset_hash"),
         "run_id": version.run_id,
@@ -102,8 +103,14 @@ def _model_actions(model: dict[str, Any], versions: dict[str, dict[str, Any]], a
     name, aliases, forms = model["name"], model["aliases"], []
     staging, production = aliases.get("staging"), aliases.get("production")
     base = f"models/{quote(name, safe='')}"
-    rejected = (versions.get(str(staging)) or {}).get("approval") == "rejected"
-    if allowed.promote and staging and staging != production and not rejected:
+    row = versions.get(str(staging)) or {}
+    # What ``pipeline promote`` refuses of the default staging version (the route refuses it too).
+    refused = (
+        row.get("approval") == "rejected"
+        or bool(row.get("rolled_back"))
+        or (row.get("gate_against") or "none") != (production or "none")
+    )
+    if allowed.promote and staging and staging != production and not refused:
         label = f"Promote v{staging} (staging) to production"
         forms.append(_form(f"{base}/promote", "reason", [("go", "1", label)], {"version": str(staging)}))
     if allowed.rollback and production:

@@ -105,6 +105,18 @@ def _require_promotable(
         )
 
 
+def check_default_promotion(settings: Settings, version: str) -> None:
+    """Raise :class:`PromotionRefusedError` unless ``version`` could be promoted as the default
+    staging version is (gated against today's production, not rejected, not rolled back from):
+    for a promotion a person asks for without naming a version, from the Models page or with an
+    approval step, which must refuse what ``pipeline promote`` refuses."""
+    name = settings.model_for()
+    with registry_reachable(settings):
+        client = tracking_client(settings)
+        production = alias_version(client, name, PRODUCTION)
+        _require_promotable(client, name, str(version), production, by_default=True, automatic=False)
+
+
 def promote(
     settings: Settings,
     version: str | None = None,

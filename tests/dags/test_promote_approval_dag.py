@@ -43,17 +43,33 @@ class Approver(threading.Thread):
     """Answers the first ``promote_model`` approval that waits, as ``bob``, the way the REST API
     does (Airflow's own update of the human-in-the-loop detail)."""
 
-    def __init__(self, option: str, comment: str) -> None:
+    def __init__(self, option: str, comment: str, username: str = "bob") -> None:
         super().__init__(daemon=True)
-        self.option, self.comment = option, comment
+        self.option, self.comment, self.username = option, comment, username
         self.request: dict | None = None
         self.error: BaseException | None = None
+        self.stop = threading.Event()  # the run is over: stop looking
 
     def run(self) -> None:
         try:
             self._answer()
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # reported by the test, once dag.test() returns:
             self.error = exc
+            self._fail_waiting()  # else it would wait for an answer forever
+
+    @staticmethod
+    def _fail_waiting() -> None:
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+        from airflow.utils.state import TaskInstanceState
+        from sqlalchemy import update
+
+        with create_session() as session:
+            session.execute(
+                update(TaskInstance)
+                .where(TaskInstance.dag_id == "promote_model", TaskInstance.state == TaskInstanceState.AWAITING_INPUT)
+                .values(state=TaskInstanceState.FAILED)
+            )
 
     def _answer(self) -> None:
         from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
@@ -67,6 +83,8 @@ class Approver(threading.Thread):
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.stop.is_set():
+                return
             with create_session() as session:
                 ti = session.scalars(
                     select(TaskInstance).where(
@@ -81,7 +99,7 @@ class Approver(threading.Thread):
                     payload = UpdateHITLDetailPayload(
                         chosen_options=[self.option], params_input={"comment": self.comment}
                     )
-                    user = SimpleAuthManagerUser(username="bob", role="admin")
+                    user = SimpleAuthManagerUser(username=self.username, role="admin")
                     update_hitl_detail("promote_model", ti.run_id, "approve", payload, user, session)
                     return
             time.sleep(0.5)
@@ -94,9 +112,13 @@ def run_with(conf: dict, approver: Approver | None = None):
     dag = DagBag(dag_folder=str(DAGS)).get_dag("promote_model")
     if approver:
         approver.start()
-    run = dag.test(run_conf=conf)
+    try:
+        run = dag.test(run_conf=conf)
+    finally:
+        if approver:
+            approver.stop.set()
+            approver.join(timeout=30)
     if approver:
-        approver.join(timeout=10)
         assert approver.error is None, approver.error
     return run
 
@@ -140,3 +162,20 @@ def test_without_approval_the_promotion_goes_at_once(staged):
     last = read_history(client, name)[-1]
     assert (last.action, last.to_version, last.reason) == ("promote", "2", "hotfix")
     assert last.actor == f"dag_test via airflow:promote_model/{run.run_id}"  # who triggered it
+
+
+def test_the_requester_cannot_approve_their_own_promotion(staged):
+    client, name = staged
+    run = run_with({"approval": True, "reason": "mine"}, Approver("Approve", "looks good to me", "dag_test"))
+    assert run.state == "failed"  # dag.test() triggers as dag_test, who answered
+    assert alias_version(client, name, PRODUCTION) == "1"
+    assert read_history(client, name)[-1].action == "stage"  # nothing recorded after the staging move
+
+
+def test_an_unnamed_version_is_refused_before_anyone_is_asked_as_pipeline_promote_refuses_it(staged):
+    client, name = staged
+    client.set_model_version_tag(name, "2", "approval.decision", "rejected")
+    approver = Approver("Approve", "x")
+    run = run_with({"approval": True, "reason": "again"}, approver)
+    assert run.state == "failed" and approver.request is None  # no approval was asked for
+    assert alias_version(client, name, PRODUCTION) == "1"

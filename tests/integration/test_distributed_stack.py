@@ -779,17 +779,21 @@ def press(stack: Stack, browser: requests.Session, path: str, form: dict, dag_id
     run_id = pressed.headers["location"].split(f"{dag_id}+run+", 1)[1].split("+", 1)[0]
     run_id = unquote(run_id)
     assert f"{dag_id} run {run_id} will move production" in shown
-    deadline = time.monotonic() + 300
+    return run_id, finished(stack, dag_id, run_id)
+
+
+def finished(stack: Stack, dag_id: str, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
     while (run := stack.api.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}"))["state"] not in ("success", "failed"):
         assert time.monotonic() < deadline, f"{dag_id} {run_id} still {run['state']}"
         time.sleep(2)
-    return run_id, run
+    return run
 
 
 def test_promote_and_roll_back_from_the_models_page_as_the_logged_in_user(stack, approved, monkeypatch):
-    """After the rejection: the rejected version is promoted anyway by naming it (the page offers
-    no button for it, an API client may), then the page's Roll back button puts production back;
-    both through the real API server, as its user, recorded in the history."""
+    """After the rejection: the page neither offers nor accepts the rejected staging version; a
+    person naming it through the REST API promotes it anyway; then the page's Roll back button
+    puts production back; through the real API server, as its user, recorded in the history."""
     from pipeline.registry.history import read_history
 
     client = stack.mlflow_client(monkeypatch)
@@ -800,7 +804,17 @@ def test_promote_and_roll_back_from_the_models_page_as_the_logged_in_user(stack,
     assert f"Roll back production (v{production})" in page and f"Promote v{staging}" not in page  # rejected
 
     form = {"version": staging, "reason": "second look at the card"}
-    run_id, run = press(stack, browser, f"/models/{MODEL}/promote", form, "promote_model")
+    pressed = browser.post(
+        f"{stack.api_url}/pipeline/models/{MODEL}/promote", data=form, allow_redirects=False, timeout=60
+    )
+    assert pressed.status_code == 303 and "error=" in pressed.headers["location"], pressed.text
+    shown = browser.get(f"{stack.api_url}{pressed.headers['location']}", timeout=60).text
+    assert "expected a staging version no one rejected" in shown
+    conf = {"model_name": MODEL, "version": staging, "reason": "second look at the card"}
+    run_id = stack.api.call("POST", "/dags/promote_model/dagRuns", json={"logical_date": None, "conf": conf})[
+        "dag_run_id"
+    ]
+    run = finished(stack, "promote_model", run_id)
     assert run["state"] == "success" and run["triggering_user_name"] == stack.airflow_user[0]
     assert client.get_model_version_by_alias(MODEL, "production").version == staging
     last = read_history(client, MODEL)[-1]

@@ -53,7 +53,7 @@ def registry(settings, tmp_path):
         tags = {
             "gate.decision": "passed" if number != 2 else "failed",
             "gate.reasons": "none" if number != 2 else "accuracy 0.81 < production's 0.93 - 0.01",
-            "gate.production_version": "none",
+            "gate.production_version": "1" if number == 3 else "none",  # v3 gated against v1
             "infra_validation": "passed",
             "infra.latency_single_p50_ms": "2.1",
             "infra.latency_single_p99_ms": "5.3",
@@ -107,7 +107,11 @@ def test_the_models_page_shows_versions_aliases_verdicts_and_history(api, regist
     assert "accuracy 0.81 &lt; production" in text and "rejected: &lt;b&gt;Shirt&lt;/b&gt; recall" in text
     assert f"https://mlflow.example/#/models/{registry}/versions/3" in text
     assert "Nothing waits for a person." in text
-    assert "sandbox" in page.headers["content-security-policy"]  # no script runs in the page
+    policy = page.headers["content-security-policy"]
+    # No script runs in the page; its forms post to this server only, as its own origin (else a
+    # browser sends Origin: null and every button is refused); no other site may frame it.
+    assert "sandbox allow-forms allow-same-origin " in policy and "allow-scripts" not in policy
+    assert "form-action 'self'" in policy and "frame-ancestors 'self'" in policy and "default-src 'none'" in policy
 
 
 @pytest.mark.parametrize("path", ["/pipeline/models", "/pipeline/api/models", "/pipeline/models/m/versions/1/card"])
@@ -289,6 +293,22 @@ def test_an_action_without_a_reason_or_with_a_bad_version_is_refused_naming_the_
         f"/pipeline/models/{registry}/promote", data={"version": "3; x", "reason": "r"}, headers=tokens["admin"]
     )
     assert bad.status_code == 400 and bad.json()["detail"].startswith("version: expected a registered version number")
+    assert runs_of("promote_model") == before
+
+
+def test_the_page_does_not_offer_what_pipeline_promote_refuses(api, registry, settings, dags_in_db):
+    """A staging version production was rolled back from (or rejected, or gated against another
+    production) gets no Promote button, and a post naming it is refused with the registry's line."""
+    client, tokens = api
+    tracking_client(settings).set_model_version_tag(registry, "3", "promotion.rolled_back", "2026-12-03T10:00:00")
+    page = client.get("/pipeline/models", headers=tokens["admin"]).text
+    assert "Promote v3" not in page and "Roll back production (v1)" in page
+    before = runs_of("promote_model")
+    refused = client.post(
+        f"/pipeline/models/{registry}/promote", data={"version": "3", "reason": "r"}, headers=tokens["admin"]
+    )
+    assert refused.status_code == 400, refused.text
+    assert "expected a staging version production was not rolled back from" in refused.json()["detail"]
     assert runs_of("promote_model") == before
 
 
