@@ -263,6 +263,20 @@ def create_app() -> FastAPI:
     def trigger_with(dag_id: str) -> list[Any]:
         return [Depends(requires_access_dag("POST", DagAccessEntity.RUN, param_dag_id=dag_id))]
 
+    def deployment_run(
+        request: Request, session: Any, dag_bag: Any, user: Any, dag_id: str, conf: Callable[[], dict], moves: str
+    ) -> Response:
+        """A deployment DAG's run as ``user``, with the Params ``conf()`` gives (its ValueError
+        is the answer), said as "will move production of ``moves``"."""
+
+        def run() -> str:
+            run_id, waits = registry_actions.trigger(
+                dag_id, conf(), dag_bag=dag_bag, user=user, session=session, request=request
+            )
+            return f"{dag_id} run {run_id} will move production of {moves} (triggered by {user.get_name()}){waits}"
+
+        return act(request, session, run)
+
     @app.post("/models/{name}/promote", dependencies=trigger_with(registry_actions.PROMOTE_DAG))
     def promote(
         name: str,
@@ -274,19 +288,10 @@ def create_app() -> FastAPI:
         reason: Annotated[str, Form()] = "",
     ) -> Response:
         """The Promote button: a ``promote_model`` run for the staging version the page showed."""
-
-        def run() -> str:
-            conf = registry_actions.promote_conf(name, version, reason)
-            dag_id = registry_actions.PROMOTE_DAG
-            run_id, waits = registry_actions.trigger(
-                dag_id, conf, dag_bag=dag_bag, user=user, session=session, request=request
-            )
-            return (
-                f"{dag_id} run {run_id} will move production of {name} to v{version} "
-                f"(triggered by {user.get_name()}){waits}"
-            )
-
-        return act(request, session, run)
+        conf = lambda: registry_actions.promote_conf(name, version, reason)  # noqa: E731
+        return deployment_run(
+            request, session, dag_bag, user, registry_actions.PROMOTE_DAG, conf, f"{name} to v{version}"
+        )
 
     @app.post("/models/{name}/rollback", dependencies=trigger_with(registry_actions.ROLLBACK_DAG))
     def rollback(
@@ -298,16 +303,8 @@ def create_app() -> FastAPI:
         reason: Annotated[str, Form()] = "",
     ) -> Response:
         """The Roll back button: a ``rollback_model`` run to the production version before."""
-
-        def run() -> str:
-            conf = registry_actions.rollback_conf(name, reason)
-            dag_id = registry_actions.ROLLBACK_DAG
-            run_id, waits = registry_actions.trigger(
-                dag_id, conf, dag_bag=dag_bag, user=user, session=session, request=request
-            )
-            return f"{dag_id} run {run_id} will move production of {name} back (triggered by {user.get_name()}){waits}"
-
-        return act(request, session, run)
+        conf = lambda: registry_actions.rollback_conf(name, reason)  # noqa: E731
+        return deployment_run(request, session, dag_bag, user, registry_actions.ROLLBACK_DAG, conf, f"{name} back")
 
     @app.post(
         "/approvals/{dag_id}/{dag_run_id}",
