@@ -33,8 +33,10 @@ candidate) >> tune_choose` picks the training config first.
 * **promote**: alias `production`, recorded in the history with the approver and their comment.
   **reject**: production stays; the history records who rejected and why. Pool `promotions`.
 
-Runs weekly, and whenever `drift_monitor` reports drift in new data (asset
-`training-data-drift-detected`). Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
+Runs weekly (Sundays, 00:00 UTC), and whenever `drift_monitor` reports drift in new data (asset
+`training-data-drift-detected`). The first weekly run is the next Sunday after the DAG is first
+unpaused, not the one just past: unpausing it from the trigger form runs the run you asked for,
+not a full retrain first. Same data and Params again: nothing is downloaded, trained or registered twice; set `force` to
 retrain on purpose. Bad input fails at once (no retries); an unreachable source is retried with
 exponential backoff.
 """
@@ -45,7 +47,6 @@ import os
 import sys
 from pathlib import Path
 
-import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
 if str(Path(__file__).parent) not in sys.path:  # for DagBag on another folder and runpy; see _common
@@ -60,8 +61,10 @@ TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "default")
 
 
 @dag(
+    # No start_date: with one, Airflow would create the run of the Sunday just past as soon as the
+    # DAG is unpaused (catchup=False keeps the latest missed run); without one, the timetable's
+    # run_immediately=False waits for the next Sunday.
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@weekly", timezone="UTC"), assets=[DRIFT_DETECTED]),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,

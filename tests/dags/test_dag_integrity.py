@@ -115,6 +115,24 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert params["sample_cap"] is None and params["force"] is False and params["expected_sha256"] == {}
 
 
+def test_unpausing_training_pipeline_starts_no_retrain_of_the_week_just_past(dagbag):
+    """Unpausing the DAG (the trigger form does it) must not start a full retrain for the Sunday
+    just past before the run a person asked for (``max_active_runs=1`` would queue theirs behind
+    it): the first scheduled run is the next Sunday."""
+    import pendulum
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    dag = dagbag.get_dag("training_pipeline")
+    timetable = decode_timetable(encode_timetable(dag.timetable))  # what the scheduler runs
+    first = timetable.next_dagrun_info(
+        last_automated_data_interval=None, restriction=TimeRestriction(dag.start_date, dag.end_date, dag.catchup)
+    )
+    now = pendulum.now("UTC")
+    assert now < first.run_after <= now.add(days=7) and first.run_after.day_of_week == pendulum.SUNDAY
+
+
 def test_param_defaults_are_the_config_defaults(dagbag):
     """The trigger form shows the same defaults a CLI run or a scheduled run uses."""
     from pipeline.config import GatePolicy, PreprocessConfig, TrainConfig, TuneConfig, run_config_from_params
