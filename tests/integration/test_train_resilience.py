@@ -94,6 +94,19 @@ def wait_for_checkpoint(storage_root: Path, proc: subprocess.Popen, timeout: flo
     raise TimeoutError("no epoch checkpoint appeared")
 
 
+def wait_for_next_checkpoint(last: Path, proc: subprocess.Popen, timeout: float = 300) -> float:
+    """Wait for the epoch checkpoint ``last`` to be replaced (checkpoints are written
+    atomically) and return how long that took: the length of one epoch."""
+    started, seen = time.monotonic(), last.stat().st_mtime_ns
+    while time.monotonic() - started < timeout:
+        if last.stat().st_mtime_ns != seen:
+            return time.monotonic() - started
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before its next checkpoint: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    raise TimeoutError(f"{last} was not replaced within {timeout:.0f} s")
+
+
 def test_sigkill_in_the_second_epoch_then_the_retry_resumes_there(private):
     env, settings = private["env"], private["settings"]
     flags = ("--epochs", "4", "--batch-size", "16", "--architecture", "simple_cnn")
@@ -125,11 +138,14 @@ def test_sigkill_in_the_second_epoch_then_the_retry_resumes_there(private):
 
 def test_sigterm_saves_the_state_and_exits_143_then_resumes(private):
     env, settings = private["env"], private["settings"]
-    flags = ("--epochs", "3", "--batch-size", "16", "--architecture", "simple_cnn")
+    flags = ("--epochs", "4", "--batch-size", "16", "--architecture", "simple_cnn")
     proc = start_training(env, private["processed"], *flags)
     last = wait_for_checkpoint(private["root"], proc)
+    # An epoch lasts 0.7 s on an idle machine and several seconds on a busy one: time the
+    # second one, then signal a third of the way into the third, with the fourth as margin.
+    epoch_length = wait_for_next_checkpoint(last, proc)
     first_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    time.sleep(1.5)  # some steps into the second epoch (about 5 s long at this batch size)
+    time.sleep(epoch_length / 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
@@ -143,7 +159,7 @@ def test_sigterm_saves_the_state_and_exits_143_then_resumes(private):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["run_id"] == run.info.run_id
     [run] = runs_of(settings)
-    assert run.info.status == "FINISHED" and run.data.metrics["epochs"] == 3
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs"] == 4
 
 
 def test_same_seed_and_config_give_the_same_metrics(prepared):
