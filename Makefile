@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := False
 .DEFAULT_GOAL := help
 # A recipe that fails leaves no target behind (a failed airflow-init runs again next time).
 .DELETE_ON_ERROR:
-.PHONY: help run test test-fast test-slow lint docs venv dataset airflow-init airflow-ui mlflow-ui lock clean
+.PHONY: help run test test-fast test-slow lint docs venv dataset browser airflow-init airflow-ui mlflow-ui lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ venv: $(BIN)/.installed ## create .venv with the pinned packages (requirements.l
 dataset: ## make sure the Fashion-MNIST files are on disk (Debian package, else download)
 	@scripts/get_dataset.sh >/dev/null
 
+browser: ## make sure Debian's chromium is on disk for the browser tests (tests/e2e/)
+	@scripts/get_chromium.sh >/dev/null
+
 # The same script the compose stack's airflow-init service runs (migrations, the promotions pool);
 # it is safe to run again, so a changed script or a reinstalled venv (new migrations) runs it again.
 $(AIRFLOW_HOME)/init.done: scripts/airflow-init.sh $(BIN)/.installed
@@ -56,15 +59,15 @@ run: venv airflow-init ## train on the full dataset through Airflow, then print 
 	  || { grep -E "error|Error" $(RUNTIME)/last-run.log | tail -5; echo "DAG run failed; see $(RUNTIME)/last-run.log"; exit 1; }
 	@$(BIN)/pipeline summary --alias staging
 
-test: venv dataset ## the whole test suite: the fast tier, then the slow tier (each step timed)
+test: venv dataset browser ## the whole test suite: the fast tier, then the slow tier (each step timed)
 	@$(MAKE) --no-print-directory test-fast test-slow
 
 test-fast: venv dataset ## the tests not marked slow or integration (a few minutes)
-	@t0=$$SECONDS; $(BIN)/pytest -m "not slow and not integration"; rc=$$?; \
+	@t0=$$SECONDS; $(BIN)/pytest -m "not slow and not integration and not e2e"; rc=$$?; \
 	  echo "== fast tier: $$((SECONDS - t0)) s"; exit $$rc
 
-test-slow: venv dataset ## the slow tier: trainings, whole DAG runs, real service processes
-	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration"; rc=$$?; \
+test-slow: venv dataset browser ## the slow tier: trainings, whole DAG runs, real service processes, the browser
+	@t0=$$SECONDS; $(BIN)/pytest -m "slow or integration or e2e"; rc=$$?; \
 	  echo "== slow tier: $$((SECONDS - t0)) s"; exit $$rc
 
 docs: venv ## regenerate the Params table in docs/configuration.md from the config fields
