@@ -175,5 +175,8 @@ def channel_tensor(values: float | Sequence[float]) -> torch.Tensor:
 def flip_averaged_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits whose softmax is the mean of the class probabilities for ``x`` and for its mirror
     image (test-time augmentation): one forward pass over both halves of a doubled batch."""
-    plain, mirrored = net(torch.cat([x, x.flip(-1)])).log_softmax(dim=1).chunk(2)
-    return torch.logaddexp(plain, mirrored) - math.log(2.0)
+    both = net(torch.cat([x, x.flip(-1)])).log_softmax(dim=1)
+    # Slices, not chunk(2): with a dynamic batch size, chunk exports to ONNX as a SplitToSequence
+    # that the ONNX optimiser cannot fold.
+    n = x.shape[0]
+    return torch.logaddexp(both[:n], both[n:]) - math.log(2.0)
