@@ -15,6 +15,9 @@ from torch import nn
 
 from pipeline.models.classifier import ImageClassifier
 from pipeline.models.networks import channel_tensor, flip_averaged_logits
+from pipeline.models.onnx_runtime import to_pixels
+
+__all__ = ["ServingModel", "export_for_serving", "predict_probabilities", "to_pixels"]
 
 
 class ServingModel(nn.Module):
@@ -60,13 +63,6 @@ def export_for_serving(model: ImageClassifier) -> ServingModel:
         bool(model.hparams.get("test_time_flip")),
         float(model.hparams.get("temperature", 1.0)),
     ).eval()
-
-
-def to_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 images ``(n, h, w)`` or ``(n, h, w, c)`` -> the served model's float32 pixels in
-    [0, 1], ``(n, c, h, w)``."""
-    planes = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(planes, dtype=np.float32) / np.float32(255.0)
 
 
 def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
