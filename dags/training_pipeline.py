@@ -1,7 +1,7 @@
 """
 ### Training pipeline: a labelled image dataset (Fashion-MNIST by default) from its source to a `staging` (or `production`) model
 
-`acquire >> validate >> preprocess >> train >> evaluate >> register >> gate >> infra_validate
+`acquire >> validate >> preprocess >> train >> evaluate >> register >> export >> gate >> infra_validate
 >> promote`, each task one call into the `pipeline` package (which runs the same chain without
 Airflow as `pipeline run`). With the Param `tune`, `tune_setup >> tune_trial (one mapped task per
 candidate) >> tune_choose` picks the training config first.
@@ -131,6 +131,12 @@ def training_pipeline():
         return tasks.register(params, trained, evaluation, validation, processed, actor)
 
     @task
+    def export(version: dict, processed: dict, params=None) -> dict:
+        from pipeline.entrypoints import tasks
+
+        return tasks.export(params, version, processed)
+
+    @task
     def gate(version: dict, processed: dict, params=None) -> dict:
         from pipeline.entrypoints import tasks
 
@@ -169,7 +175,7 @@ def training_pipeline():
     version = register(trained, evaluation, validation, processed)
     staged = infra_validate(version, processed)
     approve = PromotionApproval(task_id="approve")
-    gate(version, processed) >> staged >> approve
+    export(version, processed) >> gate(version, processed) >> staged >> approve
     promote(version, approve.output)
     reject(version, approve.output)
 

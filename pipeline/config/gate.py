@@ -53,6 +53,36 @@ class GatePolicy:
         minimum=0,
         maximum=1,
     )
+    # An INT8 model that agrees with the float one on 99% of 10,000 images differs on 100 of them;
+    # 0.3 points of accuracy is about the noise of that test set.
+    variant_max_accuracy_drop: float = setting(
+        0.003,
+        title="Tolerated accuracy drop of an ONNX or INT8 variant",
+        help="Largest tolerated fall in test accuracy of a version's ONNX and INT8 variants against its "
+        "float model (0.003: 0.3 points). A variant beyond it is not served.",
+        section="gate",
+        param="gate_variant_max_accuracy_drop",
+        minimum=0,
+        maximum=1,
+    )
+    variant_min_agreement: float = setting(
+        0.99,
+        title="Required top-1 agreement of an ONNX or INT8 variant",
+        help="Share of test images on which a variant must give the float model's class. A variant below "
+        "it is not served.",
+        section="gate",
+        param="gate_variant_min_agreement",
+        minimum=0,
+        maximum=1,
+    )
+    require_variants: bool = setting(
+        False,
+        title="Require the ONNX and INT8 variants to pass",
+        help="Fail the gate when a version's ONNX or INT8 variant failed its checks (or none was exported); "
+        "off, a failed variant is only not served.",
+        section="gate",
+        param="gate_require_variants",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -29,6 +29,14 @@ class RunConfig:
         "Approve or Reject in Airflow (training_pipeline only); auto, production moves to the new version.",
         section="promotion",
     )
+    export_variants: bool = setting(
+        True,
+        title="ONNX and INT8 variants",
+        help="After register: export the version to ONNX and INT8 (ONNX Runtime, calibrated on the run's "
+        "validation images), score each on the test split against the float model and tag the version; a "
+        "variant that fails the gate's variant policy is not served.",
+        section="gate",
+    )
     force: bool = setting(
         False,
         title="Retrain",

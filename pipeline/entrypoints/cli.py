@@ -21,6 +21,7 @@ from pipeline.config import Settings
 from pipeline.entrypoints.commands import (
     cmd_acquire,
     cmd_evaluate,
+    cmd_export,
     cmd_gate,
     cmd_history,
     cmd_infra_validate,
@@ -82,6 +83,18 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
             )
         )
         return
+    if command == "export":
+        print(
+            f"{result['model_name']} v{result['version']}: float model (pt2) {result['float_bytes'] / 1e3:.0f} kB, "
+            f"test accuracy {result['float_accuracy']:.4f} on {result['test_images']} images"
+        )
+        for variant in result["variants"]:
+            verdict = "passed" if not variant["reasons"] else "failed: " + "; ".join(variant["reasons"])
+            print(
+                f"  {variant['name']:<10} {variant['bytes'] / 1e3:>8.0f} kB  accuracy {variant['test_accuracy']:.4f}  "
+                f"agreement {variant['agreement']:.4f}  {verdict}  ({variant['artifact']} in run {result['run_id']})"
+            )
+        return
     for key, value in result.items():
         if not isinstance(value, (dict, list)):
             print(f"{key}: {value}")
@@ -142,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", required=True, help="the candidate's version number")
     p.add_argument("--processed", help="processed hash of the test data (default: the version's own)")
+    add_flags(p, "gate")
+    p = add(
+        "export",
+        cmd_export,
+        "export a version to ONNX and INT8, score both on the test split against the float model and tag the version",
+    )
+    p.add_argument("--version", required=True, help="the version's number")
+    p.add_argument("--processed", help="processed hash of the test images (default: the version's own)")
+    p.add_argument("--force", dest="force_export", action="store_true", help="export again a version that was exported")
     add_flags(p, "gate")
     p = add(
         "infra-validate",

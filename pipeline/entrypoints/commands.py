@@ -141,6 +141,17 @@ def cmd_gate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return gate(version, _processed_of(settings, storage, version, args.processed), storage, settings, policy).to_dict()
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.registry.export import export_variants
+    from pipeline.storage import storage_for
+
+    storage = storage_for(settings)
+    version = _version_ref(settings, args.version)
+    policy = run_config_from_params(params_of(args), settings).gate
+    processed = _processed_of(settings, storage, version, args.processed)
+    return export_variants(version, processed, storage, settings, policy, force=args.force_export).to_dict()
+
+
 def cmd_infra_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pipeline.registry.history import cli_actor
     from pipeline.registry.infra_validate import infra_validate

@@ -34,6 +34,7 @@ APP_PREFIX = "/pipeline"
 
 _VERSION_TASKS = {
     ("training_pipeline", "register"),
+    ("training_pipeline", "export"),
     ("training_pipeline", "gate"),
     ("training_pipeline", "infra_validate"),
     ("training_pipeline", "promote"),

@@ -1,6 +1,6 @@
 """The whole chain without Airflow: the same stage functions the DAG calls, in the same order.
 
-``acquire -> validate -> preprocess -> [tune] -> train -> evaluate -> register -> gate ->
+``acquire -> validate -> preprocess -> [tune] -> train -> evaluate -> register -> export -> gate ->
 infra_validate`` (alias ``staging``) and, with ``promotion`` ``auto``, ``promote`` (alias
 ``production``; ``approval`` waits for a person in Airflow and is refused here); a failing stage raises and nothing after it runs. With tuning on, the search
 runs its trials one after another and ``train`` uses the best one's configuration.
@@ -22,6 +22,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     from pipeline.data.preprocess import preprocess
     from pipeline.data.validate import validate_raw
     from pipeline.evaluation.evaluate import evaluate
+    from pipeline.registry.export import export_variants
     from pipeline.registry.gate import gate
     from pipeline.registry.history import cli_actor
     from pipeline.registry.infra_validate import infra_validate
@@ -51,6 +52,11 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
     actor = cli_actor()
     version = register(trained, evaluation, validation, processed, storage, settings, actor)
     settings = settings.for_model(version.model_name)  # named after the dataset unless set
+    exported = (
+        export_variants(version, processed, storage, settings, config.gate).to_dict()
+        if config.export_variants
+        else None
+    )
     verdict = gate(version, processed, storage, settings, config.gate)
     served = infra_validate(version, processed, storage, settings, actor)
     promoted = (
@@ -66,6 +72,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
         "train": trained.to_dict(),
         "evaluate": evaluation.to_dict(),
         "register": version.to_dict(),
+        "export": exported,
         "gate": verdict.to_dict(),
         "infra_validate": served.to_dict(),
         "promote": outcome(settings, promoted) if config.promotion == "auto" else None,

@@ -163,6 +163,19 @@ def register(
     return version.to_dict()
 
 
+def export(params: Params | None, version: dict[str, Any], processed: dict[str, Any]) -> dict[str, Any]:
+    """The version's ONNX and INT8 variants, exported, scored and tagged (``export_variants``
+    off: nothing, and the result says so)."""
+    from pipeline.registry.export import export_variants
+
+    settings, storage, config = _context(params)
+    if not config.export_variants:
+        return {"exported": False, "reason": "export_variants is off"}
+    ref = ModelVersionRef.from_dict(version)
+    result = export_variants(ref, ProcessedDatasetRef.from_dict(processed), storage, settings, config.gate)
+    return {"exported": True, **result.to_dict()}
+
+
 def gate(params: Params | None, version: dict[str, Any], processed: dict[str, Any]) -> dict[str, Any]:
     from pipeline.registry.gate import gate as stage
 

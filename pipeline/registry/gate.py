@@ -108,6 +108,40 @@ def decide(candidate: ModelScore, production: ModelScore | None, policy: GatePol
     return reasons
 
 
+def variant_reasons(float_accuracy: float, accuracy: float, agreement: float, policy: GatePolicy) -> list[str]:
+    """The policy's objections to an ONNX or INT8 variant of a version, against the version's
+    float model on the same test images (an empty list: it may be served)."""
+    reasons = []
+    drop = float_accuracy - accuracy
+    if drop > policy.variant_max_accuracy_drop + EPSILON:
+        reasons.append(
+            f"test accuracy {accuracy:.4f} is {drop:.4f} below the float model's ({float_accuracy:.4f}; "
+            f"tolerance {policy.variant_max_accuracy_drop:.4f})"
+        )
+    if agreement < policy.variant_min_agreement - EPSILON:
+        reasons.append(
+            f"top-1 agreement with the float model {agreement:.4f}, below the required "
+            f"{policy.variant_min_agreement:.4f}"
+        )
+    return reasons
+
+
+def _variant_objections(client: MlflowClient, name: str, version: str) -> list[str]:
+    """Under ``require_variants``: each variant's failed verdict (``export.<variant>.verdict``,
+    written by :mod:`pipeline.registry.export`), or that none was exported."""
+    from pipeline.registry.export import VARIANT_FILES, tag
+
+    tags = client.get_model_version(name, version).tags
+    reasons = []
+    for variant in VARIANT_FILES:
+        verdict = tags.get(tag(variant, "verdict"))
+        if verdict is None:
+            reasons.append(f"no {variant} variant exported (required by the policy)")
+        elif verdict != "passed":
+            reasons.append(f"{variant} variant {verdict}")
+    return reasons
+
+
 def report_markdown(result: GateResult) -> str:
     cand, prod = result.candidate, result.production
     verdict = "**passed**" if result.passed else "**failed**: " + "; ".join(result.reasons)
@@ -194,6 +228,8 @@ def gate(
     else:
         prod = evaluate(production_version) if production_version else None
     reasons = decide(cand, prod, policy)
+    if policy.require_variants:
+        reasons += _variant_objections(client, name, candidate.version)
     result = GateResult(
         model_name=name,
         version=candidate.version,

@@ -91,10 +91,11 @@ def test_training_pipeline_graph_schedule_and_params(dagbag):
     assert dag.get_task("train").upstream_task_ids == {"preprocess", "tune_choose"}
     assert dag.get_task("tune_choose").trigger_rule == "none_failed"
     assert dag.get_task("register").upstream_task_ids == {"validate", "preprocess", "train", "evaluate"}
-    # Deployment: the gate, then the served check that sets staging, then the approval step,
-    # which branches to promote (approved, or promotion auto) or reject; alias moves and
-    # decisions in the one-slot pool.
-    assert dag.get_task("gate").upstream_task_ids == {"register", "preprocess"}
+    # Deployment: the ONNX and INT8 variants, the gate (which may require them), then the
+    # served check that sets staging, then the approval step, which branches to promote
+    # (approved, or promotion auto) or reject; alias moves and decisions in the one-slot pool.
+    assert dag.get_task("export").upstream_task_ids == {"register", "preprocess"}
+    assert dag.get_task("gate").upstream_task_ids == {"register", "preprocess", "export"}
     assert dag.get_task("infra_validate").upstream_task_ids == {"register", "preprocess", "gate"}
     approve = dag.get_task("approve")
     assert approve.upstream_task_ids == {"infra_validate"} and approve.downstream_task_ids == {"promote", "reject"}

@@ -62,6 +62,13 @@ def test_two_runs_register_one_candidate_and_download_once(training_dag, small_d
     assert run.data.tags["airflow.dag_id"] == "training_pipeline"
     assert run.data.tags["airflow.run_id"] == first.run_id
     assert run.data.metrics["test_accuracy"] > 0.5  # one epoch on 1,800 images; chance is 0.1
+    # The export task left both variants with the run and their verdicts on the version.
+    for variant in ("onnx", "onnx_int8"):
+        assert f"export.{variant}.verdict" in candidate.tags and f"{variant}_agreement" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "onnx")} >= {
+        "onnx/model.onnx",
+        "onnx/model.int8.onnx",
+    }
 
 
 def test_force_param_retrains_on_purpose(training_dag, small_dataset, settings):
@@ -77,7 +84,7 @@ def test_bad_input_stops_at_the_stage_that_found_it(training_dag, small_dataset,
     dag_run = training_dag.test(run_conf={"source_uri": str(folder), **QUICK})
     states = task_states(dag_run)
     assert dag_run.state == "failed"
-    order = ["acquire", "validate", "preprocess", "train", "evaluate", "register", "gate", "infra_validate"]
+    order = ["acquire", "validate", "preprocess", "train", "evaluate", "register", "export", "gate", "infra_validate"]
     stop = order.index(defect.stage)
     assert all(states[t] == "success" for t in order[:stop]), states
     assert states[defect.stage] == "failed", states

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "train",
     "evaluate",
     "register",
+    "export",
     "gate",
     "infra-validate",
     "promote",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import GatePolicy
-from pipeline.registry.gate import ModelScore, decide, score
+from pipeline.registry.gate import ModelScore, decide, score, variant_reasons
 
 CLASSES = ["a", "b"]
 POLICY = GatePolicy(min_accuracy=0.8, max_accuracy_drop=0.01, max_class_drop=0.05)
@@ -69,3 +69,12 @@ def test_a_long_model_card_and_the_gate_verdict_fit_the_registry():
     assert len(described) == DESCRIPTION_LIMIT and described.endswith(verdict)
     assert "the whole card is evaluation/model_card.md in run run123" in described
     assert fit_description("short", verdict) == "short" + verdict
+
+
+def test_a_variant_within_the_accuracy_tolerance_and_the_agreement_passes():
+    policy = GatePolicy(variant_max_accuracy_drop=0.003, variant_min_agreement=0.99)
+    assert variant_reasons(0.9300, 0.9270, 0.9900, policy) == []  # both exactly at their bar
+    [reason] = variant_reasons(0.9300, 0.9260, 0.995, policy)
+    assert reason == "test accuracy 0.9260 is 0.0040 below the float model's (0.9300; tolerance 0.0030)"
+    [reason] = variant_reasons(0.9300, 0.9310, 0.985, policy)
+    assert reason == "top-1 agreement with the float model 0.9850, below the required 0.9900"
