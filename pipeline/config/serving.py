@@ -10,12 +10,21 @@ from pathlib import Path
 from pipeline.config.base import check_range, env_flag, env_number
 from pipeline.errors import ConfigError
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+"""What ``pipeline serve`` can answer with (``--runtime``, ``PIPELINE_SERVE_RUNTIME``)."""
+
 
 @dataclass(frozen=True)
 class ServingSettings:
     """What an operator sets for ``pipeline serve``: authentication and the limits that keep the
     endpoint up under hostile or broken clients. Read with :meth:`from_env`; never from a DAG Param
     (whoever triggers a DAG must not lift a limit)."""
+
+    runtime: str = "torch"
+    """``PIPELINE_SERVE_RUNTIME`` (``pipeline serve --runtime`` wins): what answers requests.
+    ``torch``, the registered pt2 program; ``onnx`` or ``onnx-int8``, the version's ONNX float32
+    or INT8 variant on ONNX Runtime (:mod:`pipeline.registry.export`), served only if it passed its
+    checks (a version whose variant failed is not loaded, and infra validation fails)."""
 
     token: str | None = field(default=None, repr=False)
     """``PIPELINE_SERVE_TOKEN``, or the contents of the file ``PIPELINE_SERVE_TOKEN_FILE`` (read at
@@ -55,6 +64,8 @@ class ServingSettings:
     """``PIPELINE_SERVE_RETRY_AFTER_S``: the ``Retry-After`` a refused client is told to wait."""
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError("PIPELINE_SERVE_RUNTIME", f"one of {', '.join(RUNTIMES)}", repr(self.runtime))
         if self.token is not None and (len(self.token) < 16 or any(c.isspace() for c in self.token)):
             raise ConfigError(
                 "PIPELINE_SERVE_TOKEN", "at least 16 characters without spaces", f"{len(self.token)} characters"
@@ -81,6 +92,7 @@ class ServingSettings:
         if token_file:
             token = read_token_file(Path(token_file))
         return cls(
+            runtime=env.get("PIPELINE_SERVE_RUNTIME") or "torch",
             token=token,
             metrics_open=env_flag(env, "PIPELINE_SERVE_METRICS_OPEN"),
             **{

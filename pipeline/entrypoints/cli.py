@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.config.serving import RUNTIMES
 from pipeline.entrypoints.commands import (
     cmd_acquire,
     cmd_evaluate,
@@ -192,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument(
         "--poll-interval", type=float, default=10.0, help="seconds between registry checks of the alias (10)"
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="what answers: the pt2 program (torch), or the version's ONNX float32 or INT8 variant on ONNX "
+        "Runtime, if it passed its checks (default: $PIPELINE_SERVE_RUNTIME, else torch)",
     )
     p = add(
         "monitor",

@@ -190,6 +190,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         args.host,
         args.port,
         args.poll_interval,
+        args.runtime,
     )
     return {"stopped": True}
 

@@ -52,6 +52,19 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path) -> Path:
     return path
 
 
+def _after_last_linear(model: Path) -> list[str]:
+    """Names of the nodes after the graph's last Gemm or MatMul: what turns logits into
+    probabilities (softmax, temperature, test-time flip averaging)."""
+    import onnx
+
+    nodes = onnx.load(str(model), load_external_data=False).graph.node  # topologically sorted
+    last = max((i for i, node in enumerate(nodes) if node.op_type in ("Gemm", "MatMul")), default=len(nodes) - 1)
+    tail = [node.name for node in nodes[last + 1 :]]
+    if not all(tail):
+        raise ValueError(f"{model}: expected named nodes after the last linear layer, found unnamed ones")
+    return tail
+
+
 class _Batches:
     """ONNX Runtime's calibration reader over float32 pixels, ``batch_size`` at a time."""
 
@@ -85,6 +98,9 @@ def quantize_int8(float_model: Path, calibration: np.ndarray, path: Path, batch_
             str(prepared),
             str(path),
             Reader(np.ascontiguousarray(calibration, dtype=np.float32), batch_size),
+            # The head stays float: quantized logits are fine, quantized probabilities are not
+            # (a grid of 1/255 steps that no longer sums to one).
+            nodes_to_exclude=_after_last_linear(prepared),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

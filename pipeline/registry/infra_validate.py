@@ -9,7 +9,9 @@ What the gate measured offline must also be what a client gets. This stage:
 4. checks that the served predictions equal the offline ones: the training run's checkpoint,
    evaluated in this process on the same test images (same classes, probabilities within
    ``PROBABILITY_TOLERANCE``);
-5. only then points ``staging`` at the version (a recorded alias move, see ``pipeline.registry.promote``).
+5. with ``PIPELINE_SERVE_RUNTIME`` ``onnx`` or ``onnx-int8`` (what production serves), does the
+   same in that runtime, against the same variant run offline;
+6. only then points ``staging`` at the version (a recorded alias move, see ``pipeline.registry.promote``).
 
 The outcome and the latencies go to the version's tags (``infra_validation``, ``infra.*``) and to
 the run as ``infra/infra_validation.json``. A failure raises
@@ -67,6 +69,10 @@ class InfraValidationResult(Ref):
     """``single_p50``, ``single_p99``, ``batch`` (wall time of the batch request)."""
     staging: dict[str, Any] | None
     """The alias move to ``staging`` (None when the version was staging already)."""
+    runtime: dict[str, Any] | None = None
+    """With ``PIPELINE_SERVE_RUNTIME`` ``onnx`` or ``onnx-int8``, that runtime's check too:
+    ``name``, ``max_probability_difference`` (against the same variant offline),
+    ``agreement_with_float`` (top-1, against the float model offline) and ``latency_ms``."""
 
 
 def free_port() -> int:
@@ -126,7 +132,9 @@ def _ready(base: str, server: subprocess.Popen, log_path: Path, where: str, time
 
 
 @contextmanager
-def serving_process(name: str, version: str, settings: Settings, where: str) -> Iterator[str]:
+def serving_process(
+    name: str, version: str, settings: Settings, where: str, runtime: str | None = None
+) -> Iterator[str]:
     """``pipeline serve`` for the version in a fresh process; yields its base URL; always stops it."""
     with tempfile.TemporaryDirectory(prefix="infra-validate-") as tmp:
         log_path = Path(tmp) / "serve.log"
@@ -134,7 +142,7 @@ def serving_process(name: str, version: str, settings: Settings, where: str) -> 
             port = free_port()
             with log_path.open("wb") as server_log:
                 server = subprocess.Popen(
-                    serve_command(f"models:/{name}/{version}", port=port),
+                    serve_command(f"models:/{name}/{version}", port=port, runtime=runtime),
                     stdout=server_log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **settings.to_env()},
@@ -191,10 +199,49 @@ def served_probabilities(
     return served, latency
 
 
+def offline_variant_probabilities(client: Any, name: str, version: str, runtime: str, images: np.ndarray) -> np.ndarray:
+    """The version's ONNX or INT8 variant (``runtime`` ``onnx``, ``onnx-int8``), run in this
+    process; refused unless it passed its checks at export."""
+    from pipeline.models.onnx_runtime import OnnxClassifier
+
+    variant = runtime.replace("-", "_")
+    found = client.get_model_version(name, version)
+    verdict = found.tags.get(f"export.{variant}.verdict")
+    if verdict != "passed":
+        raise InfraValidationError(
+            f"{name} version {version}",
+            f"an {variant} variant that passed its checks, to serve with PIPELINE_SERVE_RUNTIME={runtime}",
+            verdict or "none exported",
+        )
+    with tempfile.TemporaryDirectory(prefix="infra-variant-") as tmp:
+        path = client.download_artifacts(found.run_id, found.tags[f"export.{variant}.artifact"], tmp)
+        return OnnxClassifier(Path(path)).predict_probabilities(images)
+
+
+def compare(served: np.ndarray, offline: np.ndarray, where: str, against: str) -> float:
+    """The largest probability difference; raise unless the classes are the same and it is
+    within :data:`PROBABILITY_TOLERANCE`."""
+    difference = float(np.abs(served - offline).max())
+    changed = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
+    if changed or difference > PROBABILITY_TOLERANCE:
+        raise InfraValidationError(
+            where,
+            f"served predictions equal to the offline ones of {against} (probabilities within {PROBABILITY_TOLERANCE})",
+            f"{changed} of {len(served)} classes differ, largest probability difference {difference:.4g}",
+        )
+    return difference
+
+
 def infra_validate(
     candidate: ModelVersionRef, processed: ProcessedDatasetRef, storage: Storage, settings: Settings, actor: str
 ) -> InfraValidationResult:
-    """Serve ``candidate`` in a fresh process, compare with offline predictions, then stage it."""
+    """Serve ``candidate`` in a fresh process, compare with offline predictions, then stage it.
+
+    With ``PIPELINE_SERVE_RUNTIME`` ``onnx`` or ``onnx-int8`` (what production serves), the
+    version is also served in that runtime and compared with the same variant run offline: an
+    INT8 model is not expected to match the float one's probabilities (its agreement with it
+    was measured on the whole test split at export, and is recorded here on these images)."""
+    from pipeline.config import ServingSettings
     from pipeline.data.processed import load_split
 
     client = tracking_client(settings)
@@ -207,37 +254,47 @@ def infra_validate(
         )
     images = load_split(processed, storage, "test")[0][:BATCH_IMAGES]
     offline = offline_probabilities(candidate.run_id, storage, images)
+    runtime = ServingSettings.from_env().runtime
 
-    try:
-        with serving_process(name, version, settings, where) as base:
+    def served_in(runtime: str | None) -> tuple[np.ndarray, dict[str, float]]:
+        with serving_process(name, version, settings, where, runtime) as base:
             try:
-                served, latency = served_probabilities(base, images, version, where)
+                return served_probabilities(base, images, version, where)
             except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
                 raise InfraValidationError(where, "valid answers to /predict", f"{type(exc).__name__}: {exc}") from exc
+
+    variant: dict[str, Any] | None = None
+    try:
+        served, latency = served_in("torch")
+        difference = compare(served, offline, where, f"run {candidate.run_id}")
+        if runtime != "torch":
+            expected = offline_variant_probabilities(client, name, version, runtime, images)
+            answers, variant_latency = served_in(runtime)
+            variant = {
+                "name": runtime,
+                "max_probability_difference": compare(answers, expected, where, f"its {runtime} variant"),
+                "agreement_with_float": float((answers.argmax(axis=1) == offline.argmax(axis=1)).mean()),
+                "latency_ms": variant_latency,
+            }
     except InfraValidationError as exc:  # a verdict on the version (a timeout is not: it is retried)
         client.set_model_version_tag(name, version, "infra.reason", str(exc)[:4900])
         client.set_model_version_tag(name, version, TAG_INFRA, "failed")
         raise
-
-    difference = float(np.abs(served - offline).max())
-    same_classes = bool((served.argmax(axis=1) == offline.argmax(axis=1)).all())
-    if not same_classes or difference > PROBABILITY_TOLERANCE:
-        changed = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
-        error = InfraValidationError(
-            where,
-            f"served predictions equal to the offline ones of run {candidate.run_id} (probabilities within "
-            f"{PROBABILITY_TOLERANCE})",
-            f"{changed} of {len(images)} classes differ, largest probability difference {difference:.4g}",
-        )
-        client.set_model_version_tag(name, version, "infra.reason", str(error)[:4900])
-        client.set_model_version_tag(name, version, TAG_INFRA, "failed")
-        raise error
 
     record = {
         "infra.reason": "none",
         "infra.max_probability_difference": f"{difference:.3g}",
         "infra.images": str(len(images)),
         **{f"infra.latency_{k}_ms": f"{v:.1f}" for k, v in latency.items()},
+        **(
+            {
+                f"infra.{runtime}.max_probability_difference": f"{variant['max_probability_difference']:.3g}",
+                f"infra.{runtime}.agreement_with_float": f"{variant['agreement_with_float']:.4f}",
+                **{f"infra.{runtime}.latency_{k}_ms": f"{v:.1f}" for k, v in variant["latency_ms"].items()},
+            }
+            if variant
+            else {}
+        ),
         TAG_INFRA: "passed",
     }  # the verdict last
     for key, value in record.items():
@@ -260,6 +317,7 @@ def infra_validate(
         max_probability_difference=difference,
         latency_ms=latency,
         staging=move.to_dict() if move else None,
+        runtime=variant,
     )
     with tempfile.TemporaryDirectory(prefix="infra-report-") as tmp:
         (Path(tmp) / "infra_validation.json").write_text(json.dumps(result.to_dict(), indent=2))

@@ -3,6 +3,7 @@ timeouts, and the settling that keeps a long-lived process steady."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -26,9 +27,15 @@ soak's slow growth. 64 keeps single-image passes at full speed (their kernels st
 
 
 def serve(
-    model_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, poll_s: float = POLL_S
+    model_uri: str,
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    poll_s: float = POLL_S,
+    runtime: str | None = None,
 ) -> None:
-    """Run the endpoint until stopped; raise if the model never loaded."""
+    """Run the endpoint until stopped; raise if the model never loaded. ``runtime`` (``torch``,
+    ``onnx``, ``onnx-int8``) overrides ``PIPELINE_SERVE_RUNTIME``."""
     import torch
     import uvicorn
 
@@ -37,8 +44,10 @@ def serve(
 
     torch.set_num_threads(usable_cpus())
     serving = ServingSettings.from_env()
+    if runtime:
+        serving = dataclasses.replace(serving, runtime=runtime)
     metrics = Metrics()
-    slot = ModelSlot(model_uri, on_swap=metrics.served)
+    slot = ModelSlot(model_uri, on_swap=metrics.served, runtime=serving.runtime)
     server = uvicorn.Server(server_config(create_app(slot, metrics, settings, poll_s, serving), serving, host, port))
 
     def stop_if_unloadable() -> None:

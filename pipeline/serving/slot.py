@@ -1,7 +1,7 @@
 """The model behind the serving endpoint, and how it follows the registry.
 
-A :class:`ModelSlot` holds one :class:`ServedModel` (the loaded pt2 program and what
-``/metadata`` says about it) and swaps it whole: a request, or a micro-batch, takes the current
+A :class:`ModelSlot` holds one :class:`ServedModel` (the loaded pt2 program, or the version's
+ONNX or INT8 variant on ONNX Runtime, and what ``/metadata`` says about it) and swaps it whole: a request, or a micro-batch, takes the current
 model once and answers with it, so a swap drops nothing in flight and every answer names the
 version that computed it. Given an alias (``models:/<name>@production``), :meth:`ModelSlot.watch`
 polls the registry and, when the alias moves (a promotion or a rollback), loads the new version
@@ -12,9 +12,11 @@ serving.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +31,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServedModel:
     model: Any
-    """Pixels ``(n, *input_shape)`` in [0, 1] -> probabilities ``(n, classes)`` (a torch module)."""
+    """Pixels ``(n, *input_shape)`` in [0, 1] -> probabilities ``(n, classes)``: a torch module,
+    or an :class:`~pipeline.models.onnx_runtime.OnnxClassifier` for the ONNX runtimes."""
     metadata: dict[str, Any]
     device: str = "cpu"
+    runtime: str = "torch"
 
     @property
     def version(self) -> str:
@@ -44,21 +48,55 @@ class ServedModel:
         return int(channels), int(height), int(width)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
+        if self.runtime != "torch":
+            return self.model(pixels)
         import torch
 
         with torch.inference_mode():  # no autograd bookkeeping
             return self.model(torch.from_numpy(pixels).to(self.device)).cpu().numpy()
 
 
-def load(model_uri: str, settings: Settings) -> ServedModel:
-    """The version behind ``model_uri``, on the GPU when there is one."""
+def load_variant(model_uri: str, settings: Settings, runtime: str, metadata: dict[str, Any]) -> ServedModel:
+    """The version's ONNX (``onnx``) or INT8 (``onnx-int8``) variant on ONNX Runtime, if it
+    passed its checks at export (tag ``export.<variant>.verdict``); else one line says why not."""
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.errors import ReferenceNotFoundError
+    from pipeline.models.onnx_runtime import OnnxClassifier
+    from pipeline.tracking import tracking_client
+    from pipeline.training.hardware import usable_cpus
+
+    variant = runtime.replace("-", "_")
+    name, version = metadata["model_name"], metadata["version"]
+    tags = tracking_client(settings).get_model_version(name, version).tags
+    verdict = tags.get(f"export.{variant}.verdict")
+    if verdict != "passed":
+        raise ReferenceNotFoundError(
+            f"{name} version {version}", f"an {variant} variant that passed its checks", verdict or "none exported"
+        )
+    with tempfile.TemporaryDirectory(prefix="variant-") as tmp:
+        path = download_artifacts(
+            run_id=metadata["run_id"], artifact_path=tags[f"export.{variant}.artifact"], dst_path=tmp
+        )
+        model = OnnxClassifier(Path(path).read_bytes(), threads=usable_cpus())
+    return ServedModel(
+        model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu", "runtime": runtime}, runtime=runtime
+    )
+
+
+def load(model_uri: str, settings: Settings, runtime: str = "torch") -> ServedModel:
+    """The version behind ``model_uri`` in ``runtime``; torch on the GPU when there is one."""
     import torch
 
     from pipeline.models.registered import load_registered
 
     metadata = resolve(model_uri, settings)
+    if runtime != "torch":
+        return load_variant(model_uri, settings, runtime, metadata)
     model = load_registered(f"models:/{metadata['model_name']}/{metadata['version']}")
-    served = ServedModel(model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu"})
+    served = ServedModel(
+        model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu", "runtime": runtime}
+    )
     if torch.cuda.is_available():
         # Full float32 on the GPU too: TF32 convolutions would move probabilities by about 1e-3,
         # beyond what infra validation accepts between served and offline answers.
@@ -82,8 +120,11 @@ def _one_line(exc: Exception) -> str:
 class ModelSlot:
     """The current :class:`ServedModel`; empty until the first load."""
 
-    def __init__(self, model_uri: str, on_swap: Callable[[ServedModel], None] | None = None) -> None:
+    def __init__(
+        self, model_uri: str, on_swap: Callable[[ServedModel], None] | None = None, runtime: str = "torch"
+    ) -> None:
         self.model_uri = model_uri
+        self.runtime = runtime
         self.current: ServedModel | None = None
         self.error: str | None = None
         """Why the first load failed (the endpoint then never becomes ready)."""
@@ -104,7 +145,7 @@ class ModelSlot:
 
     def load_first(self, settings: Settings) -> None:
         try:
-            self.swap(load(self.model_uri, settings))
+            self.swap(load(self.model_uri, settings, self.runtime))
         except Exception as exc:  # whatever broke, /ready says so and `pipeline serve` exits non-zero
             self.error = _one_line(exc)
             log.error("%s: could not load the model: %s", self.model_uri, self.error)
@@ -126,7 +167,7 @@ class ModelSlot:
                 target = resolve(self.model_uri, settings)["version"]
                 if target in (self.current.version, failed):
                     continue
-                self.swap(load(self.model_uri, settings))
+                self.swap(load(self.model_uri, settings, self.runtime))
                 result = "swapped"
             except Exception as exc:  # keep serving the old version; the next move of the alias is tried
                 log.error("%s: staying on version %s: %s", self.model_uri, self.current.version, _one_line(exc))

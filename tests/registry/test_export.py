@@ -113,3 +113,36 @@ def test_pipeline_export_prints_each_variant_its_size_accuracy_and_verdict(versi
     )
     assert main(["export", "--version", "99"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_served_in_int8_the_version_passes_infra_validation_against_its_own_variant(version, monkeypatch):
+    from pipeline.registry.history import alias_version
+    from pipeline.registry.infra_validate import PROBABILITY_TOLERANCE, infra_validate
+
+    settings, storage, processed, ref = version["settings"], version["storage"], version["processed"], version["ref"]
+    gate(ref, processed, storage, settings, GatePolicy(min_accuracy=0))
+    # Whatever the small model's INT8 verdict, the check below needs a served one: judged loosely.
+    export_variants(ref, processed, storage, settings, GatePolicy(variant_min_agreement=0.9), force=True)
+    monkeypatch.setenv("PIPELINE_SERVE_RUNTIME", "onnx-int8")
+    result = infra_validate(ref, processed, storage, settings, "test")
+    assert result.runtime["name"] == "onnx-int8"
+    assert result.runtime["max_probability_difference"] <= PROBABILITY_TOLERANCE
+    assert result.runtime["agreement_with_float"] >= 0.9
+    tags = tracking_client(settings).get_model_version(ref.model_name, ref.version).tags
+    assert tags["infra_validation"] == "passed" and float(tags["infra.onnx-int8.agreement_with_float"]) >= 0.9
+    assert alias_version(tracking_client(settings), ref.model_name, "staging") == ref.version
+
+
+def test_a_variant_that_failed_its_checks_is_not_served(version):
+    from services import run_cli
+
+    settings, storage, processed, ref = version["settings"], version["storage"], version["processed"], version["ref"]
+    black = np.zeros((64, 1, 28, 28), dtype=np.float32)
+    export_variants(ref, processed, storage, settings, GatePolicy(), calibration=black, force=True)
+    served = run_cli(
+        "serve", "--model-uri", f"models:/{ref.model_name}/{ref.version}", "--runtime", "onnx-int8", "--port", "0"
+    )
+    assert served.returncode == 2, served.stderr[-2000:]
+    line = served.stderr.strip().splitlines()[-1]  # the one-line error (the server logged it before)
+    assert f"{ref.model_name} version {ref.version}: expected an onnx_int8 variant that passed its checks" in line
+    assert "found failed: test accuracy" in line

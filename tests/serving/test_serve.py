@@ -34,12 +34,36 @@ def served(version: str, scale: float = 1.0) -> ServedModel:
     )
 
 
-@pytest.fixture
-def client():
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict[str, bytes]:
+    """Version 4's network as ONNX float32 and INT8 (calibrated on test-like images), as the
+    export stage makes them."""
+    from pipeline.models.onnx_variants import export_onnx, quantize_int8
+
+    folder = tmp_path_factory.mktemp("variants")
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 1, 28, 28)).astype(np.float32) / 255
+    onnx = export_onnx(served("4").model, pixels[:4], folder / "model.onnx")
+    int8 = quantize_int8(onnx, pixels, folder / "model.int8.onnx")
+    return {"onnx": onnx.read_bytes(), "onnx-int8": int8.read_bytes()}
+
+
+def served_in(runtime: str, variants: dict[str, bytes]) -> ServedModel:
+    """Version 4 in ``runtime``: the torch module, or its ONNX variant on ONNX Runtime."""
+    from pipeline.models.onnx_runtime import OnnxClassifier
+
+    model = served("4")
+    if runtime == "torch":
+        return model
+    return ServedModel(OnnxClassifier(variants[runtime]), {**model.metadata, "runtime": runtime}, runtime=runtime)
+
+
+#: Every test on ``client`` runs once per serving runtime: the same routes, checks and errors.
+@pytest.fixture(params=["torch", "onnx", "onnx-int8"])
+def client(request, variants):
     from fastapi.testclient import TestClient
 
     slot = ModelSlot("models:/m@production")
-    slot.swap(served("4"))
+    slot.swap(served_in(request.param, variants))
     with TestClient(create_app(slot)) as test_client:
         test_client.slot = slot
         yield test_client
