@@ -27,6 +27,7 @@ from pipeline.entrypoints.commands import (
     cmd_history,
     cmd_infra_validate,
     cmd_monitor,
+    cmd_predict,
     cmd_preprocess,
     cmd_promote,
     cmd_register,
@@ -83,6 +84,10 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
                 else ", no production version yet"
             )
         )
+        return
+    if command == "predict":
+        for p in result["predictions"]:
+            print(f"{p['file']}\t{p['class_name']}\t{p['probability']:.4f}")
         return
     if command == "export":
         print(
@@ -211,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder, file://, http(s):// or s3:// prefix with images-idx3-ubyte.gz and "
         "optionally labels-idx1-ubyte.gz (default: $PIPELINE_INCOMING_URI or <home>/new-data)",
     )
+    p = add(
+        "predict",
+        cmd_predict,
+        "classify image files or folders with an exported ONNX or INT8 model, offline "
+        "(needs onnxruntime, numpy and pillow only: no torch, no MLflow)",
+    )
+    p.add_argument(
+        "--onnx-model",
+        required=True,
+        metavar="FILE",
+        help="model.onnx or model.int8.onnx, with the signature.json export stores beside it (the run's onnx/)",
+    )
+    p.add_argument("images", nargs="+", help="image files or folders of them")
     p = add("summary", cmd_summary, "show a registered version (by alias), its metrics and how to open the UIs")
     p.add_argument("--alias", default="candidate", help="registry alias to show (candidate)")
     return parser

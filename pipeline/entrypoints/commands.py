@@ -5,6 +5,7 @@ reference out as a dict (:mod:`pipeline.entrypoints.cli` parses, prints and sets
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings, run_config_from_params
@@ -150,6 +151,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     policy = run_config_from_params(params_of(args), settings).gate
     processed = _processed_of(settings, storage, version, args.processed)
     return export_variants(version, processed, storage, settings, policy, force=args.force_export).to_dict()
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pipeline.entrypoints.predict import predict_files
+
+    return predict_files(Path(args.onnx_model), [Path(p) for p in args.images])
 
 
 def cmd_infra_validate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

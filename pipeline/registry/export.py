@@ -88,14 +88,16 @@ def exported(client: object, name: str, version: str) -> bool:
     return all(tag(variant, "verdict") in tags for variant in VARIANT_FILES)
 
 
-def signature(processed: ProcessedDatasetRef) -> dict:
+def signature(image_shape: tuple[int, int, int] | list[int], classes: list[str]) -> dict:
+    """``signature.json``: what ``pipeline predict`` (and any ONNX Runtime client) needs to feed
+    the model and name its answers."""
     from pipeline.models.onnx_runtime import INPUT, OUTPUT
 
-    channels, height, width = processed.image_shape
+    channels, height, width = image_shape
     return {
         "inputs": [{"name": INPUT, "type": "float32", "shape": [-1, channels, height, width], "range": [0, 1]}],
-        "outputs": [{"name": OUTPUT, "type": "float32", "shape": [-1, len(processed.classes)]}],
-        "classes": list(processed.classes),
+        "outputs": [{"name": OUTPUT, "type": "float32", "shape": [-1, len(classes)]}],
+        "classes": list(classes),
     }
 
 
@@ -165,7 +167,7 @@ def export_variants(
             calibration_images=len(calibration),
             variants=[report.to_dict() for report in reports],
         )
-        (folder / "signature.json").write_text(json.dumps(signature(processed), indent=2))
+        (folder / "signature.json").write_text(json.dumps(signature(processed.image_shape, list(processed.classes)), indent=2))
         (folder / "variants.json").write_text(json.dumps(result.to_dict(), indent=2))
         client.log_artifacts(version.run_id, str(folder), ARTIFACTS)
     _record(client, result, reports)

@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "evaluate",
     "register",
     "export",
+    "predict",
     "gate",
     "infra-validate",
     "promote",
