@@ -167,7 +167,9 @@ def export_variants(
             calibration_images=len(calibration),
             variants=[report.to_dict() for report in reports],
         )
-        (folder / "signature.json").write_text(json.dumps(signature(processed.image_shape, list(processed.classes)), indent=2))
+        (folder / "signature.json").write_text(
+            json.dumps(signature(processed.image_shape, list(processed.classes)), indent=2)
+        )
         (folder / "variants.json").write_text(json.dumps(result.to_dict(), indent=2))
         client.log_artifacts(version.run_id, str(folder), ARTIFACTS)
     _record(client, result, reports)
