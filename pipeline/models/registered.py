@@ -7,9 +7,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.models.onnx_runtime import OnnxClassifier
 
 from pipeline.config import FASHION_MNIST_CLASSES, FASHION_MNIST_SHAPE, Settings
 from pipeline.errors import ReferenceNotFoundError
@@ -117,3 +120,31 @@ def resolve(model_uri: str, settings: Settings) -> dict[str, Any]:
         if "input_shape" in version.tags
         else list(FASHION_MNIST_SHAPE),
     }
+
+
+def variant_tag(variant: str, key: str) -> str:
+    """The version tag holding ``key`` of an exported ``variant`` (``export.onnx_int8.verdict``;
+    written by :mod:`pipeline.registry.export`)."""
+    return f"export.{variant}.{key}"
+
+
+def load_variant(
+    name: str, version: str, runtime: str, settings: Settings, threads: int | None = None
+) -> OnnxClassifier:
+    """Version ``version`` of ``name`` as its ONNX (``runtime`` ``onnx``) or INT8 (``onnx-int8``)
+    variant on ONNX Runtime, if it passed its checks at export; else
+    :class:`~pipeline.errors.ReferenceNotFoundError` says what its verdict was."""
+    from pipeline.models.onnx_runtime import OnnxClassifier
+    from pipeline.tracking import tracking_client
+
+    variant = runtime.replace("-", "_")
+    client = tracking_client(settings)
+    found = client.get_model_version(name, version)
+    verdict = found.tags.get(variant_tag(variant, "verdict"))
+    if verdict != "passed":
+        raise ReferenceNotFoundError(
+            f"{name} version {version}", f"an {variant} variant that passed its checks", verdict or "none exported"
+        )
+    with tempfile.TemporaryDirectory(prefix="variant-") as tmp:
+        path = client.download_artifacts(str(found.run_id), found.tags[variant_tag(variant, "artifact")], tmp)
+        return OnnxClassifier(Path(path).read_bytes(), threads=threads)

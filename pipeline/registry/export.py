@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import GatePolicy, Settings
+from pipeline.models.registered import variant_tag
 from pipeline.refs import ModelVersionRef, ProcessedDatasetRef, Ref
 from pipeline.registry.gate import variant_reasons
 from pipeline.storage import Storage
@@ -77,9 +78,8 @@ class ExportResult(Ref):
     """:class:`VariantReport` of each variant, as dicts."""
 
 
-def tag(variant: str, key: str) -> str:
-    """The version tag holding ``key`` of ``variant`` (``export.onnx_int8.verdict``)."""
-    return f"export.{variant}.{key}"
+tag = variant_tag
+"""The version tag holding ``key`` of ``variant`` (``export.onnx_int8.verdict``)."""
 
 
 def exported(client: object, name: str, version: str) -> bool:

@@ -199,23 +199,20 @@ def served_probabilities(
     return served, latency
 
 
-def offline_variant_probabilities(client: Any, name: str, version: str, runtime: str, images: np.ndarray) -> np.ndarray:
+def offline_variant_probabilities(
+    name: str, version: str, runtime: str, settings: Settings, images: np.ndarray
+) -> np.ndarray:
     """The version's ONNX or INT8 variant (``runtime`` ``onnx``, ``onnx-int8``), run in this
     process; refused unless it passed its checks at export."""
-    from pipeline.models.onnx_runtime import OnnxClassifier
+    from pipeline.errors import ReferenceNotFoundError
+    from pipeline.models.registered import load_variant
 
-    variant = runtime.replace("-", "_")
-    found = client.get_model_version(name, version)
-    verdict = found.tags.get(f"export.{variant}.verdict")
-    if verdict != "passed":
+    try:
+        return load_variant(name, version, runtime, settings).predict_probabilities(images)
+    except ReferenceNotFoundError as exc:
         raise InfraValidationError(
-            f"{name} version {version}",
-            f"an {variant} variant that passed its checks, to serve with PIPELINE_SERVE_RUNTIME={runtime}",
-            verdict or "none exported",
-        )
-    with tempfile.TemporaryDirectory(prefix="infra-variant-") as tmp:
-        path = client.download_artifacts(found.run_id, found.tags[f"export.{variant}.artifact"], tmp)
-        return OnnxClassifier(Path(path)).predict_probabilities(images)
+            exc.where, f"{exc.expected}, to serve with PIPELINE_SERVE_RUNTIME={runtime}", exc.found
+        ) from None
 
 
 def compare(served: np.ndarray, offline: np.ndarray, where: str, against: str) -> float:
@@ -268,7 +265,7 @@ def infra_validate(
         served, latency = served_in("torch")
         difference = compare(served, offline, where, f"run {candidate.run_id}")
         if runtime != "torch":
-            expected = offline_variant_probabilities(client, name, version, runtime, images)
+            expected = offline_variant_probabilities(name, version, runtime, settings, images)
             answers, variant_latency = served_in(runtime)
             variant = {
                 "name": runtime,

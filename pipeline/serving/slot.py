@@ -12,11 +12,9 @@ serving.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,34 +54,6 @@ class ServedModel:
             return self.model(torch.from_numpy(pixels).to(self.device)).cpu().numpy()
 
 
-def load_variant(model_uri: str, settings: Settings, runtime: str, metadata: dict[str, Any]) -> ServedModel:
-    """The version's ONNX (``onnx``) or INT8 (``onnx-int8``) variant on ONNX Runtime, if it
-    passed its checks at export (tag ``export.<variant>.verdict``); else one line says why not."""
-    from mlflow.artifacts import download_artifacts
-
-    from pipeline.errors import ReferenceNotFoundError
-    from pipeline.models.onnx_runtime import OnnxClassifier
-    from pipeline.tracking import tracking_client
-    from pipeline.training.hardware import usable_cpus
-
-    variant = runtime.replace("-", "_")
-    name, version = metadata["model_name"], metadata["version"]
-    tags = tracking_client(settings).get_model_version(name, version).tags
-    verdict = tags.get(f"export.{variant}.verdict")
-    if verdict != "passed":
-        raise ReferenceNotFoundError(
-            f"{name} version {version}", f"an {variant} variant that passed its checks", verdict or "none exported"
-        )
-    with tempfile.TemporaryDirectory(prefix="variant-") as tmp:
-        path = download_artifacts(
-            run_id=metadata["run_id"], artifact_path=tags[f"export.{variant}.artifact"], dst_path=tmp
-        )
-        model = OnnxClassifier(Path(path).read_bytes(), threads=usable_cpus())
-    return ServedModel(
-        model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu", "runtime": runtime}, runtime=runtime
-    )
-
-
 def load(model_uri: str, settings: Settings, runtime: str = "torch") -> ServedModel:
     """The version behind ``model_uri`` in ``runtime``; torch on the GPU when there is one."""
     import torch
@@ -91,8 +61,13 @@ def load(model_uri: str, settings: Settings, runtime: str = "torch") -> ServedMo
     from pipeline.models.registered import load_registered
 
     metadata = resolve(model_uri, settings)
-    if runtime != "torch":
-        return load_variant(model_uri, settings, runtime, metadata)
+    if runtime != "torch":  # the version's ONNX or INT8 variant, refused unless it passed its checks
+        from pipeline.models.registered import load_variant
+        from pipeline.training.hardware import usable_cpus
+
+        variant = load_variant(metadata["model_name"], metadata["version"], runtime, settings, usable_cpus())
+        served_metadata = {**metadata, "model_uri": model_uri, "device": "cpu", "runtime": runtime}
+        return ServedModel(model=variant, metadata=served_metadata, runtime=runtime)
     model = load_registered(f"models:/{metadata['model_name']}/{metadata['version']}")
     served = ServedModel(
         model=model, metadata={**metadata, "model_uri": model_uri, "device": "cpu", "runtime": runtime}
