@@ -20,25 +20,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pipeline_run(source: Path, home: Path, flags: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_"))}
-    env["PIPELINE_HOME"] = str(home)
-    command = [str(Path(sys.executable).parent / "pipeline"), "run", "--source", str(source), "--json", *flags]
-    started = time.perf_counter()
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"pipeline run failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
-    print(f"pipeline run: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return json.loads(out.stdout)
+sys.path.insert(0, str(ROOT / "bench"))
+from layout_bench import pipeline_run  # noqa: E402  (one way to run the chain in a fresh home)
 
 
 def timings(predict, image, batch, single: int) -> dict[str, float]:
@@ -76,7 +65,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         home = Path(tmp) / "home"
-        result = pipeline_run(args.source, home, args.flags)
+        result, seconds = pipeline_run(args.source, home, args.flags)
+        print(f"pipeline run: {seconds:.0f} s", file=sys.stderr)
         exported = result["export"]
         os.environ["PIPELINE_HOME"] = str(home)
         for name in [k for k in os.environ if k.startswith(("MLFLOW_", "PIPELINE_")) and k != "PIPELINE_HOME"]:

@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' writer of class folders
 
 
-def run(source: Path, home: Path, flags: list[str]) -> dict:
-    """``pipeline run --json`` on ``source`` in the pipeline home ``home``: its stages' results."""
+def pipeline_run(source: Path, home: Path, flags: list[str]) -> tuple[dict, float]:
+    """``pipeline run --json`` on ``source`` in a pipeline home of its own, ``home`` (no store
+    settings inherited): each stage's result, and the wall time in seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_"))}
     env["PIPELINE_HOME"] = str(home)
     command = [str(Path(sys.executable).parent / "pipeline"), "run", "--source", str(source), "--json", *flags]
@@ -39,7 +40,12 @@ def run(source: Path, home: Path, flags: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"pipeline run on {source} failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
-    result = json.loads(out.stdout)
+    return json.loads(out.stdout), seconds
+
+
+def run(source: Path, home: Path, flags: list[str]) -> dict:
+    """``pipeline run`` on ``source`` in ``home``: what the table reports of it."""
+    result, seconds = pipeline_run(source, home, flags)
     return {
         "seconds": round(seconds, 1),
         "test_accuracy": result["evaluate"]["test_accuracy"],
