@@ -1,19 +1,25 @@
-"""Benchmark: our serving endpoint against ``mlflow models serve``, same model, same load.
+"""Benchmark: our serving endpoint against the machine's floor and ``mlflow models serve``.
 
 One invocation, one machine, one registered model (a serving model of the default recipe's
-architecture and test-time flip, logged as a pt2 program; its weights do not change the cost):
+architecture and test-time flip, logged as a pt2 program, with its ONNX and INT8 variants made by
+the export stage's own functions; its weights do not change the cost):
 
-* ``pipeline serve --model-uri models:/<name>@production`` (as production runs it: micro-batching,
-  the registry watcher polling, one process);
-* ``mlflow models serve -m models:/<name>/1 --env-manager local`` (MLflow's scoring server, one
-  worker), queried on ``/invocations`` with ``{"inputs": [[[[pixels]]]]}``.
+* the floor: ``bench/serve_floor.py``, the same server stack (uvicorn, h11, the guarded protocol
+  and limits) parsing the same body with the same checks and answering a constant prediction;
+* ours: ``pipeline serve --model-uri models:/<name>@production --runtime R`` for each runtime
+  (``torch``, ``onnx``, ``onnx-int8``), as production runs it: micro-batching, the registry
+  watcher polling;
+* ``mlflow models serve -m models:/<name>/1 --env-manager local -w 1`` (MLflow's scoring
+  server), queried on ``/invocations`` with ``{"inputs": [[[[pixels]]]]}`` (JSON floats only:
+  it takes nothing else for a tensor model).
 
-Each is driven from a separate process (asyncio + aiohttp) with single-image requests carrying
-the same image as the same JSON floats, at concurrency 1, 16 and 64, a fixed number of requests
-each after a warm-up, one server at a time, in ``--rounds`` rounds that alternate which server
-goes first. Every answer is checked (status 200, ten probabilities). Prints the medians over
-rounds of requests per second, p50 and p99 latency, and the ratios ours/mlflow (with each
-round's); saves JSON with every round (``bench/results/serve_bench.json``).
+Each body type carries the same single image: JSON floats (4 decimals), a PNG, ``.npy`` bytes
+(uint8) and raw uint8 bytes with ``X-Image-Shape``. A separate process (asyncio + aiohttp) sends
+a fixed number of requests at concurrency 1, 16 and 64 after a warm-up, one server at a time,
+in ``--rounds`` rounds that alternate the servers' order; every answer is checked (status 200,
+ten probabilities). Prints the medians over rounds: requests per second, p50 and p99 latency,
+ours as a share of the floor's req/s with the same body, and as a ratio to mlflow's (JSON floats
+at the same concurrency); saves JSON with every round (``bench/results/serve_bench.json``).
 
     .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64] [--rounds 2]
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import multiprocessing
 import os
@@ -36,10 +43,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+BODIES = ("json", "png", "npy", "raw")
+
 
 def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> str:
     """A serving model as the default recipe registers it (weights drawn with ``seed``), logged as
-    pt2 in a run of ``experiment`` and registered as the next version (1 in a fresh store)."""
+    pt2 in a run of ``experiment`` and registered as the next version (1 in a fresh store), with
+    its ONNX and INT8 variants as the export stage stores them. The variants are tagged as passed
+    without being scored: this benchmark measures speed (``bench/export_bench.py`` measures their
+    accuracy and agreement)."""
     import mlflow
     import numpy as np
     import torch
@@ -47,6 +60,8 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
     from pipeline.config import TrainConfig
     from pipeline.models.export import ServingModel
     from pipeline.models.networks import build_network
+    from pipeline.models.onnx_variants import export_onnx, quantize_int8
+    from pipeline.models.registered import variant_tag
     from pipeline.tracking import experiment_id, tracking_client
 
     torch.manual_seed(seed)
@@ -54,7 +69,7 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
     model = ServingModel(build_network(recipe.architecture), 0.286, 0.353, recipe.test_time_flip).eval()
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     client = tracking_client(settings)
-    with mlflow.start_run(experiment_id=experiment_id(client, settings, experiment)):
+    with mlflow.start_run(experiment_id=experiment_id(client, settings, experiment)) as run:
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -62,8 +77,38 @@ def register_model(settings, seed: int = 0, experiment: str = "serve_bench") -> 
             serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    version = mlflow.register_model(info.model_uri, settings.model_for()).version
-    return f"models:/{settings.model_for()}/{version}"
+        with tempfile.TemporaryDirectory() as tmp:
+            calibration = np.random.default_rng(seed).random((128, 1, 28, 28), dtype=np.float32)
+            onnx = export_onnx(model, calibration[:4], Path(tmp) / "model.onnx")
+            quantize_int8(onnx, calibration, Path(tmp) / "model.int8.onnx")
+            mlflow.log_artifacts(tmp, "onnx")
+    name = settings.model_for()
+    version = mlflow.register_model(info.model_uri, name).version
+    for variant, file in (("onnx", "model.onnx"), ("onnx_int8", "model.int8.onnx")):
+        client.set_model_version_tag(name, version, variant_tag(variant, "artifact"), f"onnx/{file}")
+        client.set_model_version_tag(name, version, variant_tag(variant, "verdict"), "passed")
+    assert run.info.run_id
+    return f"models:/{name}/{version}"
+
+
+def request_bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
+    """The same image as each body type: (bytes, headers) for ours and the floor."""
+    import numpy as np
+    from PIL import Image
+
+    image = (np.arange(784).reshape(28, 28) * 7 % 256).astype(np.uint8)
+    png, npy = io.BytesIO(), io.BytesIO()
+    Image.fromarray(image).save(png, "PNG")
+    np.save(npy, image[None])
+    return {
+        "json": (
+            json.dumps({"image": np.round(image / 255.0, 4).tolist()}).encode(),
+            {"content-type": "application/json"},
+        ),
+        "png": (png.getvalue(), {"content-type": "image/png"}),
+        "npy": (npy.getvalue(), {"content-type": "application/x-npy"}),
+        "raw": (image.tobytes(), {"content-type": "application/octet-stream", "x-image-shape": "1,28,28"}),
+    }
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -84,7 +129,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> Non
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def drive(url: str, body: bytes, concurrency: int, requests: int, result: dict) -> None:
+def drive(url: str, body: bytes, headers: dict, concurrency: int, requests: int, result: dict) -> None:
     """In its own process: ``requests`` POSTs at ``concurrency`` in flight; latencies and wall time."""
     import aiohttp
 
@@ -93,7 +138,7 @@ def drive(url: str, body: bytes, concurrency: int, requests: int, result: dict) 
         failures: list[str] = []
         remaining = iter(range(requests))
         connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json"}) as session:
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
             async def client() -> None:
                 for _ in remaining:
@@ -118,13 +163,13 @@ def drive(url: str, body: bytes, concurrency: int, requests: int, result: dict) 
     asyncio.run(main())
 
 
-def measure(url: str, body: bytes, concurrency: int, requests: int) -> dict:
+def measure(url: str, body: bytes, headers: dict, concurrency: int, requests: int) -> dict:
     import numpy as np
 
     with multiprocessing.Manager() as manager:
         shared = manager.dict()
         worker = multiprocessing.get_context("spawn").Process(
-            target=drive, args=(url, body, concurrency, requests, shared)
+            target=drive, args=(url, body, headers, concurrency, requests, shared)
         )
         worker.start()
         worker.join()
@@ -133,8 +178,6 @@ def measure(url: str, body: bytes, concurrency: int, requests: int) -> dict:
     if result["failed"]:
         raise RuntimeError(f"{url}: {result['failed']} failed requests, e.g. {result['failures']}")
     return {
-        "concurrency": concurrency,
-        "requests": requests,
         "rps": requests / result["wall_s"],
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
@@ -151,47 +194,100 @@ def images_per_pass(base: str) -> tuple[float, float]:
     return value["serve_batch_images_sum"], value["serve_batch_images_count"]
 
 
-def run_server(name: str, spec: dict, env: dict, home: Path, args: argparse.Namespace) -> list[dict]:
-    """Start one server, warm it up, measure every concurrency level, stop it."""
+def run_server(name: str, spec: dict, env: dict, home: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Start one server, warm it up, measure each of its bodies at every concurrency, stop it."""
     from pipeline.registry.infra_validate import free_port
 
     port = free_port()
-    command = spec["command"](port)
     log_path = home / f"{name}.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(spec["command"](port), env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base + spec["ready"], process)
         except RuntimeError as exc:
             raise RuntimeError(f"{name}: {exc}; its log: {log_path.read_text()[-2000:]}") from exc
-        measure(base + spec["predict"], spec["body"], 8, 200)  # warm-up
-        rows = []
-        for concurrency in args.concurrency:
-            before = images_per_pass(base) if name == "ours" else None
-            row = measure(base + spec["predict"], spec["body"], concurrency, args.requests)
-            if before is not None:  # micro-batching at work: images per forward pass at this level
-                after = images_per_pass(base)
-                row["images_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-            rows.append(row)
-        return rows
+        results = {}
+        for body_name, (body, headers) in spec["bodies"].items():
+            measure(base + spec["predict"], body, headers, 8, 200)  # warm-up
+            rows = []
+            for concurrency in args.concurrency:
+                before = images_per_pass(base) if spec.get("metrics") else None
+                row = {
+                    "concurrency": concurrency,
+                    **measure(base + spec["predict"], body, headers, concurrency, args.requests),
+                }
+                if before is not None:  # micro-batching at work: images per forward pass at this level
+                    after = images_per_pass(base)
+                    row["images_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                rows.append(row)
+            results[body_name] = rows
+        return results
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def summarise(rounds: list[dict], concurrency: list[int]) -> list[dict]:
+    """Medians over rounds per (server, body, concurrency), with the share of the floor (same body)
+    and the ratio to mlflow (its JSON, same concurrency), each also per round."""
+
+    def median(server: str, body: str, level: int, key: str) -> float:
+        return statistics.median(r[server][body][level][key] for r in rounds)
+
+    rows = []
+    for server in rounds[0]:
+        for body in rounds[0][server]:
+            for level, c in enumerate(concurrency):
+                keys = rounds[0][server][body][level].keys() - {"concurrency"}
+                row = {
+                    "server": server,
+                    "body": body,
+                    "concurrency": c,
+                    **{k: median(server, body, level, k) for k in keys},
+                }
+                if body in rounds[0].get("floor", {}) and server != "floor":
+                    shares = [r[server][body][level]["rps"] / r["floor"][body][level]["rps"] for r in rounds]
+                    row["share_of_floor"], row["share_of_floor_per_round"] = statistics.median(shares), shares
+                if server != "mlflow":
+                    ratios = [r[server][body][level]["rps"] / r["mlflow"]["json"][level]["rps"] for r in rounds]
+                    row["vs_mlflow"], row["vs_mlflow_per_round"] = statistics.median(ratios), ratios
+                    p99 = [r[server][body][level]["p99_ms"] / r["mlflow"]["json"][level]["p99_ms"] for r in rounds]
+                    p50 = [r[server][body][level]["p50_ms"] / r["mlflow"]["json"][level]["p50_ms"] for r in rounds]
+                    row["p50_vs_mlflow"], row["p99_vs_mlflow"] = statistics.median(p50), statistics.median(p99)
+                rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], rounds: int, requests: int) -> None:
+    print(f"medians of {rounds} rounds, {requests} requests per level")
+    print(
+        f"{'server':>16} {'body':>5} {'conc':>4}  {'req/s':>6}  {'p50 ms':>7}  {'p99 ms':>7}  {'of floor':>8}  "
+        f"{'x mlflow':>8}  {'p50/p99 vs mlflow':>17}  {'img/pass':>8}"
+    )
+    for row in rows:
+        share = f"{row['share_of_floor']:.0%}" if "share_of_floor" in row else "-"
+        ratio = f"{row['vs_mlflow']:.2f}x" if "vs_mlflow" in row else "-"
+        latency = f"{row['p50_vs_mlflow']:.2f} / {row['p99_vs_mlflow']:.2f}" if "p50_vs_mlflow" in row else "-"
+        batch = f"{row['images_per_pass']:.1f}" if "images_per_pass" in row else "-"
+        print(
+            f"{row['server']:>16} {row['body']:>5} {row['concurrency']:>4}  {row['rps']:>6.0f}  {row['p50_ms']:>7.1f}  "
+            f"{row['p99_ms']:>7.1f}  {share:>8}  {ratio:>8}  {latency:>17}  {batch:>8}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (2000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating which server goes first (2)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the servers' order (2)")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    parser.add_argument("--bodies", nargs="+", default=list(BODIES), choices=BODIES)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
     args = parser.parse_args()
 
     import dataclasses
-
-    import numpy as np
 
     from pipeline.command_lines import serve_command
     from pipeline.config import Settings, TrainConfig
@@ -205,15 +301,25 @@ def main() -> None:
     production_uri = f"models:/{settings.model_for()}@production"
     # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
     env = {**os.environ, **settings.to_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    # The same image as the same JSON floats for both (ours also takes integers, which are shorter).
-    pixels = np.round((np.arange(784).reshape(28, 28) * 7 % 256) / 255.0, 4).tolist()
-    servers = {
-        # Ours as production runs it: on the alias, with the registry watcher polling.
-        "ours": {
-            "command": lambda port: serve_command(production_uri, port=port),
+    bodies = {name: body for name, body in request_bodies().items() if name in args.bodies}
+    json_floats = json.loads(request_bodies()["json"][0])["image"]
+    servers: dict[str, dict] = {
+        "floor": {
+            "command": lambda port: [sys.executable, str(ROOT / "bench" / "serve_floor.py"), "--port", str(port)],
             "ready": "/ready",
             "predict": "/predict",
-            "body": json.dumps({"image": pixels}).encode(),
+            "bodies": bodies,
+        },
+        **{
+            f"ours {runtime}": {
+                # Ours as production runs it: on the alias, with the registry watcher polling.
+                "command": lambda port, runtime=runtime: serve_command(production_uri, port=port, runtime=runtime),
+                "ready": "/ready",
+                "predict": "/predict",
+                "bodies": bodies,
+                "metrics": True,
+            }
+            for runtime in args.runtimes
         },
         "mlflow": {
             "command": lambda port: [
@@ -233,48 +339,18 @@ def main() -> None:
             ],
             "ready": "/ping",
             "predict": "/invocations",
-            "body": json.dumps({"inputs": [[pixels]]}).encode(),
+            "bodies": {
+                "json": (json.dumps({"inputs": [[json_floats]]}).encode(), {"content-type": "application/json"})
+            },
         },
     }
-    rounds: list[dict[str, list[dict]]] = []
+    rounds: list[dict] = []
     for round_ in range(args.rounds):
-        results: dict[str, list[dict]] = {}
-        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # neither always goes first
-        for name in order:
-            results[name] = run_server(name, servers[name], env, home, args)
-        rounds.append(results)
-
-    def median(name: str, level: int, key: str) -> float:
-        return statistics.median(r[name][level][key] for r in rounds)
-
-    rows = []
-    for level, concurrency in enumerate(args.concurrency):
-        ours = {k: median("ours", level, k) for k in ("rps", "p50_ms", "p99_ms", "images_per_pass")}
-        theirs = {k: median("mlflow", level, k) for k in ("rps", "p50_ms", "p99_ms")}
-        ratios = [r["ours"][level]["rps"] / r["mlflow"][level]["rps"] for r in rounds]
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "ours": ours,
-                "mlflow": theirs,
-                "rps_ratio": ours["rps"] / theirs["rps"],
-                "p99_ratio": ours["p99_ms"] / theirs["p99_ms"],
-                "rps_ratio_per_round": ratios,
-            }
-        )
-    print(f"medians of {args.rounds} rounds, {args.requests} requests each")
-    print(
-        f"{'concurrency':>11}  {'ours req/s':>10}  {'mlflow req/s':>12}  {'ratio':>6}  {'per round':>12}  "
-        f"{'ours p50/p99 ms':>16}  {'mlflow p50/p99 ms':>18}  {'p99 ratio':>9}  {'images/pass':>11}"
-    )
-    for row in rows:
-        o, m = row["ours"], row["mlflow"]
-        per_round = "/".join(f"{r:.1f}" for r in row["rps_ratio_per_round"])
-        print(
-            f"{row['concurrency']:>11}  {o['rps']:>10.0f}  {m['rps']:>12.0f}  {row['rps_ratio']:>5.2f}x  {per_round:>12}  "
-            f"{o['p50_ms']:>7.1f} / {o['p99_ms']:>6.1f}  {m['p50_ms']:>8.1f} / {m['p99_ms']:>7.1f}  {row['p99_ratio']:>9.2f}"
-            f"  {o['images_per_pass']:>11.1f}"
-        )
+        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # none always goes first
+        results = {name: run_server(name, servers[name], env, home, args) for name in order}
+        rounds.append({name: results[name] for name in servers})
+    rows = summarise(rounds, args.concurrency)
+    print_table(rows, args.rounds, args.requests)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -285,7 +361,7 @@ def main() -> None:
                     "platform": platform.platform(),
                     "python": platform.python_version(),
                 },
-                "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2, registered version 1",
+                "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2 + ONNX + INT8",
                 "requests": args.requests,
                 "rows": rows,
                 "rounds": rounds,

@@ -11,7 +11,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from pipeline.config import ServingSettings
-from pipeline.serving.payload import InputShape, decode_body
+from pipeline.serving.bodies import decode_body
+from pipeline.serving.payload import InputShape
 
 PROBES = frozenset({"/health", "/ready"})
 """Routes that are never authenticated nor counted against ``max_in_flight`` or ``max_connections``."""
@@ -146,12 +147,14 @@ class BodyDecoder:
                 initargs=(os.getpid(),),
             )
 
-    async def decode(self, kind: str, body: bytes, shape: InputShape) -> Any:
+    async def decode(self, kind: str, body: bytes, shape: InputShape, declared_shape: str | None = None) -> Any:
         from concurrent.futures.process import BrokenProcessPool
 
         self.start()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, decode_body, kind, body, shape)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, decode_body, kind, body, shape, declared_shape
+            )
         except BrokenProcessPool:  # a worker died (killed for memory?): new ones for the next request
             self._pool = None
             raise

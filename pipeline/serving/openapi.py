@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pipeline.serving.arrays import ARRAY_TYPES, array_schema
+from pipeline.serving.bodies import MEDIA_TYPES
 from pipeline.serving.payload import IMAGE_TYPES, InputShape, image_schema, request_schema
 
 OPEN_DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -34,12 +36,13 @@ def predict_body(shape: InputShape | None) -> dict[str, Any]:
     is loaded (``None``), only the media types (the shape is then in ``/metadata``)."""
     if shape is None:
         unknown = {"description": "Images of the served version's input_shape (see /metadata); no model loaded yet."}
-        return {"required": True, "content": {kind: {"schema": unknown} for kind in ("application/json", *IMAGE_TYPES)}}
+        return {"required": True, "content": {kind: {"schema": unknown} for kind in MEDIA_TYPES}}
     return {
         "required": True,
         "content": {
             "application/json": {"schema": request_schema(shape)},
             **{kind: {"schema": image_schema(kind, shape)} for kind in IMAGE_TYPES},
+            **{kind: {"schema": array_schema(kind, shape)} for kind in ARRAY_TYPES},
         },
     }
 

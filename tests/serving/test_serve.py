@@ -69,6 +69,12 @@ def client(request, variants):
         yield test_client
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=array.dtype == object)
+    return buffer.getvalue()
+
+
 def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
     from PIL import Image
 
@@ -145,6 +151,65 @@ def test_answers_json_and_png_with_the_version(client):
     assert client.get("/ready").json() == {"ready": True, "version": "4"}
 
 
+def test_npy_and_raw_bodies_answer_as_json_does(client):
+    """One image or a batch, as numpy.save bytes (uint8, float32) or raw uint8 with its shape."""
+    image = np.asarray(IMAGE, dtype=np.uint8)
+    expected = client.post("/predict", json={"instances": [IMAGE, IMAGE[::-1]]}).json()["predictions"]
+    batch = np.stack([image, image[::-1]])[:, None]  # (2, 1, 28, 28)
+    bodies = [
+        ("application/x-npy", npy_bytes(batch), {}),
+        ("application/x-npy", npy_bytes(batch[:, 0]), {}),  # grayscale without the channel axis
+        ("application/x-npy", npy_bytes(batch.astype(np.float32) / 255), {}),
+        ("application/octet-stream", batch.tobytes(), {"x-image-shape": "2,1,28,28"}),
+        ("application/octet-stream", batch.tobytes(), {}),  # no X-Image-Shape: a whole number of images
+    ]
+    for kind, body, headers in bodies:
+        answer = client.post("/predict", content=body, headers={"content-type": kind, **headers})
+        assert answer.status_code == 200, (kind, answer.text)
+        for got, want in zip(answer.json()["predictions"], expected, strict=True):
+            assert got["class_id"] == want["class_id"]
+            np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-6)
+    one = client.post("/predict", content=npy_bytes(image), headers={"content-type": "application/x-npy"}).json()
+    np.testing.assert_allclose(one["predictions"][0]["probabilities"], expected[0]["probabilities"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "message"),
+    [
+        ({}, b"\x00" * 1000, "expected a whole number of 28x28 grayscale uint8 images (784 bytes each), found 1000"),
+        ({}, b"", "expected a whole number of 28x28 grayscale uint8 images (784 bytes each), found 0"),
+        ({"x-image-shape": "28x28"}, b"\x00" * 784, "X-Image-Shape: expected integers separated by commas"),
+        (
+            {"x-image-shape": "1,28,28"},
+            b"\x00" * 783,
+            "expected 784 bytes of uint8 pixels for X-Image-Shape 1,28,28, found 783",
+        ),
+        ({"x-image-shape": "2,3,28,28"}, b"\x00" * 4704, "X-Image-Shape: expected 28x28 grayscale images of shape"),
+        ({"x-image-shape": "99999999999,1,28,28"}, b"\x00" * 784, "expected 1 to 1024 images, found 99999999999"),
+    ],
+    ids=["no-shape-partial", "empty", "not-integers", "short", "wrong-channels", "huge-batch"],
+)
+def test_bad_raw_bodies_say_what_was_expected(client, headers, body, message):
+    response = client.post("/predict", content=body, headers={"content-type": "application/octet-stream", **headers})
+    assert response.status_code == 422 and message in response.json()["detail"]
+
+
+def test_npy_bodies_are_never_unpickled(tmp_path):
+    """An object array's pickle inside an .npy body is refused from the header alone."""
+    from pipeline.serving.arrays import parse_npy
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("pwned",))
+
+    body = npy_bytes(np.array([Payload()] * 784, dtype=object).reshape(1, 28, 28))
+    with pytest.raises(RequestError, match="found |O"):
+        parse_npy(body, SHAPE)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
@@ -168,9 +233,27 @@ def test_answers_json_and_png_with_the_version(client):
             b"hello",
             "text/plain",
             415,
-            "expected one of application/json, image/png, image/jpeg, image/webp, found text/plain",
+            "expected one of application/json, image/png, image/jpeg, image/webp, application/x-npy, "
+            "application/octet-stream, found text/plain",
         ),
         (b"\x89PNG\r\n\x1a\nbroken", "image/png", 422, "expected a readable PNG"),
+        (b"\x93NUMPY\x01\x00" + b"\xff" * 20, "application/x-npy", 422, "expected .npy bytes"),
+        (npy_bytes(np.zeros((28, 28), dtype=object)), "application/x-npy", 422, "found |O"),
+        (npy_bytes(np.zeros((1, 28, 28), dtype=np.int64)), "application/x-npy", 422, "found <i8"),
+        (npy_bytes(np.zeros((1, 28, 28), dtype=">f4")), "application/x-npy", 422, "found >f4"),
+        (
+            npy_bytes(np.zeros((28, 28, 1), dtype=np.uint8)),
+            "application/x-npy",
+            422,
+            "channels first, found (28, 28, 1)",
+        ),
+        (npy_bytes(np.zeros((1025, 28, 28), dtype=np.uint8)), "application/x-npy", 422, "1 to 1024 images, found 1025"),
+        (npy_bytes(np.zeros((0, 28, 28), dtype=np.uint8)), "application/x-npy", 422, "1 to 1024 images, found 0"),
+        (npy_bytes(np.zeros((2, 28, 28), dtype=np.uint8))[:-1], "application/x-npy", 422, "expected 1568 bytes"),
+        (npy_bytes(np.full((28, 28), 1.5, dtype=np.float32)), "application/x-npy", 422, "found values from 1.5"),
+        (npy_bytes(np.full((28, 28), np.nan, dtype=np.float32)), "application/x-npy", 422, "NaN or infinity"),
+        (npy_bytes(np.asfortranarray(np.zeros((2, 28, 28), dtype=np.uint8))), "application/x-npy", 422, "C order"),
+        (b"\x00" * 785, "application/octet-stream", 422, "expected a whole number of 28x28 grayscale uint8 images"),
     ],
     ids=[
         "malformed-json",
@@ -186,6 +269,18 @@ def test_answers_json_and_png_with_the_version(client):
         "10-MB",
         "text",
         "bad-png",
+        "npy-bad-header",
+        "npy-object-dtype",
+        "npy-int64",
+        "npy-big-endian",
+        "npy-channels-last",
+        "npy-too-many",
+        "npy-none",
+        "npy-truncated",
+        "npy-out-of-range",
+        "npy-nan",
+        "npy-fortran",
+        "raw-partial-image",
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message_and_health_stays_up(client, body, content_type, status, message):
@@ -269,7 +364,19 @@ def test_after_a_swap_the_next_request_names_the_new_version(client):
 def test_openapi_schema_describes_what_the_service_does(client):
     schema = client.get("/openapi.json").json()
     predict = schema["paths"]["/predict"]["post"]
-    assert set(predict["requestBody"]["content"]) == {"application/json", "image/png", "image/jpeg", "image/webp"}
+    assert set(predict["requestBody"]["content"]) == {
+        "application/json",
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+        "application/x-npy",
+        "application/octet-stream",
+    }
+    assert (
+        "(1, 28, 28) or (n, 1, 28, 28)"
+        in predict["requestBody"]["content"]["application/x-npy"]["schema"]["description"]
+    )
+    assert "X-Image-Shape" in predict["requestBody"]["content"]["application/octet-stream"]["schema"]["description"]
     assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
     response = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert response.endswith("/PredictResponse")

@@ -1,8 +1,8 @@
-"""Fuzzing the serving endpoint: hypothesis properties of the payload parser and the PNG decoder
-(every input parses to float32 pixels in [0, 1] of shape (n, 1, 28, 28) or raises RequestError,
+"""Fuzzing the serving endpoint: hypothesis properties of the payload parser, the PNG decoder and
+the binary array readers (every input parses to float32 pixels in [0, 1] of shape (n, 1, 28, 28) or raises RequestError,
 never anything else), and schemathesis against the served OpenAPI on a real loopback server,
-with realistic bodies (real Fashion-MNIST images as JSON integers, floats and PNG, and mutations
-of them) besides the schema's own, and the batch and byte limits at their edges. Bounded to about
+with realistic bodies (real Fashion-MNIST images as JSON integers, floats, PNG, .npy and raw
+bytes, and mutations of them) besides the schema's own, and the batch and byte limits at their edges. Bounded to about
 half a minute."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serve import bomb_png, png_bytes
+from test_serve import bomb_png, npy_bytes, png_bytes
 from test_serve_limits import live_server
 
 from pipeline.config import ServingSettings
+from pipeline.serving.arrays import NPY, RAW
+from pipeline.serving.bodies import decode_body
 from pipeline.serving.payload import (
     MAX_BATCH,
     MAX_BODY_BYTES,
@@ -141,6 +143,29 @@ def test_parse_png_gives_pixels_or_a_request_error(real_images, data):
         pass
 
 
+def array_bodies(images: np.ndarray) -> dict[str, list[bytes]]:
+    """Valid binary bodies of real images: .npy (uint8 and float32, one image and batches, with and
+    without the channel axis) and raw uint8 bytes (a whole number of images)."""
+    npy = [npy_bytes(images[:1, None]), npy_bytes(images[0]), npy_bytes(images[:5, None])]
+    npy.append(npy_bytes((images[:3, None] / 255).astype(np.float32)))
+    return {NPY: npy, RAW: [images[:count].tobytes() for count in (1, 2, 5)]}
+
+
+@FAST
+@given(data=st.data())
+def test_binary_bodies_give_pixels_or_a_request_error(real_images, data):
+    kind = data.draw(st.sampled_from([NPY, RAW]))
+    body = bytearray(data.draw(st.sampled_from(array_bodies(real_images)[kind])))
+    mutate_bytes(data, body, data.draw(st.lists(st.sampled_from(BYTE_ACTIONS), max_size=4)))
+    declared = data.draw(
+        st.one_of(st.none(), st.sampled_from(["1,28,28", "2,1,28,28", "5,28,28", "0,1,28,28", "-1,1,28,28"]), st.text())
+    )
+    try:
+        well_formed(decode_body(kind, bytes(body), SHAPE, declared))
+    except RequestError:
+        pass
+
+
 REJECTIONS = ["400", "413", "415", "422"]
 """What the server answers a body it refuses (not UTF-8 JSON, too large, not JSON nor PNG, wrong
 content): the only statuses that count as a rejection. Schemathesis' defaults leave 413 out (so a
@@ -216,6 +241,8 @@ def test_schemathesis_finds_no_accepted_invalid_or_rejected_valid_case(real_imag
     schemathesis.openapi.media_type("image/png", st.sampled_from([png_bytes(image) for image in real_images]))
     for media_type, fmt in (("image/jpeg", "JPEG"), ("image/webp", "WEBP")):
         schemathesis.openapi.media_type(media_type, st.sampled_from([encoded(image, fmt) for image in real_images]))
+    for media_type, bodies in array_bodies(real_images).items():
+        schemathesis.openapi.media_type(media_type, st.sampled_from(bodies))
     with live_server(ServingSettings()) as port:
         base = f"http://127.0.0.1:{port}"
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json", config=config)

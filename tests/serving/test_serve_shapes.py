@@ -127,6 +127,33 @@ def test_json_colour_images_are_rows_of_channel_triples():
     np.testing.assert_allclose(pixels[0], pixels[1], atol=1e-7)
 
 
+def test_binary_rgb_bodies_are_channels_first_as_the_model_takes_them(client):
+    """An RGB batch as .npy or raw bytes, (n, 3, 32, 32), answers as its JSON rows of pixels do;
+    the same pixels channels last, as images are stored, get a 422 that says which order."""
+    pixels = photo(32, 32)
+    expected = client.post("/predict", json={"image": pixels.tolist()}).json()["predictions"][0]["probabilities"]
+    planes = pixels.astype(np.uint8).transpose(2, 0, 1)[None]  # (1, 3, 32, 32)
+    npy = io.BytesIO()
+    np.save(npy, planes)
+    for kind, body, headers in (
+        ("application/x-npy", npy.getvalue(), {}),
+        ("application/octet-stream", planes.tobytes(), {"x-image-shape": "1,3,32,32"}),
+    ):
+        answer = client.post("/predict", content=body, headers={"content-type": kind, **headers})
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["predictions"][0]["probabilities"], expected, atol=1e-6)
+    refused = client.post(
+        "/predict",
+        content=pixels.astype(np.uint8).tobytes(),
+        headers={"content-type": "application/octet-stream", "x-image-shape": "32,32,3"},
+    )
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "X-Image-Shape: expected 32x32 RGB images of shape (3, 32, 32) or (n, 3, 32, 32), channels first, "
+        "found (32, 32, 3)"
+    )
+
+
 def test_openapi_states_the_served_versions_shape_and_follows_a_swap(client):
     import jsonschema
 
@@ -134,7 +161,14 @@ def test_openapi_states_the_served_versions_shape_and_follows_a_swap(client):
         return client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
 
     content = body_schema()
-    assert set(content) == {"application/json", "image/png", "image/jpeg", "image/webp"}
+    assert set(content) == {
+        "application/json",
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+        "application/x-npy",
+        "application/octet-stream",
+    }
     assert "32x32 RGB" in content["image/jpeg"]["schema"]["description"]
     rgb = jsonschema.Draft202012Validator(content["application/json"]["schema"])
     assert rgb.is_valid({"image": photo(32, 32).tolist()}) and not rgb.is_valid(
