@@ -21,6 +21,15 @@ from pipeline.serving.slot import ModelSlot, ServedModel
 CLASSES = [f"class {i}" for i in range(10)]
 IMAGE = (np.arange(784).reshape(28, 28) % 256).tolist()
 SHAPE = (1, 28, 28)  # the served version's input_shape
+#: Every media type /predict takes, written out: the OpenAPI document must list exactly these.
+BODY_TYPES = {
+    "application/json",
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "application/x-npy",
+    "application/octet-stream",
+}
 
 
 def served(version: str, scale: float = 1.0) -> ServedModel:
@@ -364,14 +373,7 @@ def test_after_a_swap_the_next_request_names_the_new_version(client):
 def test_openapi_schema_describes_what_the_service_does(client):
     schema = client.get("/openapi.json").json()
     predict = schema["paths"]["/predict"]["post"]
-    assert set(predict["requestBody"]["content"]) == {
-        "application/json",
-        "image/png",
-        "image/jpeg",
-        "image/webp",
-        "application/x-npy",
-        "application/octet-stream",
-    }
+    assert set(predict["requestBody"]["content"]) == BODY_TYPES
     assert (
         "(1, 28, 28) or (n, 1, 28, 28)"
         in predict["requestBody"]["content"]["application/x-npy"]["schema"]["description"]
