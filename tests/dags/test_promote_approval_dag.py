@@ -49,6 +49,9 @@ class Approver(threading.Thread):
         self.request: dict | None = None
         self.error: BaseException | None = None
         self.stop = threading.Event()  # the run is over: stop looking
+        # dag.test() has parked the task: it writes the task's state once more after the task
+        # pauses, so an answer given before that is overwritten and the run waits forever.
+        self.parked = threading.Event()
 
     def run(self) -> None:
         try:
@@ -85,6 +88,9 @@ class Approver(threading.Thread):
         while time.monotonic() < deadline:
             if self.stop.is_set():
                 return
+            if not self.parked.is_set():
+                time.sleep(0.1)
+                continue
             with create_session() as session:
                 ti = session.scalars(
                     select(TaskInstance).where(
@@ -107,10 +113,21 @@ class Approver(threading.Thread):
 
 
 def run_with(conf: dict, approver: Approver | None = None):
+    import airflow.sdk.definitions.dag as dag_module
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(DAGS)).get_dag("promote_model")
     if approver:
+        run_task = dag_module._run_task
+
+        def run_and_tell(*, ti, **kwargs):
+            result = run_task(ti=ti, **kwargs)
+            if ti.task_id == "approve":
+                approver.parked.set()  # dag.test() has written the paused task's state
+            return result
+
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setattr(dag_module, "_run_task", run_and_tell)
         approver.start()
     try:
         run = dag.test(run_conf=conf)
@@ -118,6 +135,7 @@ def run_with(conf: dict, approver: Approver | None = None):
         if approver:
             approver.stop.set()
             approver.join(timeout=30)
+            monkeypatch.undo()
     if approver:
         assert approver.error is None, approver.error
     return run
