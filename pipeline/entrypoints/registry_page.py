@@ -49,6 +49,7 @@ def overview(settings: Settings, limit: int = VERSIONS_SHOWN) -> list[dict[str, 
     from mlflow.exceptions import MlflowException
 
     from pipeline.registry.history import read_history
+    from pipeline.registry.lock import is_lock
     from pipeline.registry.outage import first_line, is_unavailable, registry_reachable
     from pipeline.tracking import tracking_client
 
@@ -56,6 +57,8 @@ def overview(settings: Settings, limit: int = VERSIONS_SHOWN) -> list[dict[str, 
     models = []
     with registry_reachable(settings):
         for model in client.search_registered_models(max_results=100):
+            if is_lock(model.name):
+                continue  # held while an alias moves (the page was read in those seconds)
             aliases = {alias: str(number) for alias, number in (model.aliases or {}).items()}
             by_version: dict[str, list[str]] = {}
             for alias, number in aliases.items():

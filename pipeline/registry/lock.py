@@ -40,6 +40,15 @@ LOCK_RELEASE_S = 10.0
 restart takes seconds) before leaving it to be broken as stale."""
 
 
+LOCK_SUFFIX = ".lock"
+
+
+def is_lock(name: str) -> bool:
+    """Whether the registered model ``name`` is a lock of :func:`registry_lock` (held for the
+    seconds an alias moves), not a model: listings of models leave it out."""
+    return name.endswith(LOCK_SUFFIX)
+
+
 def _lock_token(client: MlflowClient, lock: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -56,7 +65,7 @@ def registry_lock(client: MlflowClient, name: str, actor: str, wait_s: float = L
     """Hold ``<name>.lock`` (a registered model carrying our token) while the body runs."""
     from mlflow.exceptions import MlflowException
 
-    lock, token = f"{name}.lock", uuid.uuid4().hex
+    lock, token = f"{name}{LOCK_SUFFIX}", uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
     seen: tuple[str | None, float] = (None, time.monotonic())  # the holder we are waiting on, since when
     try:

@@ -114,6 +114,20 @@ def test_the_models_page_shows_versions_aliases_verdicts_and_history(api, regist
     assert "form-action 'self'" in policy and "frame-ancestors 'self'" in policy and "default-src 'none'" in policy
 
 
+def test_the_lock_held_while_an_alias_moves_is_not_listed_as_a_model(api, registry, settings):
+    """The registry lock is a registered model for the seconds an alias moves: a page read then
+    shows the one model still (seen in Chromium: a second model, "Aliases: none")."""
+    from pipeline.registry.lock import registry_lock
+
+    client, tokens = api
+    with registry_lock(tracking_client(settings), registry, "ci"):
+        assert len(tracking_client(settings).search_registered_models()) == 2  # the model and its lock
+        overview = client.get("/pipeline/api/models", headers=tokens["viewer"])
+        page = client.get("/pipeline/models", headers=tokens["viewer"])
+    assert [model["name"] for model in overview.json()["models"]] == [registry]
+    assert page.text.count("<h2>") - page.text.count("<h2>Waiting") == 1 and ".lock" not in page.text
+
+
 @pytest.mark.parametrize("path", ["/pipeline/models", "/pipeline/api/models", "/pipeline/models/m/versions/1/card"])
 def test_without_a_login_the_pages_answer_401(api, settings, path):
     client, _ = api
