@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.config.base import SECTIONS, FieldKind, Setting, expectation, field_default, setting_fields
 from pipeline.config.data import AcquireConfig, PreprocessConfig
 from pipeline.config.gate import GatePolicy
+from pipeline.config.recipes import recipe_values
 from pipeline.config.run import RunConfig
 from pipeline.config.settings import Settings
 from pipeline.config.training import TrainConfig, TuneConfig
@@ -126,20 +127,33 @@ def select(*keys: str) -> tuple[RunParam, ...]:
     return tuple(p for p in run_params() if p.name in keys or any(c in keys for c, _ in p.targets))
 
 
-def run_config_from_params(params: Mapping[str, Any], settings: Settings | None = None) -> RunConfig:
+def run_config_from_params(
+    params: Mapping[str, Any], settings: Settings | None = None, *, form: bool = False
+) -> RunConfig:
     """Build a :class:`RunConfig` from Airflow Params or CLI flags (missing or empty ones take the
-    config's defaults, or the settings' where a field says so)."""
+    config's defaults, or the settings' where a field says so).
+
+    The Param ``recipe`` (:mod:`pipeline.config.recipes`) sets the training fields it names
+    unless a value is given for them. ``form``: the params are a DAG run's, which holds every
+    Param, at its default unless a person changed it; there a field left at its default takes
+    the recipe's value (from the CLI, which passes only the flags given, any given value wins)."""
     given = {k: v for k, v in params.items() if v is not None and v != ""}
+    by_name = {param.name: param for param in run_params()}
+    recipe = recipe_values(by_name["recipe"].convert(given["recipe"]) if "recipe" in given else "default")
     values: dict[str, dict[str, Any]] = {component: {} for component in COMPONENTS}
-    for param in run_params():
+    for param in by_name.values():
         if param.name in given:
             value = param.convert(given[param.name])
+            if form and value == param.default and any(c == "train" and n in recipe for c, n in param.targets):
+                continue  # a form field left at its default: the recipe's value
         elif param.setting.from_settings:
             value = getattr(settings or Settings.from_env(), param.setting.from_settings)
         else:
             continue
         for component, name in param.targets:
             values[component][name] = value
+    for name, value in recipe.items():
+        values["train"].setdefault(name, value)
     stages = {component: cls(**values[component]) for component, cls in COMPONENTS.items() if component != "run"}
     return RunConfig(**stages, **values["run"])
 

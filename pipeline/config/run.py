@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.config.base import check_settings, setting
 from pipeline.config.data import AcquireConfig, PreprocessConfig
 from pipeline.config.gate import GatePolicy
+from pipeline.config.recipes import Recipe, describe
 from pipeline.config.settings import Promotion
 from pipeline.config.training import TrainConfig, TuneConfig
 
@@ -37,6 +38,15 @@ class RunConfig:
         "variant that fails the gate's variant policy is not served.",
         section="gate",
     )
+    recipe: Recipe = setting(
+        "default",
+        title="Training recipe",
+        help="default: the training settings' own defaults, tuned for final accuracy; quick: tuned for time to "
+        f"accuracy, for fast iterations ({describe('quick')}). A recipe sets the training settings it names "
+        "unless they are given: on the command line, any flag given wins; in the trigger form, a field changed "
+        "from its default.",
+        section="training",
+    )
     force: bool = setting(
         False,
         title="Retrain",
@@ -46,3 +56,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+    def train_tags(self, tags: dict[str, str] | None = None) -> dict[str, str]:
+        """The MLflow run's tags for the ``train`` stage: the recipe's name, then ``tags`` (a
+        launched ``pipeline train`` is given the recipe's values and its name as a tag)."""
+        return {"recipe": self.recipe, **(tags or {})}

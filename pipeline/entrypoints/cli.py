@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, "preprocess")
     p = add("train", cmd_train, "train a model on processed data, tracked in MLflow")
     p.add_argument("--processed", required=True, help="processed hash printed by 'pipeline preprocess'")
-    add_flags(p, "train", "force")
+    add_flags(p, "train", "force", "recipe")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag for the MLflow run; repeatable")
     p = add("evaluate", cmd_evaluate, "evaluate a training run on the test split")
     p.add_argument("--run-id", required=True, help="MLflow run id printed by 'pipeline train'")

@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     config = run_config_from_params(params_of(args), settings)
     processed = load_processed_ref(storage, args.processed)
     tags = _pairs("--tag", "KEY=VALUE", args.tag)
-    return train(processed, storage, config.train, settings, force=config.force, tags=tags).to_dict()
+    return train(processed, storage, config.train, settings, force=config.force, tags=config.train_tags(tags)).to_dict()
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def run_pipeline(config: RunConfig, settings: Settings, tags: dict[str, str] | N
 
         chosen = run_study(raw, storage, config.tune, config.train, config.preprocess, settings)
     train_config = dataclasses.replace(config.train, **chosen)
-    trained = train(processed, storage, train_config, settings, force=config.force, tags=tags)
+    trained = train(processed, storage, train_config, settings, force=config.force, tags=config.train_tags(tags))
     if not is_global_rank_zero():
         return {}  # a DDP rank Lightning launched by re-running this command: its part is done
     evaluation = evaluate(trained, processed, storage, settings)

@@ -27,7 +27,8 @@ Params = Mapping[str, Any]
 
 def _context(params: Params | None) -> tuple[Settings, Storage, RunConfig]:
     settings = Settings.from_env()
-    return settings, storage_for(settings), run_config_from_params(params or {}, settings)
+    # A DAG run's Params hold every field of the trigger form: one left at its default takes the recipe's value.
+    return settings, storage_for(settings), run_config_from_params(params or {}, settings, form=True)
 
 
 def acquire(params: Params | None) -> dict[str, Any]:
@@ -103,10 +104,15 @@ def train(
         # Lightning's DDP launcher starts the other ranks by re-running this process's command
         # line, which inside an Airflow worker is the task runner: run `pipeline train` instead.
         ref = ProcessedDatasetRef.from_dict(processed)
-        command = train_command(ref.processed_hash, config.train, force=config.force, tags=run_tags)
+        command = train_command(ref.processed_hash, config.train, force=config.force, tags=config.train_tags(run_tags))
         return _run_json(command)
     result = stage(
-        ProcessedDatasetRef.from_dict(processed), storage, config.train, settings, force=config.force, tags=run_tags
+        ProcessedDatasetRef.from_dict(processed),
+        storage,
+        config.train,
+        settings,
+        force=config.force,
+        tags=config.train_tags(run_tags),
     )
     return result.to_dict()
 
