@@ -9,7 +9,7 @@ the export stage's own functions; its weights do not change the cost):
 * ours: ``pipeline serve --model-uri models:/<name>@production --runtime R`` for each runtime
   (``torch``, ``onnx``, ``onnx-int8``), as production runs it: micro-batching, the registry
   watcher polling;
-* ``mlflow models serve -m models:/<name>/1 --env-manager local -w 1`` (MLflow's scoring
+* ``mlflow models serve -m models:/<name>/1 --env-manager local -w W`` (MLflow's scoring
   server), queried on ``/invocations`` with ``{"inputs": [[[[pixels]]]]}`` (JSON floats only:
   it takes nothing else for a tensor model).
 
@@ -20,8 +20,9 @@ in ``--rounds`` rounds that alternate the servers' order; every answer is checke
 ten probabilities). Prints the medians over rounds: requests per second, p50 and p99 latency,
 ours as a share of the floor's req/s with the same body, and as a ratio to mlflow's (JSON floats
 at the same concurrency); saves JSON with every round (``bench/results/serve_bench.json``).
+Every server runs ``--workers`` processes (default: one per usable core).
 
-    .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64] [--rounds 2]
+    .venv/bin/python bench/serve_bench.py [--requests 2000] [--concurrency 1 16 64] [--rounds 2] [--workers N]
 """
 
 from __future__ import annotations
@@ -278,12 +279,20 @@ def print_table(rows: list[dict], rounds: int, requests: int) -> None:
 
 
 def main() -> None:
+    from pipeline.training.hardware import usable_cpus
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (2000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the servers' order (2)")
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     parser.add_argument("--bodies", nargs="+", default=list(BODIES), choices=BODIES)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cpus(),
+        help="server processes of the floor, ours and mlflow alike (default: this machine's usable cores)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
     args = parser.parse_args()
 
@@ -305,7 +314,14 @@ def main() -> None:
     json_floats = json.loads(request_bodies()["json"][0])["image"]
     servers: dict[str, dict] = {
         "floor": {
-            "command": lambda port: [sys.executable, str(ROOT / "bench" / "serve_floor.py"), "--port", str(port)],
+            "command": lambda port: [
+                sys.executable,
+                str(ROOT / "bench" / "serve_floor.py"),
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+            ],
             "ready": "/ready",
             "predict": "/predict",
             "bodies": bodies,
@@ -313,7 +329,9 @@ def main() -> None:
         **{
             f"ours {runtime}": {
                 # Ours as production runs it: on the alias, with the registry watcher polling.
-                "command": lambda port, runtime=runtime: serve_command(production_uri, port=port, runtime=runtime),
+                "command": lambda port, runtime=runtime: serve_command(
+                    production_uri, port=port, runtime=runtime, workers=args.workers
+                ),
                 "ready": "/ready",
                 "predict": "/predict",
                 "bodies": bodies,
@@ -335,7 +353,7 @@ def main() -> None:
                 "-h",
                 "127.0.0.1",
                 "-w",
-                "1",
+                str(args.workers),
             ],
             "ready": "/ping",
             "predict": "/invocations",
@@ -363,6 +381,7 @@ def main() -> None:
                 },
                 "model": f"{recipe.architecture} ServingModel (test_time_flip={recipe.test_time_flip}), pt2 + ONNX + INT8",
                 "requests": args.requests,
+                "workers": args.workers,
                 "rows": rows,
                 "rounds": rounds,
             },

@@ -8,7 +8,7 @@ protocol, the same limits and timeouts, the same settling of the process), so wh
 from ``pipeline serve`` is the model, the micro-batcher and the middleware: the distance
 ``bench/serve_bench.py`` measures.
 
-    .venv/bin/python bench/serve_floor.py --port 8100
+    .venv/bin/python bench/serve_floor.py --port 8100 [--workers 2]
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's annotations at runtime.
@@ -52,18 +52,28 @@ def create_floor_app():
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-
+def run_floor(port: int, sockets: list | None = None) -> None:
+    """One floor server process (on a supervisor's ``sockets``, or binding the port itself)."""
     import uvicorn
 
     from pipeline.config import ServingSettings
     from pipeline.serving.server import server_config, settle_process
 
     settle_process()
-    uvicorn.Server(server_config(create_floor_app(), ServingSettings(), port=args.port)).run()
+    uvicorn.Server(server_config(create_floor_app(), ServingSettings(), port=port)).run(sockets=sockets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="processes on the port, as `pipeline serve --workers`")
+    args = parser.parse_args()
+    if args.workers > 1:
+        from pipeline.serving.workers import run_workers
+
+        run_workers(args.workers, "127.0.0.1", args.port, run_floor, (args.port,))
+    else:
+        run_floor(args.port)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,17 @@ def serve_command(
     host: str = "127.0.0.1",
     poll_interval: float | None = None,
     runtime: str | None = None,
+    workers: int | None = None,
 ) -> list[str]:
     """The ``pipeline serve`` command line that serves ``model_uri`` on ``host:port``, run by this
     interpreter; ``poll_interval`` (seconds between registry checks of an alias) and ``runtime``
-    (``torch``, ``onnx``, ``onnx-int8``) are left to the command's own defaults when None."""
+    (``torch``, ``onnx``, ``onnx-int8``) and ``workers`` (server processes) are left to the
+    command's own defaults when None."""
     command = [sys.executable, "-m", "pipeline", "serve", "--model-uri", model_uri, "--host", host, "--port", str(port)]
     if poll_interval is not None:
         command += ["--poll-interval", str(poll_interval)]
     if runtime is not None:
         command += ["--runtime", runtime]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     return command

@@ -26,6 +26,12 @@ class ServingSettings:
     or INT8 variant on ONNX Runtime (:mod:`pipeline.registry.export`), served only if it passed its
     checks (a version whose variant failed is not loaded, and infra validation fails)."""
 
+    workers: int = 1
+    """``PIPELINE_SERVE_WORKERS`` (``pipeline serve --workers`` wins): server processes sharing the
+    listening socket, each with its own copy of the model, its own micro-batcher and registry
+    watcher; 0 means one per usable CPU core. The connection, in-flight and buffered-bytes limits
+    are the endpoint's: each worker holds its share. Torch threads are divided between them."""
+
     token: str | None = field(default=None, repr=False)
     """``PIPELINE_SERVE_TOKEN``, or the contents of the file ``PIPELINE_SERVE_TOKEN_FILE`` (read at
     start; at least 16 characters; a file that others may write is refused): when set, every route
@@ -71,6 +77,7 @@ class ServingSettings:
                 "PIPELINE_SERVE_TOKEN", "at least 16 characters without spaces", f"{len(self.token)} characters"
             )
         for name, low, high in (
+            ("workers", 0, 1024),
             ("max_connections", 1, 1_000_000),
             ("max_in_flight", 1, 1_000_000),
             ("max_buffered_bytes", 1024 * 1024, 1 << 40),
@@ -80,6 +87,25 @@ class ServingSettings:
             ("retry_after_s", 0, 3600),
         ):
             check_range(f"PIPELINE_SERVE_{name.upper()}", getattr(self, name), low, high)
+
+    def worker_count(self, cpus: int) -> int:
+        """The number of server processes on a machine with ``cpus`` usable cores."""
+        return self.workers or max(1, cpus)
+
+    def per_worker(self, workers: int) -> ServingSettings:
+        """The limits one of ``workers`` processes holds: its share of the endpoint's (at least 1,
+        and 1 MiB of buffered bytes)."""
+        import dataclasses
+
+        if workers <= 1:
+            return self
+        return dataclasses.replace(
+            self,
+            workers=1,
+            max_connections=max(1, self.max_connections // workers),
+            max_in_flight=max(1, self.max_in_flight // workers),
+            max_buffered_bytes=max(1024 * 1024, self.max_buffered_bytes // workers),
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -100,6 +126,7 @@ class ServingSettings:
                     env, f"PIPELINE_SERVE_{name.upper()}", type(getattr(cls, name)), getattr(cls, name), -1e18, 1e18
                 )
                 for name in (
+                    "workers",
                     "max_connections",
                     "max_in_flight",
                     "max_buffered_bytes",

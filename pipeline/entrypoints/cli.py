@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what answers: the pt2 program (torch), or the version's ONNX float32 or INT8 variant on ONNX "
         "Runtime, if it passed its checks (default: $PIPELINE_SERVE_RUNTIME, else torch)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port, each with its own copy of the model; 0: one per CPU core "
+        "(default: $PIPELINE_SERVE_WORKERS, else 1)",
+    )
     p = add(
         "monitor",
         cmd_monitor,

@@ -198,6 +198,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         args.port,
         args.poll_interval,
         args.runtime,
+        args.workers,
     )
     return {"stopped": True}
 

@@ -84,7 +84,8 @@ def create_app(
         batcher.start()
         if settings is not None:
             decoder.start()
-            threading.Thread(target=slot.load_first, args=(settings,), daemon=True, name="model-loader").start()
+            if slot.current is None:  # a supervised worker has loaded it before it listens
+                threading.Thread(target=slot.load_first, args=(settings,), daemon=True, name="model-loader").start()
             if slot.follows_alias():
 
                 def reloaded(result: str) -> None:
@@ -136,9 +137,9 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=busy)
     def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/predict",

@@ -143,7 +143,7 @@ class BodyDecoder:
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with_server,
+                initializer=die_with_parent,
                 initargs=(os.getpid(),),
             )
 
@@ -165,12 +165,13 @@ class BodyDecoder:
             self._pool = None
 
 
-def _die_with_server(server_pid: int) -> None:
-    """In a decoder worker: end when the server process ends, even by SIGKILL. A pool's workers
-    hold both ends of their task queue, so they never see it close, and would wait for ever."""
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process (a decoder worker, a server worker): end when the parent ``parent_pid``
+    ends, even by SIGKILL. A pool's workers hold both ends of their task queue, so they never see
+    it close, and would wait for ever; a server worker would go on serving the port."""
     import ctypes
     import signal
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != server_pid:  # the server died before the line above
+    if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(0)

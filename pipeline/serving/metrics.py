@@ -9,8 +9,19 @@ from typing import Any
 from pipeline.serving.slot import ServedModel
 
 
+def multiprocess_dir() -> str | None:
+    """Where the server's worker processes keep their metrics (prometheus_client's multiprocess
+    mode, ``PROMETHEUS_MULTIPROC_DIR``, set by ``pipeline serve --workers`` before it starts
+    them); None for a single process."""
+    import os
+
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
-    """Prometheus metrics in a registry of their own (several apps can live in one process)."""
+    """Prometheus metrics in a registry of their own (several apps can live in one process). With
+    several worker processes, each writes its values to :func:`multiprocess_dir` and
+    :meth:`exposition` adds up every worker's."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,6 +48,7 @@ class Metrics:
             "The model version being served (1 on its labels)",
             ["model_name", "version", "alias"],
             registry=self.registry,
+            multiprocess_mode="livemax",  # 1 while a live worker serves that version
         )
         self.reloads = Counter(
             "serve_model_reloads", "Alias moves followed (swapped) or not (failed)", ["result"], registry=self.registry
@@ -47,7 +59,20 @@ class Metrics:
         labels = (meta["model_name"], meta["version"], meta["alias"] or "")
         self.version.labels(*labels).set(1)  # the new one first: a scrape always sees a version
         for old in [key for key in self.version._metrics if key != labels]:
+            self.version.labels(*old).set(0)  # a worker's file keeps a removed series' last value
             self.version.remove(*old)
+
+    def exposition(self) -> bytes:
+        """The text ``GET /metrics`` answers: this process's metrics, or every worker's."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 ROUTES = {"/health", "/ready", "/metadata", "/metrics", "/predict"}

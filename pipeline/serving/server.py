@@ -33,19 +33,50 @@ def serve(
     port: int = 8000,
     poll_s: float = POLL_S,
     runtime: str | None = None,
+    workers: int | None = None,
 ) -> None:
     """Run the endpoint until stopped; raise if the model never loaded. ``runtime`` (``torch``,
-    ``onnx``, ``onnx-int8``) overrides ``PIPELINE_SERVE_RUNTIME``."""
-    import torch
-    import uvicorn
-
+    ``onnx``, ``onnx-int8``) overrides ``PIPELINE_SERVE_RUNTIME``, ``workers``
+    ``PIPELINE_SERVE_WORKERS`` (:meth:`ServingSettings.worker_count`; several run under
+    :func:`pipeline.serving.workers.run_workers`, each with its share of the limits and cores)."""
     from pipeline.errors import InfraValidationError
+    from pipeline.serving.workers import run_workers
     from pipeline.training.hardware import usable_cpus
 
-    torch.set_num_threads(usable_cpus())
     serving = ServingSettings.from_env()
     if runtime:
         serving = dataclasses.replace(serving, runtime=runtime)
+    if workers is not None:
+        serving = dataclasses.replace(serving, workers=workers)
+    cpus = usable_cpus()
+    count = serving.worker_count(cpus)
+    if count == 1:
+        error = run_worker(model_uri, settings, host, port, poll_s, serving, cpus)
+    else:
+        share = (model_uri, settings, host, port, poll_s, serving.per_worker(count), max(1, cpus // count))
+        error = None if run_workers(count, host, port, worker_main, share) else "it did not load in a worker"
+    if error:
+        raise InfraValidationError(model_uri, "a model that loads", error)  # the CLI exits 2
+
+
+def run_worker(
+    model_uri: str,
+    settings: Settings,
+    host: str,
+    port: int,
+    poll_s: float,
+    serving: ServingSettings,
+    threads: int,
+    sockets: list[Any] | None = None,
+) -> str | None:
+    """One server process: its model slot, app and uvicorn server, until stopped; returns why the
+    model never loaded, or None. On the ``sockets`` of a supervisor, the model is loaded before
+    the process takes connections (the kernel would give them to a worker not ready yet); alone,
+    it listens at once and ``/ready`` says 503 until the model is loaded."""
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(max(1, threads))
     metrics = Metrics()
     slot = ModelSlot(model_uri, on_swap=metrics.served, runtime=serving.runtime)
     server = uvicorn.Server(server_config(create_app(slot, metrics, settings, poll_s, serving), serving, host, port))
@@ -57,10 +88,24 @@ def serve(
                 return
 
     settle_process()
+    if sockets is not None:
+        slot.load_first(settings)
+        if slot.error:
+            return slot.error
     threading.Thread(target=stop_if_unloadable, daemon=True).start()
-    server.run()
-    if slot.error:
-        raise InfraValidationError(model_uri, "a model that loads", slot.error)  # the CLI exits 2
+    server.run(sockets=sockets)
+    return slot.error
+
+
+def worker_main(*args: Any) -> None:
+    """A supervised worker's entry point (:func:`run_worker`'s arguments): exits with
+    :data:`~pipeline.serving.workers.UNLOADABLE_EXIT` when the model never loaded."""
+    import sys
+
+    from pipeline.serving.workers import UNLOADABLE_EXIT
+
+    if run_worker(*args):
+        sys.exit(UNLOADABLE_EXIT)
 
 
 def settle_process() -> None:
