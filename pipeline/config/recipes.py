@@ -19,10 +19,19 @@ Recipe = Literal["default", "quick"]
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "quick": {
-        "architecture": "resnet_small",
-        "epochs": 2,
+        # seed_cnn's network with a one-cycle schedule: 5 epochs of Adam peaking at 3e-3, no
+        # augmentation (and so no test-time flip, which a network never shown mirrored images
+        # gets wrong). It passes seed_cnn's 10-epoch test accuracy at its 4th epoch.
+        "architecture": "seed_cnn",
+        "epochs": 5,
         "batch_size": 128,
-        "learning_rate": 0.2,
+        "learning_rate": 3e-3,
+        "optimizer": "adam",
+        "lr_schedule": "onecycle",
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
+        "augment": False,
+        "test_time_flip": False,
     },
 }
 """The TrainConfig values of each recipe, by name."""
