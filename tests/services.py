@@ -65,6 +65,22 @@ class RecordingServer:
         self.httpd.server_close()
 
 
+def wait_until_ready(server: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
+    """Until ``pipeline serve`` (the process ``server``) answers 200 on ``/ready``; fails if it
+    exits first or takes longer than ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ready", timeout=5).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.5)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the installed ``pipeline`` console script."""
     return subprocess.run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config.base import check_range, env_flag, env_number
@@ -95,11 +95,9 @@ class ServingSettings:
     def per_worker(self, workers: int) -> ServingSettings:
         """The limits one of ``workers`` processes holds: its share of the endpoint's (at least 1,
         and 1 MiB of buffered bytes)."""
-        import dataclasses
-
         if workers <= 1:
             return self
-        return dataclasses.replace(
+        return replace(
             self,
             workers=1,
             max_connections=max(1, self.max_connections // workers),

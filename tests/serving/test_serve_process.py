@@ -11,14 +11,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 from recipes import log_model
-from services import free_port
+from services import free_port, wait_until_ready
 from torch import nn
 
 from pipeline.command_lines import serve_command
@@ -39,15 +38,7 @@ def test_finding_decoder_workers_outlive_a_killed_server(settings, small_splits)
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ready", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.5)
+        wait_until_ready(server, port)
         images = small_splits["t10k"][0][:64].tolist()  # about 200 KB of JSON: decoded by a worker
         answer = requests.post(
             f"http://127.0.0.1:{port}/predict",

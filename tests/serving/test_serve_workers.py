@@ -8,14 +8,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 from recipes import log_model
-from services import free_port
+from services import free_port, wait_until_ready
 from torch import nn
 
 from pipeline.command_lines import serve_command
@@ -63,18 +62,6 @@ def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
-def _wait_ready(server: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ready", timeout=5).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_two_workers_answer_on_one_port_add_up_their_metrics_and_die_with_a_killed_supervisor(settings, small_splits):
     from pipeline.registry.register import register_version
@@ -92,7 +79,7 @@ def test_two_workers_answer_on_one_port_add_up_their_metrics_and_die_with_a_kill
     images = small_splits["t10k"][0][:8]
     sent = 0
     try:
-        _wait_ready(server, port)
+        wait_until_ready(server, port, timeout=180)
         workers = _workers(server)
         assert len(workers) == 2, [p.cmdline() for p in psutil.Process(server.pid).children()]
         # Each new connection goes to one worker or the other; every one of them answers.
